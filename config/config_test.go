@@ -1,0 +1,168 @@
+package config
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse([]byte("mode: rule\nrules:\n  - MATCH,DIRECT\n"), "x.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := c.Gateway
+	if c.TProxyPort != 7893 || g.Mark != 666 || g.Table != 666 || g.Backend != "auto" ||
+		!g.IPv6 || g.OnFailure != "open" || !g.DNSHijack || !g.Forward || g.ProxySelf ||
+		len(g.Interfaces) != 0 || g.StateDir != "/run/tpgw" {
+		t.Fatalf("defaults wrong: port %d %+v", c.TProxyPort, g)
+	}
+	if c.DNS.Listen != netip.MustParseAddrPort("0.0.0.0:1053") || c.DNS.FakeIPRange.String() != "198.18.0.1/16" {
+		t.Fatalf("dns defaults wrong: %+v", c.DNS)
+	}
+	if c.RoutingMark != 0 {
+		t.Fatalf("routing-mark default should be 0 without proxy-self, got %d", c.RoutingMark)
+	}
+}
+
+func TestExampleConfig(t *testing.T) {
+	c, err := Load(filepath.Join("..", "config.example.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.DNS.FakeIP() || c.TProxyPort != 7893 || c.Gateway.Backend != "auto" {
+		t.Fatalf("unexpected example config: %+v", c)
+	}
+}
+
+func TestValues(t *testing.T) {
+	c, err := Parse([]byte(`
+tproxy-port: 7000
+routing-mark: 255
+dns:
+  enable: true
+  enhanced-mode: fake-ip
+  listen: ":5353"
+  fake-ip-range: 198.19.0.1/16
+  fake-ip-range6: fdfe:dcba:9876::1/64
+tpgw:
+  backend: nftables
+  interfaces: [br-lan, eth1]
+  mark: 0x10
+  table: 100
+  bypass: [10.1.0.0/16, 2001:db8::1, 1.2.3.4]
+  bypass-src: [192.168.1.50/32]
+  proxy-self: true
+  ipv6: false
+  on-failure: closed
+  dns-hijack: false
+  forward: false
+  state-dir: /tmp/tpgw-state
+`), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := c.Gateway
+	if c.TProxyPort != 7000 || c.RoutingMark != 255 || g.Mark != 16 || g.Table != 100 || g.Backend != "nftables" {
+		t.Fatalf("got %+v %+v", c, g)
+	}
+	if c.DNS.Listen.String() != "0.0.0.0:5353" || c.DNS.FakeIPRange6.String() != "fdfe:dcba:9876::1/64" {
+		t.Fatalf("dns %+v", c.DNS)
+	}
+	want := []string{"10.1.0.0/16", "2001:db8::1/128", "1.2.3.4/32"}
+	for i, p := range g.Bypass {
+		if p.String() != want[i] {
+			t.Fatalf("bypass[%d] = %s, want %s", i, p, want[i])
+		}
+	}
+	if len(g.Interfaces) != 2 || !g.ProxySelf || g.IPv6 || g.OnFailure != "closed" || g.DNSHijack || g.Forward {
+		t.Fatalf("got %+v", g)
+	}
+}
+
+func TestProxySelfDefaultsRoutingMark(t *testing.T) {
+	c, err := Parse([]byte("tpgw:\n  proxy-self: true\n"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.RoutingMark != DefaultSelfRoutingMark {
+		t.Fatalf("routing-mark = %#x, want default %#x", c.RoutingMark, DefaultSelfRoutingMark)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	cases := []struct {
+		name, yaml string
+		want       []string // substrings of the error
+	}{
+		{"invalid yaml", "mode: rule\ntpgw:\n  mark: [1\n", []string{"invalid YAML", "cfg.yaml:2"}},
+		{"tab indent", "tpgw:\n\tmark: 1\n", []string{"invalid YAML", ":2"}},
+		{"unknown backend", "tpgw:\n  backend: pf\n", []string{"tpgw.backend", `"pf"`, ":2", "nftables"}},
+		{"negative mark", "tpgw:\n  mark: -1\n", []string{"tpgw.mark", "-1", ":2"}},
+		{"zero mark", "tpgw:\n  mark: 0\n", []string{"tpgw.mark", "must not be 0"}},
+		{"string mark", "tpgw:\n  mark: lots\n", []string{"tpgw.mark", ":2"}},
+		{"bad cidr", "tpgw:\n  bypass:\n    - 10.0.0.0/8\n    - 10.300.0.0/16\n", []string{"tpgw.bypass", `"10.300.0.0/16"`, ":4"}},
+		{"bad src cidr", "tpgw:\n  bypass-src: [nonsense]\n", []string{"tpgw.bypass-src", "nonsense"}},
+		{"unknown key", "tpgw:\n  mark: 1\n  bypas: []\n", []string{"tpgw.bypas", "unknown key", ":3"}},
+		{"main table", "tpgw:\n  table: 254\n", []string{"tpgw.table", "254"}},
+		{"negative table", "tpgw:\n  table: -5\n", []string{"tpgw.table"}},
+		{"bad failure", "tpgw:\n  on-failure: maybe\n", []string{"tpgw.on-failure", "maybe"}},
+		{"bad port", "tproxy-port: 70000\n", []string{"tproxy-port", "70000"}},
+		{"zero port", "tproxy-port: 0\n", []string{"tproxy-port", "must be set"}},
+		{"negative routing mark", "routing-mark: -3\n", []string{"routing-mark", "-3"}},
+		{"routing mark equals mark", "routing-mark: 666\n", []string{"routing-mark", "tpgw.mark"}},
+		{"fake-ip v6 in v4 key", "dns:\n  fake-ip-range: fd00::/64\n", []string{"dns.fake-ip-range", "IPv4"}},
+		{"bad dns listen", "dns:\n  listen: nowhere\n", []string{"dns.listen", "nowhere"}},
+		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"dns.listen", "53"}},
+		{"tpgw not a map", "tpgw: [1, 2]\n", []string{"tpgw", "mapping"}},
+		{"empty", "", []string{"empty"}},
+		{"relative state dir", "tpgw:\n  state-dir: run\n", []string{"tpgw.state-dir", "absolute"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.yaml), "cfg.yaml")
+			if err == nil {
+				t.Fatal("no error")
+			}
+			msg := err.Error()
+			if strings.Contains(msg, "\n") {
+				t.Errorf("error has several lines: %q", msg)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("error %q does not contain %q", msg, w)
+				}
+			}
+		})
+	}
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
+	if err == nil || !os.IsNotExist(unwrapAll(err)) {
+		t.Fatalf("want not-exist error, got %v", err)
+	}
+}
+
+func unwrapAll(err error) error {
+	for {
+		u, ok := err.(interface{ Unwrap() error })
+		if !ok {
+			return err
+		}
+		err = u.Unwrap()
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("tpgw:\n  mark: 1\n  bypass: [10.0.0.0/8]\n"))
+	f.Add([]byte("dns:\n  listen: :53\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		c, err := Parse(b, "")
+		if err == nil && c.TProxyPort == 0 {
+			t.Fatal("accepted config with no tproxy port")
+		}
+	})
+}

@@ -1,0 +1,202 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+
+	"github.com/metacubex/mihomo/config"
+	C "github.com/metacubex/mihomo/constant"
+	"github.com/metacubex/mihomo/hub"
+	"github.com/metacubex/mihomo/hub/executor"
+	mlog "github.com/metacubex/mihomo/log"
+	"github.com/metacubex/mihomo/tunnel"
+	"github.com/sirupsen/logrus"
+)
+
+// InboundName is the inbound name mihomo sees for flows from tpgw's relay
+// (usable in IN-NAME rules and shown in the dashboard).
+const InboundName = "tpgw-tproxy"
+
+// Options configure Start.
+type Options struct {
+	// HomeDir is mihomo's home directory: relative paths of providers and
+	// cache.db (persisted fake-ip pool, selected proxies) live there.
+	HomeDir string
+	// RoutingMark, when non-zero, overrides the mihomo part's routing-mark: the
+	// SO_MARK on every socket mihomo opens, which netcfg exempts from interception.
+	RoutingMark uint32
+	Logger      *slog.Logger
+}
+
+// Engine is a running mihomo core.
+type Engine struct {
+	log     *slog.Logger
+	logStop func()
+	inAddr  netip.AddrPort
+	once    sync.Once
+}
+
+// started guards mihomo's process-wide state: one Engine per process.
+var started sync.Mutex
+
+// Check parses the mihomo part of raw the way Start would, without starting
+// anything or writing files, and returns mihomo's error naming the problem.
+func Check(raw []byte, homeDir string) error {
+	if homeDir != "" {
+		C.SetHomeDir(homeDir)
+	}
+	quietMihomoLog()
+	rc, err := rawConfig(raw, 0)
+	if err != nil {
+		return err
+	}
+	// Opening cache.db for the persisted fake-ip pool is a side effect; a check has none.
+	rc.Profile.StoreFakeIP = false
+	rc.Profile.StoreSelected = false
+	if _, err := config.ParseRawConfig(rc); err != nil {
+		return fmt.Errorf("mihomo config: %w", err)
+	}
+	return nil
+}
+
+// Start parses and applies the mihomo part of raw. The caller must Close it.
+func Start(raw []byte, opts Options) (*Engine, error) {
+	if !started.TryLock() {
+		return nil, errors.New("engine: already running in this process")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("part", "engine")
+	if opts.HomeDir != "" {
+		C.SetHomeDir(opts.HomeDir)
+	}
+	e := &Engine{log: log}
+	e.logStop = forwardMihomoLog(log)
+
+	rc, err := rawConfig(raw, opts.RoutingMark)
+	if err != nil {
+		e.logStop()
+		started.Unlock()
+		return nil, err
+	}
+	cfg, err := config.ParseRawConfig(rc)
+	if err != nil {
+		e.logStop()
+		started.Unlock()
+		return nil, fmt.Errorf("mihomo config: %w", err)
+	}
+	hub.ApplyConfig(cfg)
+	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
+		"mode", tunnel.Mode().String(), "routing_mark", cfg.General.RoutingMark,
+		"external_controller", cfg.Controller.ExternalController)
+	return e, nil
+}
+
+// rawConfig unmarshals the mihomo part and turns off the parts tpgw replaces.
+func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
+	rc, err := config.UnmarshalRawConfig(raw)
+	if err != nil {
+		return nil, fmt.Errorf("mihomo config: %w", err)
+	}
+	// tpgw's relay serves tproxy-port and tpgw's dns serves dns.listen; mihomo
+	// must not bind them too. mihomo's iptables helper would fight netcfg.
+	rc.TProxyPort = 0
+	rc.DNS.Listen = ""
+	rc.IPTables.Enable = false
+	if routingMark != 0 {
+		rc.RoutingMark = int(routingMark)
+	}
+	return rc, nil
+}
+
+// SetInboundAddr records the relay's listening address, reported to mihomo as
+// the inbound address of every flow (IN-PORT rules, dashboard).
+func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
+
+// HandleTCP gives a TPROXYed TCP connection to mihomo and blocks until the
+// flow ends: mihomo matches the rules (fake IPs are mapped back to domains
+// first), dials the outbound and copies both ways with half-close. src is the
+// client, dst the original destination (the accepted socket's local address).
+func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
+	md := &C.Metadata{
+		NetWork: C.TCP,
+		Type:    C.TPROXY,
+		SrcIP:   src.Addr().Unmap(),
+		SrcPort: src.Port(),
+		DstIP:   dst.Addr().Unmap(),
+		DstPort: dst.Port(),
+		InName:  InboundName,
+		InIP:    e.inAddr.Addr().Unmap(),
+		InPort:  e.inAddr.Port(),
+	}
+	tunnel.Tunnel.HandleTCPConn(conn, md)
+}
+
+// Close stops mihomo's listeners and persists the fake-ip pool state.
+func (e *Engine) Close() error {
+	e.once.Do(func() {
+		executor.Shutdown()
+		e.logStop()
+		started.Unlock()
+	})
+	return nil
+}
+
+var quietOnce sync.Once
+
+// quietMihomoLog stops mihomo's logrus output to stdout; its events are
+// forwarded to slog by forwardMihomoLog instead.
+func quietMihomoLog() {
+	quietOnce.Do(func() { logrus.SetOutput(io.Discard) })
+}
+
+func forwardMihomoLog(log *slog.Logger) (stop func()) {
+	quietMihomoLog()
+	sub := mlog.Subscribe()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case ev, ok := <-sub:
+				if !ok {
+					return
+				}
+				if ev.LogLevel < mlog.Level() {
+					continue
+				}
+				log.Log(ctx, slogLevel(ev.LogLevel), strings.TrimSpace(ev.Payload))
+			}
+		}
+	}()
+	return func() {
+		cancel()
+		mlog.UnSubscribe(sub)
+		<-done
+	}
+}
+
+func slogLevel(l mlog.LogLevel) slog.Level {
+	switch l {
+	case mlog.DEBUG:
+		return slog.LevelDebug
+	case mlog.INFO:
+		return slog.LevelInfo
+	case mlog.WARNING:
+		return slog.LevelWarn
+	default:
+		return slog.LevelError
+	}
+}

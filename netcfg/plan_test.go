@@ -1,0 +1,175 @@
+package netcfg
+
+import (
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*.golden from the current output")
+
+func goldenCases() map[string]Options {
+	lan := DefaultOptions()
+	lan.Interfaces = []string{"eth1", "br-lan"}
+	lan.IPv6 = false
+	lan.Forward = false
+	lan.RoutingMark = 255
+	lan.Bypass = mustPrefixes("203.0.113.0/24", "10.1.0.0/16", "11.0.0.0/8", "2001:db8::/32")
+	lan.BypassSrc = mustPrefixes("192.168.1.50/32", "192.168.1.64/26")
+	// One interface, v6 fake-ip range, v6 bypass-src, no DNS hijack.
+	v6 := DefaultOptions()
+	v6.Interfaces = []string{"br-lan"}
+	v6.DNSPort = 0
+	v6.Forward = false
+	v6.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::1/64")
+	v6.Bypass = mustPrefixes("2001:db8:1::/48", "100.64.0.0/16")
+	v6.BypassSrc = mustPrefixes("fd00::/8", "192.168.1.7/32")
+	return map[string]Options{
+		"defaults_dns_ipv6":       DefaultOptions(),
+		"lan_bypass_no_ipv6":      lan,
+		"one_iface_fakeip6_nodns": v6,
+	}
+}
+
+func TestPlanGolden(t *testing.T) {
+	for name, o := range goldenCases() {
+		t.Run(name, func(t *testing.T) {
+			p, err := BuildPlan(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := p.String()
+			path := filepath.Join("testdata", name+".golden")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test -update to create it)", err)
+			}
+			if got != string(want) {
+				t.Errorf("plan differs from %s (go test -update rewrites it):\n%s", path, got)
+			}
+			if again, _ := BuildPlan(o); again.String() != got {
+				t.Error("plan text is not deterministic")
+			}
+		})
+	}
+}
+
+func TestBuildPlanRejects(t *testing.T) {
+	base := DefaultOptions()
+	cases := []struct {
+		name   string
+		modify func(*Options)
+		want   string
+	}{
+		{"zero mark", func(o *Options) { o.Mark = 0 }, "mark must not be 0"},
+		{"routing-mark equals mark", func(o *Options) { o.RoutingMark = o.Mark }, "routing-mark 0x29a must differ from mark"},
+		{"zero tproxy port", func(o *Options) { o.TProxyPort = 0 }, "tproxy port must not be 0"},
+		{"table 0", func(o *Options) { o.Table = 0 }, "table 0:"},
+		{"table main", func(o *Options) { o.Table = 254 }, "table 254:"},
+		{"table local", func(o *Options) { o.Table = 255 }, "table 255:"},
+		{"table default", func(o *Options) { o.Table = 253 }, "table 253:"},
+		{"table negative", func(o *Options) { o.Table = -1 }, "table -1:"},
+		{"table too big", func(o *Options) { o.Table = 1 << 31 }, "table 2147483648:"},
+		{"empty interface", func(o *Options) { o.Interfaces = []string{""} }, `interface "": not a valid interface name`},
+		{"long interface", func(o *Options) { o.Interfaces = []string{"abcdefghijklmnop"} }, "not a valid interface name"},
+		{"quote in interface", func(o *Options) { o.Interfaces = []string{`eth"0`} }, "not a valid interface name"},
+		{"invalid bypass", func(o *Options) { o.Bypass = []netip.Prefix{{}} }, "bypass[0]: invalid prefix"},
+		{"invalid bypass-src", func(o *Options) { o.BypassSrc = append(mustPrefixes("10.0.0.0/8"), netip.Prefix{}) }, "bypass-src[1]: invalid prefix"},
+		{"v6 fake-ip in v4 field", func(o *Options) { o.FakeIPRange = netip.MustParsePrefix("fd00::/64") }, "must be an IPv4 prefix"},
+		{"v4 fake-ip in v6 field", func(o *Options) { o.FakeIPRange6 = netip.MustParsePrefix("10.0.0.0/8") }, "must be an IPv6 prefix"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			o := base
+			c.modify(&o)
+			p, err := BuildPlan(o)
+			if err == nil {
+				t.Fatalf("BuildPlan accepted it:\n%s", p)
+			}
+			if !strings.Contains(err.Error(), c.want) || !strings.HasPrefix(err.Error(), "netcfg: ") {
+				t.Errorf("error %q, want it to contain %q", err, c.want)
+			}
+		})
+	}
+	t.Run("several errors at once", func(t *testing.T) {
+		o := base
+		o.Mark, o.TProxyPort = 0, 0
+		_, err := BuildPlan(o)
+		if err == nil || !strings.Contains(err.Error(), "mark") || !strings.Contains(err.Error(), "port") {
+			t.Errorf("error %v, want both mark and port", err)
+		}
+	})
+}
+
+func TestBuildPlanNormalizes(t *testing.T) {
+	o := DefaultOptions()
+	o.Interfaces = []string{"eth1", "br-lan", "eth1"}
+	o.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::1/64")
+	o.Bypass = mustPrefixes("::ffff:8.8.8.0/120", "10.2.3.4/8")
+	p, err := BuildPlan(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(p.Options.Interfaces, ","); got != "br-lan,eth1" {
+		t.Errorf("interfaces %s, want sorted and unique", got)
+	}
+	if got := p.Options.FakeIPRange.String(); got != "198.18.0.0/16" {
+		t.Errorf("fake-ip range %s, want masked", got)
+	}
+	text := p.String()
+	for _, want := range []string{
+		"ip6 daddr fdfe:dcba:9876::/64 meta l4proto { tcp, udp } tproxy ip6 to :7893",
+		"\t\t\t8.8.8.0/24,\n", // v4-mapped bypass becomes v4
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("plan lacks %q:\n%s", want, text)
+		}
+	}
+	// Fake IPs come before the bypass that contains them, DNS before both.
+	dns := strings.Index(text, "th dport 53")
+	fake := strings.Index(text, "ip daddr 198.18.0.0/16")
+	bypass := strings.Index(text, "ip daddr @bypass4")
+	if !(dns < fake && fake < bypass) {
+		t.Errorf("rule order wrong: dns %d, fake-ip %d, bypass %d", dns, fake, bypass)
+	}
+	// The test topology's internet must not be bypassed.
+	for _, s := range []string{"203.0.113.", "198.51.100.", "2001:db8"} {
+		if strings.Contains(text, s) {
+			t.Errorf("built-in bypass contains %s", s)
+		}
+	}
+}
+
+func TestMergePrefixes(t *testing.T) {
+	cases := []struct {
+		in   []string
+		want string
+	}{
+		{nil, ""},
+		{[]string{"10.0.0.0/8", "10.1.0.0/16"}, "10.0.0.0/8"},
+		{[]string{"10.1.0.0/16", "10.0.0.0/8"}, "10.0.0.0/8"},
+		{[]string{"10.0.0.0/8", "11.0.0.0/8"}, "10.0.0.0/7"},
+		{[]string{"10.0.0.0/8", "11.0.0.0/8", "12.0.0.0/8"}, "10.0.0.0-12.255.255.255"},
+		{[]string{"1.2.3.4/32", "1.2.3.6/32"}, "1.2.3.4 1.2.3.6"},
+		{[]string{"255.255.255.255/32", "240.0.0.0/4"}, "240.0.0.0/4"},
+		{[]string{"0.0.0.0/0", "10.0.0.0/8"}, "0.0.0.0/0"},
+		{[]string{"::/128", "::1/128", "ff00::/8"}, "::/127 ff00::/8"},
+	}
+	for _, c := range cases {
+		var got []string
+		for _, r := range mergePrefixes(mustPrefixes(c.in...)) {
+			got = append(got, r.String())
+		}
+		if s := strings.Join(got, " "); s != c.want {
+			t.Errorf("mergePrefixes(%v) = %q, want %q", c.in, s, c.want)
+		}
+	}
+}

@@ -1,0 +1,162 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// TCPHandler receives TPROXYed TCP flows. HandleTCP owns conn: it relays the
+// flow and closes conn when done. It may block for the life of the flow.
+type TCPHandler interface {
+	HandleTCP(conn net.Conn, src, dst netip.AddrPort)
+}
+
+// TCPListener accepts TPROXYed TCP connections on one port for IPv4 and IPv6.
+type TCPListener struct {
+	ln      *net.TCPListener
+	handler TCPHandler
+	log     *slog.Logger
+
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  map[net.Conn]struct{}
+	closed bool
+}
+
+// ListenTCP opens a transparent TCP listener on addr (e.g. ":7893", which is
+// dual-stack: TPROXYed IPv4 flows arrive as v4-mapped addresses).
+func ListenTCP(addr string, h TCPHandler, log *slog.Logger) (*TCPListener, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	lc := net.ListenConfig{Control: transparentControl}
+	// Go ≥ 1.24 listens with MPTCP by default; TPROXY does not divert MPTCP
+	// subflows to the listener on some kernels, so force plain TCP.
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("relay: listen tcp %s: %w", addr, err)
+	}
+	return &TCPListener{ln: ln.(*net.TCPListener), handler: h, log: log.With("part", "relay"), conns: map[net.Conn]struct{}{}}, nil
+}
+
+// transparentControl sets IP_TRANSPARENT (and IPV6_TRANSPARENT) so the socket
+// may accept connections to non-local addresses; it needs CAP_NET_ADMIN.
+func transparentControl(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+		if serr != nil {
+			serr = fmt.Errorf("set IP_TRANSPARENT (needs CAP_NET_ADMIN): %w", serr)
+			return
+		}
+		if network == "tcp6" || network == "udp6" || network == "tcp" || network == "udp" {
+			// On a v6 or dual-stack socket the v6 option is also needed; it
+			// fails with ENOPROTOOPT on a pure v4 socket, which is fine.
+			if e := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); e != nil && !errors.Is(e, unix.ENOPROTOOPT) {
+				serr = fmt.Errorf("set IPV6_TRANSPARENT: %w", e)
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// Addr is the listening address.
+func (l *TCPListener) Addr() netip.AddrPort {
+	return l.ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// Serve accepts until Close. It returns nil after Close.
+func (l *TCPListener) Serve() error {
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			l.mu.Lock()
+			closed := l.closed
+			l.mu.Unlock()
+			if closed {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				l.log.Warn("accept: out of file descriptors", "err", err)
+				continue
+			}
+			return fmt.Errorf("relay: accept: %w", err)
+		}
+		if !l.track(c) {
+			c.Close()
+			return nil
+		}
+		l.wg.Add(1)
+		go l.handle(c)
+	}
+}
+
+func (l *TCPListener) track(c net.Conn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return false
+	}
+	l.conns[c] = struct{}{}
+	return true
+}
+
+func (l *TCPListener) handle(c net.Conn) {
+	defer l.wg.Done()
+	defer func() {
+		l.mu.Lock()
+		delete(l.conns, c)
+		l.mu.Unlock()
+		c.Close()
+	}()
+	src := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	dst := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if dst == l.Addr() || isLocalListener(dst, l.Addr()) {
+		// A connection to the listener itself (not TPROXYed): relaying it would
+		// loop back here. Nothing to proxy.
+		l.log.Debug("refusing direct connection to the tproxy port", "src", src)
+		return
+	}
+	l.handler.HandleTCP(c, src, dst)
+}
+
+// isLocalListener reports whether dst is the listener's own port on a
+// loopback address, i.e. somebody connected to the TPROXY port directly.
+func isLocalListener(dst, ln netip.AddrPort) bool {
+	return dst.Port() == ln.Port() && dst.Addr().IsLoopback()
+}
+
+// Close stops accepting, closes every open flow and waits for handlers.
+func (l *TCPListener) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	err := l.ln.Close()
+	for c := range l.conns {
+		c.Close()
+	}
+	l.mu.Unlock()
+	l.wg.Wait()
+	return err
+}

@@ -8,8 +8,8 @@ import (
 
 	D "github.com/miekg/dns"
 
-	C "github.com/metacubex/mihomo/constant"
 	"github.com/metacubex/mihomo/component/resolver"
+	C "github.com/metacubex/mihomo/constant"
 	"github.com/metacubex/mihomo/tunnel"
 )
 

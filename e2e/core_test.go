@@ -1,0 +1,260 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+// TestDirect: with MATCH,DIRECT the upstream sees the gateway's WAN address
+// (the flow went through tpgw), not the client's (plain forwarding); and a
+// SIGTERM leaves the gateway's kernel state exactly as it was.
+func TestDirect(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	startHalfCloseServer(t, tp, 9000)
+	before := testnet.Snapshot(t, tp.Gateway)
+
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	if got := tp.Gateway.Sysctl(t, "net.ipv4.ip_forward"); got != "1" {
+		t.Errorf("ip_forward while running = %s, want 1 (forward: true)", got)
+	}
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw")
+	wantSeen(t, tp, "http://[2001:db8:1::2]:8080/", "2001:db8:1::1", "DIRECT through tpgw over IPv6")
+
+	// Bulk both ways: 4 MiB posted and echoed back intact.
+	body := bytes.Repeat([]byte("0123456789abcdef"), 256*1024)
+	checkEcho(t, tp, body)
+
+	// Half-close: the server answers only after the client's FIN arrived.
+	got := halfCloseRoundTrip(t, tp, "203.0.113.2:9000", "ping-half-close")
+	if got != "read 15 bytes" {
+		t.Fatalf("half-close round trip: got %q", got)
+	}
+
+	if !strings.Contains(p.Output(), "match Match using DIRECT") && !strings.Contains(p.Output(), "using DIRECT") {
+		t.Errorf("tpgw log does not show the flow's rule decision:\n%s", p.Output())
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	// With tpgw gone and ip_forward restored to 0, the client cannot reach the upstream.
+	if _, err := tp.Curl(t, "http://203.0.113.2:8080/", "--max-time", "2"); err == nil {
+		t.Error("client still reaches the upstream after tpgw stopped (ip_forward not restored?)")
+	}
+}
+
+// TestShadowsocks: rules choose between a real ss-server and DIRECT.
+func TestShadowsocks(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	// A second upstream address, so one test has two destinations to route.
+	tp.Upstream.MustRun(t, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
+	before := testnet.Snapshot(t, tp.Gateway)
+
+	t.Run("MATCH to the proxy", func(t *testing.T) {
+		p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,ss"}, "")))
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "198.51.100.2", "via ss-server")
+		wantSeen(t, tp, "http://[2001:db8:1::2]:8080/", "2001:db8:2::2", "IPv6 flow via ss-server")
+		checkEcho(t, tp, bytes.Repeat([]byte("ss"), 512*1024))
+		stopTPGW(t, p, syscall.SIGTERM)
+	})
+	t.Run("rule order", func(t *testing.T) {
+		rules := []string{"IP-CIDR,203.0.113.3/32,ss,no-resolve", "IP-CIDR,203.0.113.0/24,DIRECT,no-resolve", "MATCH,ss"}
+		p := startTPGW(t, tp, writeConfig(t, baseConfig(t, rules, "")))
+		wantSeen(t, tp, "http://203.0.113.3:8080/", "198.51.100.2", "IP-CIDR → ss")
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "IP-CIDR → DIRECT")
+		stopTPGW(t, p, syscall.SIGTERM)
+	})
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
+	}
+}
+
+// TestCrashRecovery: after kill -9 the rules stay (nothing could remove them);
+// a new run replaces them without duplicates and works; `tpgw cleanup`
+// restores the pre-start state on its own.
+func TestCrashRecovery(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	before := testnet.Snapshot(t, tp.Gateway)
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, ""))
+
+	_, planBefore, _ := tpgwCmd(t, tp.Gateway, "rules", "-c", cfg)
+	p := startTPGW(t, tp, cfg)
+	table1, nft1, ip1 := ourRules(t, tp.Gateway)
+	if nft1 == 0 || ip1 != 2 {
+		t.Fatalf("after start: %d nft rules, %d ip rules (want >0 and 2)\n%s", nft1, ip1, table1)
+	}
+	p.Kill()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+	if _, n, _ := ourRules(t, tp.Gateway); n != nft1 {
+		t.Fatalf("after kill -9 expected the rules to be left behind, found %d", n)
+	}
+
+	p = startTPGW(t, tp, cfg)
+	table2, nft2, ip2 := ourRules(t, tp.Gateway)
+	if nft2 != nft1 || ip2 != ip1 || table2 != table1 {
+		t.Fatalf("restart after crash: %d/%d nft rules, %d/%d ip rules\n--- first\n%s\n--- second\n%s", nft2, nft1, ip2, ip1, table1, table2)
+	}
+	_, planAfter, _ := tpgwCmd(t, tp.Gateway, "rules", "-c", cfg)
+	if planAfter != planBefore {
+		t.Fatalf("plan output changed across the crash")
+	}
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through the restarted tpgw")
+	stopTPGW(t, p, syscall.SIGTERM)
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state differs after the restarted run stopped\n--- before\n%s\n--- after\n%s", before, after)
+	}
+
+	// Crash again, then clean up by hand.
+	p = startTPGW(t, tp, cfg)
+	p.Kill()
+	p.Wait(10 * time.Second)
+	code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg)
+	if code != 0 {
+		t.Fatalf("tpgw cleanup exit %d: %s %s", code, out, errOut)
+	}
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state differs after tpgw cleanup\n--- before\n%s\n--- after\n%s", before, after)
+	}
+	// cleanup with nothing to clean is fine too.
+	if code, _, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg); code != 0 {
+		t.Fatalf("second cleanup: exit %d: %s", code, errOut)
+	}
+}
+
+// TestBadConfig: check names the problem; run exits quickly and changes nothing.
+func TestBadConfig(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	before := testnet.Snapshot(t, tp.Gateway)
+	state := t.TempDir()
+	cases := []struct {
+		name, config string
+		want         []string
+	}{
+		{"invalid yaml", "mode: rule\ntpgw:\n  mark: [1\n", []string{"invalid YAML", "config.yaml:2"}},
+		{"unknown backend", "tpgw:\n  backend: pf\n", []string{"tpgw.backend", "pf"}},
+		{"negative mark", "tpgw:\n  mark: -5\n", []string{"tpgw.mark", "-5"}},
+		{"bad cidr", "tpgw:\n  bypass: [10.0.0.0/33]\n", []string{"tpgw.bypass", "10.0.0.0/33"}},
+		{"unknown key", "tpgw:\n  interfacez: [eth0]\n", []string{"tpgw.interfacez", "unknown key"}},
+		{"unknown proxy in rules", "rules:\n  - MATCH,nope\ntpgw:\n  state-dir: " + state + "\n", []string{"nope"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := writeConfig(t, tc.config)
+			code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
+			if code == 0 {
+				t.Fatalf("check accepted the config")
+			}
+			lines := strings.Split(strings.TrimSpace(stderr), "\n")
+			if len(lines) != 1 {
+				t.Errorf("check printed %d lines on stderr, want one:\n%s", len(lines), stderr)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("check error %q does not name %q", stderr, w)
+				}
+			}
+			start := time.Now()
+			code, _, stderr = tpgwCmd(t, tp.Gateway, "run", "-c", cfg)
+			if code == 0 || time.Since(start) > 10*time.Second {
+				t.Fatalf("run: exit %d after %v: %s", code, time.Since(start), stderr)
+			}
+			if after := testnet.Snapshot(t, tp.Gateway); after != before {
+				t.Fatalf("kernel state changed by a failed run\n%s", after)
+			}
+		})
+	}
+
+	// A start that fails late (the TPROXY port is taken) installs nothing either.
+	t.Run("port taken", func(t *testing.T) {
+		var ln net.Listener
+		if err := tp.Gateway.Do(func() (err error) { ln, err = net.Listen("tcp", ":7893"); return err }); err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, ""))
+		code, _, stderr := tpgwCmd(t, tp.Gateway, "run", "-c", cfg)
+		if code == 0 || !strings.Contains(stderr, "7893") {
+			t.Fatalf("run with the port taken: exit %d, stderr %q", code, stderr)
+		}
+		if after := testnet.Snapshot(t, tp.Gateway); after != before {
+			t.Fatalf("kernel state changed by a failed run\n%s", after)
+		}
+	})
+}
+
+func checkEcho(t testing.TB, tp *testnet.Topology, body []byte) {
+	t.Helper()
+	f := writeConfig(t, string(body)) // any temp file will do
+	out, err := tp.Client.Run(t, 60*time.Second, "curl", "-sS", "--noproxy", "*", "--max-time", "30",
+		"--data-binary", "@"+f, "-H", "Content-Type: application/octet-stream", "http://203.0.113.2:8080/echo")
+	if err != nil {
+		t.Fatalf("echo through tpgw: %v", err)
+	}
+	if out != string(body) {
+		t.Fatalf("echo through tpgw: sent %d bytes, got %d back (different)", len(body), len(out))
+	}
+}
+
+// startHalfCloseServer runs, in the upstream, a TCP server that reads until
+// the client's FIN and only then answers "read N bytes".
+func startHalfCloseServer(t testing.TB, tp *testnet.Topology, port int) {
+	t.Helper()
+	var ln net.Listener
+	if err := tp.Upstream.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf(":%d", port)); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				n, _ := io.Copy(io.Discard, c)
+				fmt.Fprintf(c, "read %d bytes", n)
+			}()
+		}
+	}()
+}
+
+func halfCloseRoundTrip(t testing.TB, tp *testnet.Topology, addr, msg string) string {
+	t.Helper()
+	var c net.Conn
+	if err := tp.Client.Do(func() (err error) { c, err = net.DialTimeout("tcp", addr, 5*time.Second); return err }); err != nil {
+		t.Fatalf("dial %s from the client: %v", addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("read after half-close: %v", err)
+	}
+	return string(b)
+}

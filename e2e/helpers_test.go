@@ -1,0 +1,200 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+// tpgwBin is the binary under test: $TPGW_BIN (make test sets it) or one
+// built into a temp dir by TestMain.
+var tpgwBin string
+
+func TestMain(m *testing.M) {
+	tpgwBin = os.Getenv("TPGW_BIN")
+	var tmp string
+	if tpgwBin == "" {
+		var err error
+		tmp, err = os.MkdirTemp("", "tpgw-e2e-bin")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		tpgwBin = filepath.Join(tmp, "tpgw")
+		cmd := exec.Command("go", "build", "-o", tpgwBin, "../cmd/tpgw")
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building tpgw:", err)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	if tmp != "" {
+		os.RemoveAll(tmp)
+	}
+	os.Exit(code)
+}
+
+// ssMethod and ssPassword configure the real ss-server and tpgw's ss outbound.
+const (
+	ssPort     = 8388
+	ssMethod   = "chacha20-ietf-poly1305"
+	ssPassword = "tpgw-test-password"
+	httpPort   = 8080
+)
+
+// baseConfig is a mihomo config with a tpgw section; rules and extra top-level
+// keys are added per test.
+func baseConfig(t testing.TB, rules []string, extra string) string {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, `mode: rule
+log-level: info
+ipv6: true
+tproxy-port: 7893
+proxies:
+  - name: ss
+    type: ss
+    server: 198.51.100.2
+    port: %d
+    cipher: %s
+    password: %s
+    udp: true
+rules:
+`, ssPort, ssMethod, ssPassword)
+	for _, r := range rules {
+		fmt.Fprintf(&b, "  - %s\n", r)
+	}
+	b.WriteString(extra)
+	if !strings.Contains(extra, "tpgw:") {
+		fmt.Fprintf(&b, "tpgw:\n  state-dir: %s\n", t.TempDir())
+	}
+	return b.String()
+}
+
+func writeConfig(t testing.TB, content string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// startTPGW runs `tpgw run -c cfg` in the gateway namespace and waits until
+// it reports that the gateway runs (rules installed).
+func startTPGW(t testing.TB, tp *testnet.Topology, cfg string) *testnet.Proc {
+	t.Helper()
+	p := tp.Gateway.Start(t, tpgwBin, "run", "-c", cfg)
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if strings.Contains(p.Output(), "gateway running") {
+			return p
+		}
+		if exited, _ := p.Wait(0); exited {
+			t.Fatalf("tpgw exited during start:\n%s", p.Output())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("tpgw did not report running within 30s:\n%s", p.Output())
+	return nil
+}
+
+// stopTPGW sends sig and waits (bounded) for the exit.
+func stopTPGW(t testing.TB, p *testnet.Proc, sig os.Signal) {
+	t.Helper()
+	if err := p.Signal(sig); err != nil {
+		t.Fatalf("signal tpgw: %v", err)
+	}
+	exited, err := p.Wait(15 * time.Second)
+	if !exited {
+		t.Fatalf("tpgw did not exit within 15s after %v:\n%s", sig, p.Output())
+	}
+	if sig == syscall.SIGTERM && err != nil {
+		t.Fatalf("tpgw exited with %v after SIGTERM:\n%s", err, p.Output())
+	}
+}
+
+// seenBy asks the upstream HTTP server at url which client address it saw.
+func seenBy(t testing.TB, tp *testnet.Topology, url string) string {
+	t.Helper()
+	body, err := tp.Curl(t, url)
+	if err != nil {
+		t.Fatalf("curl %s from the client: %v", url, err)
+	}
+	return strings.TrimSpace(body)
+}
+
+func wantSeen(t testing.TB, tp *testnet.Topology, url, want, path string) {
+	t.Helper()
+	if got := seenBy(t, tp, url); got != want {
+		t.Fatalf("%s: upstream saw %q, want %q (%s)", url, got, want, path)
+	}
+	t.Logf("%s: upstream saw %s (%s)", url, want, path)
+}
+
+// tpgwCmd runs a tpgw subcommand in the gateway namespace and returns its
+// exit code, stdout and stderr.
+func tpgwCmd(t testing.TB, ns *testnet.NS, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var so, se strings.Builder
+	full := append([]string{"netns", "exec", ns.Name, tpgwBin}, args...)
+	cmd := exec.Command("ip", full...)
+	cmd.Stdout, cmd.Stderr = &so, &se
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		code = 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("tpgw %v did not finish within 30s", args)
+	}
+	return code, so.String(), se.String()
+}
+
+var nftRuleRe = regexp.MustCompile(`(?m)^\s+(iifname|ct |meta |ip |ip6 |fib |udp |tcp |th )`)
+
+// ourRules returns tpgw's kernel state in the namespace: the nft table (or
+// "" if absent), and the ip rules at tpgw's priority.
+func ourRules(t testing.TB, ns *testnet.NS) (table string, nftRules int, ipRules int) {
+	t.Helper()
+	table, err := ns.Run(t, 10*time.Second, "nft", "list", "table", "inet", "tpgw")
+	if err != nil {
+		table = ""
+	}
+	nftRules = len(nftRuleRe.FindAllString(table, -1))
+	for _, fam := range []string{"-4", "-6"} {
+		out := ns.MustRun(t, "ip", fam, "rule")
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "9766:") {
+				ipRules++
+			}
+		}
+	}
+	return table, nftRules, ipRules
+}
+
+func requirePeers(t testing.TB) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	testenv.RequireTools(t, "ip", "nft", "curl", "ss-server")
+}

@@ -200,4 +200,3 @@ func printVersion(w io.Writer) {
 	}
 	fmt.Fprintf(w, "tpgw %s (commit %s, %s, mihomo %s, %s/%s)\n", version, commit, runtime.Version(), mihomo, runtime.GOOS, runtime.GOARCH)
 }
-

@@ -23,7 +23,7 @@ func TestDirect(t *testing.T) {
 	startHalfCloseServer(t, tp, 9000)
 	before := testnet.Snapshot(t, tp.Gateway)
 
-	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "external-controller: 127.0.0.1:9090\n")))
 	if got := tp.Gateway.Sysctl(t, "net.ipv4.ip_forward"); got != "1" {
 		t.Errorf("ip_forward while running = %s, want 1 (forward: true)", got)
 	}
@@ -39,6 +39,20 @@ func TestDirect(t *testing.T) {
 	if got != "read 15 bytes" {
 		t.Fatalf("half-close round trip: got %q", got)
 	}
+
+	// mihomo's external-controller sees tpgw's flows (dashboards keep working).
+	var open net.Conn
+	if err := tp.Client.Do(func() (err error) { open, err = net.DialTimeout("tcp", "203.0.113.2:9000", 5*time.Second); return err }); err != nil {
+		t.Fatal(err)
+	}
+	conns := waitFor(t, 5*time.Second, func() (string, bool) {
+		out, err := tp.Gateway.Run(t, 5*time.Second, "curl", "-sS", "--max-time", "3", "http://127.0.0.1:9090/connections")
+		return out, err == nil && strings.Contains(out, `"destinationIP":"203.0.113.2"`) && strings.Contains(out, `"inboundName":"tpgw-tproxy"`)
+	})
+	if conns == "" {
+		t.Error("external-controller /connections does not list the open flow through tpgw")
+	}
+	open.Close()
 
 	if !strings.Contains(p.Output(), "match Match using DIRECT") && !strings.Contains(p.Output(), "using DIRECT") {
 		t.Errorf("tpgw log does not show the flow's rule decision:\n%s", p.Output())
@@ -198,6 +212,24 @@ func TestBadConfig(t *testing.T) {
 			t.Fatalf("kernel state changed by a failed run\n%s", after)
 		}
 	})
+}
+
+// waitFor polls f until it reports done or the timeout passes; it returns
+// f's last value when done, "" otherwise.
+func waitFor(t testing.TB, timeout time.Duration, f func() (string, bool)) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		v, ok := f()
+		if ok {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Logf("waitFor: last value %q", v)
+			return ""
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func checkEcho(t testing.TB, tp *testnet.Topology, body []byte) {

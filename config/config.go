@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 )
@@ -22,6 +23,9 @@ const (
 	DefaultMark        = 666
 	DefaultTable       = 666
 	DefaultStateDir    = "/run/tpgw"
+	// UDP sessions: idle timeout and table bound.
+	DefaultUDPTimeout     = 60 * time.Second
+	DefaultUDPMaxSessions = 4096
 	// DefaultSelfRoutingMark is the SO_MARK given to the engine's sockets when
 	// proxy-self is on and the mihomo part sets no routing-mark: without it the
 	// engine's own outbound traffic would be re-routed into the relay (a loop).
@@ -83,6 +87,10 @@ type Gateway struct {
 	DNSHijack  bool
 	Forward    bool
 	StateDir   string
+	// UDPTimeout is the idle time after which a UDP session's reply socket is
+	// closed; UDPMaxSessions bounds the session table.
+	UDPTimeout     time.Duration
+	UDPMaxSessions int
 }
 
 // Error is a configuration error that names the key and the line.
@@ -172,6 +180,9 @@ func Parse(raw []byte, file string) (*Config, error) {
 			DNSHijack: true,
 			Forward:   true,
 			StateDir:  DefaultStateDir,
+
+			UDPTimeout:     DefaultUDPTimeout,
+			UDPMaxSessions: DefaultUDPMaxSessions,
 		},
 	}
 	c.DNS.Listen = netip.MustParseAddrPort(DefaultDNSListen)
@@ -327,7 +338,7 @@ func parseListen(s string) (netip.AddrPort, error) {
 	return ap, nil
 }
 
-var gatewayKeys = []string{"backend", "interfaces", "mark", "table", "bypass", "bypass-src", "proxy-self", "ipv6", "on-failure", "dns-hijack", "forward", "state-dir"}
+var gatewayKeys = []string{"backend", "interfaces", "mark", "table", "bypass", "bypass-src", "proxy-self", "ipv6", "on-failure", "dns-hijack", "forward", "state-dir", "udp-timeout", "udp-max-sessions"}
 
 func (p parser) parseGateway(n *yaml.Node, g *Gateway) error {
 	if n.Tag == "!!null" {
@@ -417,6 +428,18 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway) error {
 		case "state-dir":
 			if err = p.decode(v, key, &g.StateDir); err == nil && !filepath.IsAbs(g.StateDir) {
 				err = p.errf(v, key, "%q must be an absolute path", g.StateDir)
+			}
+		case "udp-timeout":
+			var d string
+			if err = p.decode(v, key, &d); err == nil {
+				g.UDPTimeout, err = time.ParseDuration(d)
+				if err != nil || g.UDPTimeout < time.Second || g.UDPTimeout > 24*time.Hour {
+					err = p.errf(v, key, "%q is not a duration between 1s and 24h (e.g. 60s, 5m)", d)
+				}
+			}
+		case "udp-max-sessions":
+			if err = p.decode(v, key, &g.UDPMaxSessions); err == nil && (g.UDPMaxSessions < 16 || g.UDPMaxSessions > 1<<20) {
+				err = p.errf(v, key, "%d is out of range (16-1048576)", g.UDPMaxSessions)
 			}
 		default:
 			return p.errf(k, key, "unknown key (known: %s)", strings.Join(gatewayKeys, ", "))

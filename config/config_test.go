@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestDefaults(t *testing.T) {
@@ -60,6 +61,8 @@ tpgw:
   dns-hijack: false
   forward: false
   state-dir: /tmp/tpgw-state
+  udp-timeout: 2m
+  udp-max-sessions: 100
 `), "")
 	if err != nil {
 		t.Fatal(err)
@@ -76,6 +79,9 @@ tpgw:
 		if p.String() != want[i] {
 			t.Fatalf("bypass[%d] = %s, want %s", i, p, want[i])
 		}
+	}
+	if g.UDPTimeout != 2*time.Minute || g.UDPMaxSessions != 100 {
+		t.Fatalf("udp settings %v %d", g.UDPTimeout, g.UDPMaxSessions)
 	}
 	if len(g.Interfaces) != 2 || !g.ProxySelf || g.IPv6 || g.OnFailure != "closed" || g.DNSHijack || g.Forward {
 		t.Fatalf("got %+v", g)
@@ -118,6 +124,8 @@ func TestErrors(t *testing.T) {
 		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"dns.listen", "53"}},
 		{"tpgw not a map", "tpgw: [1, 2]\n", []string{"tpgw", "mapping"}},
 		{"empty", "", []string{"empty"}},
+		{"bad udp timeout", "tpgw:\n  udp-timeout: soon\n", []string{"tpgw.udp-timeout", "soon"}},
+		{"tiny udp table", "tpgw:\n  udp-max-sessions: 1\n", []string{"tpgw.udp-max-sessions"}},
 		{"relative state dir", "tpgw:\n  state-dir: run\n", []string{"tpgw.state-dir", "absolute"}},
 	}
 	for _, tc := range cases {

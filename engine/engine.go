@@ -18,6 +18,7 @@ import (
 	mlog "github.com/metacubex/mihomo/log"
 	"github.com/metacubex/mihomo/tunnel"
 	"github.com/sirupsen/logrus"
+	"gopkg.in/yaml.v3"
 )
 
 // InboundName is the inbound name mihomo sees for flows from tpgw's relay
@@ -114,6 +115,16 @@ func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
 	rc.IPTables.Enable = false
 	if routingMark != 0 {
 		rc.RoutingMark = int(routingMark)
+	}
+	// Clients cache fake-ip answers beyond a restart, so tpgw persists the
+	// fake-ip table (in cache.db in the home dir) unless the config says no.
+	var profile struct {
+		Profile struct {
+			StoreFakeIP *bool `yaml:"store-fake-ip"`
+		} `yaml:"profile"`
+	}
+	if err := yaml.Unmarshal(raw, &profile); err == nil && profile.Profile.StoreFakeIP == nil {
+		rc.Profile.StoreFakeIP = true
 	}
 	return rc, nil
 }

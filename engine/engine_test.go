@@ -152,3 +152,36 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	t.Cleanup(func() { client.Close(); server.Close() })
 	return client, server
 }
+
+func TestExplainFlow(t *testing.T) {
+	cfg := []byte(`
+mode: rule
+proxies:
+  - {name: ss1, type: ss, server: 198.51.100.2, port: 8388, cipher: chacha20-ietf-poly1305, password: x, udp: true}
+proxy-groups:
+  - {name: PROXY, type: select, proxies: [ss1, DIRECT]}
+rules:
+  - DOMAIN-SUFFIX,example.com,PROXY
+  - IP-CIDR,203.0.113.3/32,ss1,no-resolve
+  - DST-PORT,25,REJECT
+  - MATCH,DIRECT
+`)
+	src := netip.MustParseAddrPort("192.168.1.2:40000")
+	cases := []struct {
+		host, dst, want string
+	}{
+		{"www.example.com", "198.18.0.5:443", "rule DomainSuffix,example.com → PROXY → ss1"},
+		{"", "203.0.113.3:80", "rule IPCIDR,203.0.113.3/32 → ss1"},
+		{"", "203.0.113.9:25", "rule DstPort,25 → REJECT"},
+		{"", "203.0.113.2:80", "rule Match → DIRECT"},
+	}
+	for _, tc := range cases {
+		d, err := ExplainFlow(cfg, t.TempDir(), "tcp", src, tc.host, netip.MustParseAddrPort(tc.dst))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.String() != tc.want {
+			t.Errorf("%s %s: got %q, want %q", tc.host, tc.dst, d, tc.want)
+		}
+	}
+}

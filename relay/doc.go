@@ -7,4 +7,32 @@
 // into (source, original destination) and hands it to the engine through the
 // small TCPHandler interface declared here, so the relay can be tested
 // without mihomo.
+//
+// # UDP
+//
+// UDP has no accepted socket per flow: every diverted datagram arrives on the
+// one listening socket. With IP_RECVORIGDSTADDR (and IPV6_RECVORIGDSTADDR)
+// set, recvmsg returns the datagram's destination address and port as a
+// control message (a sockaddr_in or sockaddr_in6), which is the original
+// destination since TPROXY changes nothing in the packet. Datagrams without
+// it, and datagrams sent straight to the listener's own port, are dropped.
+// Each datagram goes to the engine through UDPHandler with a reply function.
+//
+// Replies cannot be sent from the listening socket: a UDP client only
+// accepts a reply whose source is the address it sent to (a connected socket
+// filters everything else, and NATs and firewalls in between track the same
+// tuple), and the listener's address is the gateway's. So each reply leaves
+// from a socket bound to that remote address — the original destination, or
+// for full-cone replies the address the reply really came from — which only
+// IP_TRANSPARENT allows (binding and sending from a non-local address).
+// SO_REUSEADDR lets many clients' sockets share one such address. These
+// sockets are kept in a table keyed by (client, reply source), bounded (the
+// least recently used session is evicted when it is full) and closed after an
+// idle timeout; they stay unconnected, so that the TPROXY lookup never mistakes
+// one for an established socket and steals the client's next datagram from
+// the listener. See Documentation/networking/tproxy.rst in the kernel tree.
+//
+// Reply sockets are opened in the network namespace the listener was opened
+// in, whichever goroutine asks for them (it matters only to tests, which
+// open listeners inside throwaway namespaces).
 package relay

@@ -1,0 +1,437 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// UDPHandler receives TPROXYed UDP datagrams (engine.Engine satisfies it).
+//
+// HandleUDP must not block. data is valid until release is called, which the
+// handler does exactly once, when it no longer needs data (the relay then
+// recycles the buffer). reply(b, from) sends b to src so that it appears to
+// come from from (full cone: the address the reply really came from), or from
+// the original destination dst when from is the zero AddrPort; it may be
+// called from any goroutine, also after release, for as long as the handler
+// keeps the flow.
+type UDPHandler interface {
+	HandleUDP(src, dst netip.AddrPort, data []byte, reply func(b []byte, from netip.AddrPort) (int, error), release func())
+}
+
+// UDPOptions tune a UDPListener; zero values take the defaults.
+type UDPOptions struct {
+	// IdleTimeout closes a reply session that sent nothing for this long
+	// (default DefaultUDPIdleTimeout).
+	IdleTimeout time.Duration
+	// MaxSessions bounds the reply-session table (default
+	// DefaultUDPMaxSessions); when full, the least recently used session is
+	// closed to make room.
+	MaxSessions int
+}
+
+// Defaults of UDPOptions.
+const (
+	DefaultUDPIdleTimeout = 60 * time.Second
+	DefaultUDPMaxSessions = 4096
+)
+
+// UDPStats counts what a UDPListener did since it was opened.
+type UDPStats struct {
+	Datagrams   uint64 // handed to the handler
+	Dropped     uint64 // no original destination, or addressed to the listener itself
+	Sessions    int    // reply sessions open now
+	Opened      uint64 // reply sessions opened
+	Evicted     uint64 // closed to make room (table full)
+	Expired     uint64 // closed after IdleTimeout
+	ReplyErrors uint64 // replies that could not be sent
+}
+
+// Buffer sizes. Serve reads each datagram into one 64 KiB scratch buffer
+// (more than any UDP payload, so nothing is ever truncated) and copies it
+// into a pooled buffer of the smallest class that fits: the handler may queue
+// datagrams for a while, and typical ones (≤ MTU) then hold 2 KiB, not 64.
+const (
+	maxDatagram     = 64 << 10
+	smallDatagram   = 2 << 10
+	oobSize         = 128 // one IP(V6)_ORIGDSTADDR message needs 48 bytes
+	replyBufferSize = 4 << 10
+)
+
+// UDPListener receives TPROXYed UDP datagrams on one port for IPv4 and IPv6
+// and sends the handler's replies from transparent sockets bound to the
+// address each reply must come from.
+type UDPListener struct {
+	conn    *net.UDPConn
+	addr    netip.AddrPort
+	handler UDPHandler
+	log     *slog.Logger
+	home    *homeNetns
+	table   *sessionTable
+
+	small, large sync.Pool // *datagram
+
+	datagrams, dropped, replyErrors atomic.Uint64
+
+	mu      sync.Mutex
+	closed  bool
+	serving sync.WaitGroup
+	stop    chan struct{}
+	janitor sync.WaitGroup
+}
+
+// ListenUDP opens a transparent UDP listener on addr (e.g. ":7893", which is
+// dual-stack: IPv4 clients arrive as v4-mapped addresses and are unmapped).
+// It needs CAP_NET_ADMIN.
+//
+// Reply sockets are opened later, from whichever goroutine calls reply; they
+// are created in the network namespace of the thread that called ListenUDP
+// (a no-op when the whole process is in one namespace, as tpgw is). A caller
+// inside a namespace it switched into must hold its thread locked, as
+// testnet's NS.Do does.
+func ListenUDP(addr string, h UDPHandler, opts UDPOptions, log *slog.Logger) (*UDPListener, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	if opts.IdleTimeout <= 0 {
+		opts.IdleTimeout = DefaultUDPIdleTimeout
+	}
+	if opts.MaxSessions <= 0 {
+		opts.MaxSessions = DefaultUDPMaxSessions
+	}
+	lc := net.ListenConfig{Control: udpListenerControl}
+	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("relay: listen udp %s: %w", addr, err)
+	}
+	conn := pc.(*net.UDPConn)
+	l := &UDPListener{
+		conn:    conn,
+		addr:    conn.LocalAddr().(*net.UDPAddr).AddrPort(),
+		handler: h,
+		log:     log.With("part", "relay", "proto", "udp"),
+		home:    currentNetns(),
+		stop:    make(chan struct{}),
+	}
+	l.small.New = func() any { return newDatagram(smallDatagram, &l.small) }
+	l.large.New = func() any { return newDatagram(maxDatagram, &l.large) }
+	l.table = newSessionTable(opts.MaxSessions, opts.IdleTimeout, l.openReplySocket, time.Now)
+	l.janitor.Add(1)
+	go l.runJanitor(janitorInterval(opts.IdleTimeout))
+	return l, nil
+}
+
+// udpListenerControl makes the listener transparent and asks for each
+// datagram's original destination: TPROXY delivers without rewriting the
+// packet, so the destination the client used is in the IP header, and
+// IP(V6)_RECVORIGDSTADDR hands it (and the UDP destination port) to recvmsg.
+func udpListenerControl(network, address string, c syscall.RawConn) error {
+	if err := transparentControl(network, address, c); err != nil {
+		return err
+	}
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		// SOL_IP options apply to a dual-stack socket's IPv4 datagrams too.
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); e != nil {
+			serr = fmt.Errorf("set IP_RECVORIGDSTADDR: %w", e)
+			return
+		}
+		// ENOPROTOOPT: a pure IPv4 socket, which has no IPv6 datagrams.
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1); e != nil && !errors.Is(e, unix.ENOPROTOOPT) {
+			serr = fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", e)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// janitorInterval is how often idle sessions are looked for: a quarter of
+// the timeout (so a session lives at most 1.25 × IdleTimeout), 10 ms to 5 s.
+func janitorInterval(idle time.Duration) time.Duration {
+	return min(max(idle/4, 10*time.Millisecond), 5*time.Second)
+}
+
+func (l *UDPListener) runJanitor(every time.Duration) {
+	defer l.janitor.Done()
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-tick.C:
+			if n := l.table.expire(); n > 0 {
+				l.log.Debug("idle udp sessions closed", "count", n)
+			}
+		}
+	}
+}
+
+// Addr is the listening address.
+func (l *UDPListener) Addr() netip.AddrPort { return l.addr }
+
+// Sessions is the number of reply sessions open now.
+func (l *UDPListener) Sessions() int { return l.table.len() }
+
+// Stats returns the listener's counters.
+func (l *UDPListener) Stats() UDPStats {
+	c := l.table.counts()
+	return UDPStats{
+		Datagrams:   l.datagrams.Load(),
+		Dropped:     l.dropped.Load(),
+		Sessions:    c.open,
+		Opened:      c.opened,
+		Evicted:     c.evicted,
+		Expired:     c.expired,
+		ReplyErrors: l.replyErrors.Load(),
+	}
+}
+
+// Serve reads datagrams and hands them to the handler until Close. It returns
+// nil after Close. Each call has its own read buffers, so several goroutines
+// may serve one listener.
+func (l *UDPListener) Serve() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.serving.Add(1)
+	l.mu.Unlock()
+	defer l.serving.Done()
+
+	scratch := make([]byte, maxDatagram)
+	oob := make([]byte, oobSize)
+	for {
+		n, oobn, _, src, err := l.conn.ReadMsgUDPAddrPort(scratch, oob)
+		if err != nil {
+			if l.isClosed() {
+				return nil
+			}
+			if transientReadError(err) {
+				continue
+			}
+			return fmt.Errorf("relay: read udp: %w", err)
+		}
+		l.dispatch(scratch[:n], oob[:oobn], src)
+	}
+}
+
+// transientReadError reports errors after which reading may go on.
+func transientReadError(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	return errors.Is(err, unix.EINTR) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM) ||
+		errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, unix.EHOSTUNREACH) || errors.Is(err, unix.ENETUNREACH)
+}
+
+// dispatch is the per-datagram hot path: parse the original destination,
+// copy into a pooled buffer, call the handler. Its one allocation is the
+// reply closure (it outlives the datagram, so it cannot be pooled with it).
+func (l *UDPListener) dispatch(payload, oob []byte, src netip.AddrPort) {
+	dst, ok := parseOrigDst(oob)
+	if !ok {
+		l.dropped.Add(1)
+		return
+	}
+	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	if l.toSelf(dst) {
+		// Sent to the TPROXY port itself, not diverted: relaying it would
+		// send it here again, a loop.
+		l.dropped.Add(1)
+		if l.log.Enabled(context.Background(), slog.LevelDebug) {
+			l.log.Debug("dropping datagram sent to the tproxy port directly", "src", src, "dst", dst)
+		}
+		return
+	}
+	d := l.getDatagram(len(payload))
+	copy(d.buf, payload)
+	l.datagrams.Add(1)
+	l.handler.HandleUDP(src, dst, d.buf[:len(payload)], func(b []byte, from netip.AddrPort) (int, error) {
+		return l.reply(src, dst, b, from)
+	}, d.release)
+}
+
+// toSelf reports whether dst is the listener itself: its port on a local
+// address. TPROXYed datagrams never have a local destination (netcfg's plan
+// leaves those alone), so only a datagram sent straight to the port matches.
+// The port is compared first; only datagrams to the listener's port pay for
+// the address check.
+func (l *UDPListener) toSelf(dst netip.AddrPort) bool {
+	if dst.Port() != l.addr.Port() {
+		return false
+	}
+	a := dst.Addr()
+	if a.IsLoopback() || a.IsUnspecified() || a == l.addr.Addr().Unmap() {
+		return true
+	}
+	return l.isLocalAddr(a)
+}
+
+// isLocalAddr asks the kernel: binding a plain socket to a succeeds only
+// for an address of this host (in the listener's namespace).
+func (l *UDPListener) isLocalAddr(a netip.Addr) bool {
+	local := false
+	_ = l.home.do(func() error {
+		family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Addr: a.As4()})
+		if a.Is6() {
+			family, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: a.As16()}
+		}
+		fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			local = true // cannot tell: err on the side of no loop
+			return nil
+		}
+		defer unix.Close(fd)
+		err = unix.Bind(fd, sa)
+		local = err == nil || !errors.Is(err, unix.EADDRNOTAVAIL)
+		return nil
+	})
+	return local
+}
+
+// reply sends b to client from from, or from dst when from is the zero
+// AddrPort or of the other address family (the client only accepts replies
+// of the family it sent).
+func (l *UDPListener) reply(client, dst netip.AddrPort, b []byte, from netip.AddrPort) (int, error) {
+	if from.IsValid() {
+		from = netip.AddrPortFrom(from.Addr().Unmap().WithZone(""), from.Port())
+	}
+	if !from.IsValid() || from.Addr().Is4() != client.Addr().Is4() {
+		from = dst
+	}
+	k := sessionKey{client: client, from: from}
+	// Two tries: an eviction may close the socket between get and write.
+	for try := 0; ; try++ {
+		sock, err := l.table.get(k)
+		if err != nil {
+			l.replyErrors.Add(1)
+			return 0, err
+		}
+		n, err := sock.WriteToUDPAddrPort(b, client)
+		if err != nil && try == 0 && errors.Is(err, net.ErrClosed) {
+			continue
+		}
+		if err != nil {
+			l.replyErrors.Add(1)
+		}
+		return n, err
+	}
+}
+
+// openReplySocket opens a socket whose datagrams come from from, an address
+// of some remote host: IP_TRANSPARENT allows binding it (and sending from
+// it); SO_REUSEADDR lets every client's session bind the same from address.
+//
+// The socket stays unconnected and replies use sendto. A connected socket
+// bound to (from) would also be what the TPROXY lookup of established
+// sockets matches for the client's next datagram to from, which would then
+// land in the reply socket instead of the listener.
+func (l *UDPListener) openReplySocket(from netip.AddrPort) (replySocket, error) {
+	network := "udp4"
+	if from.Addr().Is6() {
+		network = "udp6"
+	}
+	lc := net.ListenConfig{Control: replySocketControl}
+	var conn *net.UDPConn
+	err := l.home.do(func() error {
+		pc, err := lc.ListenPacket(context.Background(), network, from.String())
+		if err != nil {
+			return err
+		}
+		conn = pc.(*net.UDPConn)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("relay: open udp reply socket from %s: %w", from, err)
+	}
+	return conn, nil
+}
+
+func replySocketControl(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
+		if network == "udp6" {
+			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+		}
+		if e := unix.SetsockoptInt(int(fd), level, opt, 1); e != nil {
+			serr = fmt.Errorf("set transparent (needs CAP_NET_ADMIN): %w", e)
+			return
+		}
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); e != nil {
+			serr = fmt.Errorf("set SO_REUSEADDR: %w", e)
+			return
+		}
+		// The socket only sends; a small receive buffer bounds what stray
+		// datagrams to its address can hold.
+		_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, replyBufferSize)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+func (l *UDPListener) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
+}
+
+// Close stops Serve, the janitor and every reply session. Handlers that
+// reply afterwards get net.ErrClosed.
+func (l *UDPListener) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.mu.Unlock()
+	err := l.conn.Close()
+	close(l.stop)
+	l.janitor.Wait()
+	// Serve returns at its next read; HandleUDP does not block, so this is short.
+	l.serving.Wait()
+	l.table.close()
+	l.home.close()
+	if err != nil {
+		return fmt.Errorf("relay: close udp listener: %w", err)
+	}
+	return nil
+}
+
+// datagram is a pooled receive buffer. release is bound once, when the
+// datagram is made, so handing it to the handler does not allocate.
+type datagram struct {
+	buf     []byte
+	pool    *sync.Pool
+	release func()
+}
+
+func newDatagram(size int, pool *sync.Pool) *datagram {
+	d := &datagram{buf: make([]byte, size), pool: pool}
+	d.release = func() { d.pool.Put(d) }
+	return d
+}
+
+func (l *UDPListener) getDatagram(n int) *datagram {
+	if n <= smallDatagram {
+		return l.small.Get().(*datagram)
+	}
+	return l.large.Get().(*datagram)
+}

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/metacubex/mihomo/component/profile/cachefile"
 	"github.com/metacubex/mihomo/config"
 	C "github.com/metacubex/mihomo/constant"
 	"github.com/metacubex/mihomo/hub"
@@ -88,6 +89,15 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		e.logStop()
 		started.Unlock()
 		return nil, err
+	}
+	if rc.Profile.StoreFakeIP || rc.Profile.StoreSelected {
+		// mihomo's cache.db (bbolt) fsyncs every transaction, i.e. every new
+		// fake IP: a burst of new names would queue DNS answers behind disk
+		// flushes. Without fsync the data still reaches the page cache at
+		// once, so it survives a crash of tpgw (not a power cut).
+		if cf := cachefile.Cache(); cf != nil && cf.DB != nil {
+			cf.DB.NoSync = true
+		}
 	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {

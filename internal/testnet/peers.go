@@ -244,6 +244,13 @@ func (tp *Topology) StartSSServer(t testing.TB, port int, password, method strin
 // dnsmasq answers.
 func (tp *Topology) StartDNSMasq(t testing.TB, records map[string]string) *Proc {
 	t.Helper()
+	return tp.StartDNSMasqArgs(t, records)
+}
+
+// StartDNSMasqArgs is StartDNSMasq with extra dnsmasq options, e.g.
+// "--txt-record=name,text" or "--dns-rr=name,65,HEX" for other record types.
+func (tp *Topology) StartDNSMasqArgs(t testing.TB, records map[string]string, extra ...string) *Proc {
+	t.Helper()
 	requireTool(t, "dnsmasq")
 	dir := t.TempDir()
 	args := []string{
@@ -274,6 +281,7 @@ func (tp *Topology) StartDNSMasq(t testing.TB, records map[string]string) *Proc 
 			args = append(args, "--address=/"+name+"/"+ip)
 		}
 	}
+	args = append(args, extra...)
 	p := tp.Upstream.Start(t, "dnsmasq", args...)
 	server := netip.AddrPortFrom(tp.UpstreamIP, 53)
 	deadline := time.Now().Add(PeerStartTimeout)

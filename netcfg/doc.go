@@ -1,55 +1,120 @@
 // Package netcfg installs and removes the kernel side of the TPROXY gateway:
-// an nftables table, policy routing (ip rule + local route) and sysctls.
+// packet filter rules (nftables or iptables), policy routing (ip rule + local
+// route) and sysctls.
 //
 // # Place in the packet path
 //
-// netcfg owns the first step of the path in design.md. A packet from the LAN
-// enters the chain "prerouting" of table inet tpgw (hook prerouting, priority
-// mangle, after conntrack). In order:
+// netcfg owns the first step of the path in design.md. BuildPlan computes one
+// Plan, the same for both backends, made of these chains (nftables: table inet
+// tpgw; iptables: the user chains in brackets, v4 and, with IPv6, v6):
 //
-//  1. packets not from a LAN interface (or, with no interfaces given, from lo
-//     without our mark) return untouched;
-//  2. packets carrying the engine's routing-mark (its own outbound sockets) return;
-//  3. replies of connections already tracked (e.g. DNATed inbound connections to
+// prerouting [mangle TPGW, jumped from PREROUTING] (hook prerouting, priority
+// mangle) picks the packets that may be intercepted:
+//
+//  1. lo without our mark returns (lo carries the gateway's own traffic);
+//  2. packets carrying the engine's routing-mark (its own sockets) return;
+//  3. replies of tracked connections (e.g. DNATed inbound connections to
 //     published container ports) return;
-//  4. DNS (tcp/udp port 53) is sent with tproxy to the fake-ip DNS port;
-//  5. the fake-ip range is sent to the TPROXY port (before the bypass: it lies in 198.18.0.0/15);
-//  6. destinations in @bypass4/@bypass6 (reserved ranges plus Options.Bypass) and
-//     sources in @bypass_src4/@bypass_src6 return;
-//  7. packets of connections a transparent socket already owns get the mark;
-//  8. all other TCP and UDP is sent with tproxy to the TPROXY port.
+//  4. lo packets with our mark (proxy-self) jump to divert;
+//  5. LAN packets jump to divert: those from Options.Interfaces, or, with no
+//     interfaces given, those whose source is a LAN source (10/8, 172.16/12,
+//     192.168/16, 100.64/10, 169.254/16, fc00::/7, fe80::/10 and
+//     Options.LANSources). Anything else, e.g. from a WAN interface, is
+//     never intercepted: tpgw is not an open proxy.
 //
-// tproxy assigns the packet to our listening socket without rewriting it; the
-// rule then sets the fwmark, the ip rule "fwmark Mark lookup Table" sends the
-// packet to a table whose only route is "local default dev lo", so the kernel
-// delivers it locally (to the socket) instead of forwarding it. The relay
-// package then reads the original destination from the accepted socket.
+// divert [mangle TPGW_DIVERT] sends them to tpgw:
 //
-// # On failure: open
+//  1. DNS (tcp/udp port 53) goes with tproxy to the fake-ip DNS port;
+//  2. the fake-ip range goes to the TPROXY port (before the bypass: it lies in 198.18.0.0/15);
+//  3. destinations of the gateway itself, then @bypass4/@bypass6 (reserved
+//     ranges plus Options.Bypass), then sources in @bypass_src4/6 return;
+//  4. packets of connections a transparent socket already owns get the mark;
+//  5. all other TCP and UDP goes with tproxy to the TPROXY port;
+//  6. with on-failure: closed, drop rules follow 1, 2 and 5 (see below).
+//
+// output [mangle TPGW_OUT, jumped from OUTPUT] (type route, hook output,
+// priority mangle) and divert_out [mangle TPGW_DIVERT_OUT] exist with
+// Options.ProxySelf: the gateway's own TCP/UDP gets the mark unless it carries
+// the routing-mark, is a reply, goes to a local address (127/8, ::1, its own
+// addresses) or to a bypassed destination; its DNS and the fake-ip range are
+// marked even when the destination is bypassed. A mark set in OUTPUT makes the
+// kernel route the packet again: the ip rule sends it to lo, where it enters
+// prerouting with the mark and is intercepted (rules 1 and 4).
+//
+// input [filter TPGW_IN, jumped from INPUT] (hook input, priority filter)
+// guards the listeners: TCP/UDP to the TPROXY port is dropped unless it was
+// diverted by us (it carries the mark) or comes from lo; TCP/UDP to the DNS
+// port is dropped unless diverted, from lo, or from the LAN (as in
+// prerouting 5), so LAN clients may still query it directly. A tproxied
+// packet keeps its original destination port, so it only meets these rules
+// when someone really connects to the port itself.
+//
+// tproxy assigns the packet to our listening socket without rewriting it and
+// sets the fwmark; the ip rule "fwmark Mark lookup Table" sends the packet to
+// a table whose only route is "local default dev lo", so the kernel delivers it
+// locally (to the socket) instead of forwarding it. The relay package then
+// reads the original destination from the accepted socket.
+//
+// # On failure (Options.OnFailure)
 //
 // nft's tproxy expression ends the rule (NFT_BREAK) when no socket listens on
 // the port: the mark is not set, the next rules run and the packet is routed
-// as if tpgw were not there. So if tpgw dies without removing its rules, LAN
-// traffic (DNS included, since the DNS hijack uses tproxy too) flows directly.
-// iptables' TPROXY target drops the packet instead, which is why an iptables
-// backend would need its own mechanism for on-failure: open.
+// as if tpgw were not there. iptables' TPROXY target drops the packet instead.
+//
+//   - nftables, open: if tpgw dies without removing its rules, LAN traffic
+//     (DNS included, since the DNS hijack uses tproxy too) flows directly.
+//   - nftables, closed: drop rules after the DNS, fake-ip and final tproxy
+//     rules drop what tproxy let through. Bypassed traffic returned earlier
+//     and is not affected.
+//   - iptables, closed: TPROXY itself drops when nothing listens (the drop
+//     rules of the plan are installed too, and never reached).
+//   - iptables, open: TPROXY drops when nothing listens, so a dead tpgw would
+//     black-hole the LAN. The mechanism: every diverting rule lives in the
+//     divert chains, reached only through jump rules. RemoveDivert deletes
+//     those jumps (iptables: "-j TPGW_DIVERT" in TPGW and "-j TPGW_DIVERT_OUT"
+//     in TPGW_OUT, v4 and v6; nftables: "jump divert" and "jump divert_out"),
+//     after which LAN traffic is forwarded directly and the gateway's own
+//     traffic leaves directly; the input guard stays. A watchdog process
+//     that sees tpgw die (for instance its parent, or a systemd ExecStopPost)
+//     calls netcfg.RemoveDivert(log) in tpgw's network namespace; Cleanup
+//     (tpgw cleanup, or the next start) removes the rest. RemoveDivert works
+//     with both backends, so the watchdog need not know which one ran, and
+//     it turns a closed policy open too, so only call it for open.
 //
 // # Plan, then apply
 //
-// BuildPlan turns Options into a Plan with no side effects; Plan.String prints
-// it as `nft -f` text followed by the equivalent ip and sysctl commands (what
+// BuildPlan turns Options into a Plan with no side effects; Plan.String
+// prints it as `nft -f` text followed by the equivalent ip and sysctl
+// commands, Plan.Render("iptables") as the iptables/ip6tables commands (what
 // `tpgw rules` shows, golden-tested). A Backend applies it: NewNftables speaks
-// netlink (google/nftables, vishvananda/netlink), never the nft or ip binaries.
+// netlink (google/nftables, vishvananda/netlink), never the nft or ip
+// binaries; NewIPTables runs the system's iptables and ip6tables (nft or
+// legacy) through coreos/go-iptables, the only way to drive xtables.
+// ChooseBackend picks one from the config value, probing nftables (a
+// throwaway table with a tproxy rule, added and deleted in one batch) for
+// "auto".
 //
 //	p, err := netcfg.BuildPlan(opts)
-//	inst, err := netcfg.NewNftables(log).Apply(p, stateDir)
+//	b, why, err := netcfg.ChooseBackend("auto", log)
+//	inst, err := b.Apply(p, stateDir)
 //	defer inst.Remove()
 //
 // Apply(p, stateDir) first runs Cleanup, then installs, in this order: the
-// whole nft table in one netlink batch (the kernel applies it all or nothing),
-// the ip rules, the routes, the sysctls. If a step fails, the earlier ones are
-// undone and the error names the step. Installed.Remove undoes it in reverse
-// order and tolerates things already gone.
+// packet filter, the ip rules, the routes, the sysctls. With nftables the
+// whole table goes in one netlink batch, which the kernel applies all or
+// nothing. With iptables every chain is created and filled first and the
+// jumps from the built-in chains (PREROUTING, OUTPUT, INPUT) are inserted
+// last, input guard first and PREROUTING last, so no packet meets a
+// half-built chain. If a step fails, the earlier ones are undone and the
+// error names the step. Installed.Remove undoes it in reverse order and
+// tolerates things already gone.
+//
+// Installed.Update(p) replaces the rules for a reload: nftables deletes the
+// old table and adds the new one in one netlink transaction; iptables builds
+// the new chains as TPGW*_NEW, inserts the new jumps, deletes the old jumps
+// and chains, and renames the new chains. Relay sockets are untouched, so
+// established flows go on. ip rules, routes and sysctls change only when the
+// new plan changes them.
 //
 // stateDir is a directory where Apply records, in netcfg-sysctl.json, the old
 // values of the sysctls it changes, before changing them; Remove restores them
@@ -61,6 +126,10 @@
 // by Apply, and by `tpgw cleanup`) works after kill -9 without any state:
 //
 //   - the nft table inet tpgw (TableName), deleted with everything in it;
+//   - iptables and ip6tables chains named TPGW* in the mangle and filter
+//     tables, flushed and deleted, and every rule jumping to them, found by
+//     listing the built-in chains. Cleanup removes these whichever backend
+//     ran, and skips them when there is no iptables command;
 //   - ip rules (v4 and v6) at priority 9766 (RulePriority);
 //   - routes in any table with protocol 102 (RouteProtocol, "proto 102" in ip route).
 //

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strings"
 	"testing"
@@ -87,11 +88,13 @@ func (n *testNS) in(t *testing.T, fn func()) {
 	fn()
 }
 
-// snapshot is the kernel state netcfg may touch, as the standard tools print it.
+// snapshot is the kernel state netcfg may touch, as the standard tools print
+// it. iptables-nft leaves empty built-in chains behind that it cannot delete,
+// so rule content is compared, not the existence of empty built-in chains.
 func (n *testNS) snapshot(t *testing.T) map[string]string {
 	t.Helper()
-	return map[string]string{
-		"nft list ruleset":    n.run(t, "nft", "list", "ruleset"),
+	snap := map[string]string{
+		"nft list ruleset":    normalizeNftRuleset(n.run(t, "nft", "-s", "list", "ruleset")),
 		"ip -4 rule":          n.run(t, "ip", "-4", "rule"),
 		"ip -6 rule":          n.run(t, "ip", "-6", "rule"),
 		"ip -4 route":         n.run(t, "ip", "-4", "route", "show", "table", "all"),
@@ -99,6 +102,92 @@ func (n *testNS) snapshot(t *testing.T) map[string]string {
 		"ipv4 ip_forward":     n.run(t, "cat", "/proc/sys/net/ipv4/ip_forward"),
 		"ipv6 all.forwarding": n.run(t, "cat", "/proc/sys/net/ipv6/conf/all/forwarding"),
 	}
+	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
+		if _, err := exec.LookPath(tool); err == nil {
+			snap[tool] = normalizeIPTablesSave(n.run(t, tool))
+		}
+	}
+	return snap
+}
+
+var (
+	iptCounterRE = regexp.MustCompile(`\s*\[\d+:\d+\]`)
+	iptBuiltinRE = regexp.MustCompile(`^:(\S+) ACCEPT$`)
+)
+
+// normalizeIPTablesSave drops comments, counters, built-in chains with no
+// rules and the default policy, and tables left with nothing.
+func normalizeIPTablesSave(s string) string {
+	used := map[string]bool{}
+	for line := range strings.Lines(s) {
+		if f := strings.Fields(line); len(f) > 1 && f[0] == "-A" {
+			used[f[1]] = true
+		}
+	}
+	var out, table []string
+	content := false
+	for line := range strings.Lines(s) {
+		line = strings.TrimSpace(iptCounterRE.ReplaceAllString(strings.TrimRight(line, "\n"), ""))
+		switch m := iptBuiltinRE.FindStringSubmatch(line); {
+		case line == "" || strings.HasPrefix(line, "#"):
+		case strings.HasPrefix(line, "*"):
+			table, content = []string{line}, false
+		case line == "COMMIT":
+			if content {
+				out = append(append(out, table...), line)
+			}
+		case m != nil && !used[m[1]]:
+		default:
+			table, content = append(table, line), true
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// normalizeNftRuleset drops the tables iptables-nft creates (ip/ip6 filter,
+// mangle, ...) while they hold only empty accept-policy base chains.
+func normalizeNftRuleset(s string) string {
+	var out []string
+	var block []string
+	for line := range strings.Lines(s) {
+		line = strings.TrimRight(line, "\n")
+		if block == nil && !strings.HasPrefix(line, "table ") {
+			out = append(out, line)
+			continue
+		}
+		block = append(block, line)
+		if line != "}" {
+			continue
+		}
+		if !emptyIPTablesNftTable(block) {
+			out = append(out, block...)
+		}
+		block = nil
+	}
+	return strings.Join(out, "\n")
+}
+
+func emptyIPTablesNftTable(block []string) bool {
+	f := strings.Fields(block[0])
+	if len(f) < 3 || (f[1] != "ip" && f[1] != "ip6") {
+		return false
+	}
+	switch f[2] {
+	case "filter", "mangle", "nat", "raw", "security":
+	default:
+		return false
+	}
+	for _, line := range block[1 : len(block)-1] {
+		l := strings.TrimSpace(line)
+		if l == "" || l == "}" || strings.HasPrefix(l, "chain ") {
+			continue
+		}
+		if strings.HasPrefix(l, "type ") && strings.HasSuffix(l, "policy accept;") {
+			continue
+		}
+		return false
+	}
+	return true
 }
 
 func requireSameState(t *testing.T, before, after map[string]string) {
@@ -155,21 +244,107 @@ func cleanup(t *testing.T, n *testNS, stateDir string) {
 	}
 }
 
-// requireInstalled checks the plan is in the kernel once: every rule, both ip
-// rules and routes, and the sysctls.
-func requireInstalled(t *testing.T, n *testNS, p *Plan) {
+// backendNames are the backends every kernel test runs with.
+var backendNames = []string{"nftables", "iptables"}
+
+// newBackend makes the named backend inside n (the iptables probe adds and
+// deletes a chain there). failAt, when set, makes that step fail.
+func newBackend(t *testing.T, n *testNS, name string, failAt string) Backend {
 	t.Helper()
-	table := n.run(t, "nft", "list", "table", "inet", TableName)
-	for _, want := range []string{"tproxy ip to :7893", "set bypass4", "hook prerouting priority mangle", "socket transparent 1"} {
-		if !strings.Contains(table, want) {
-			t.Errorf("nft table lacks %q:\n%s", want, table)
+	var hook func(string) error
+	if failAt != "" {
+		hook = func(s string) error {
+			if s == failAt {
+				return errors.New("injected failure")
+			}
+			return nil
 		}
 	}
-	if got := strings.Count(table, "comment \""); got != len(p.Rules) {
-		t.Errorf("nft table has %d rules, want %d:\n%s", got, len(p.Rules), table)
+	switch name {
+	case "nftables":
+		return &nftBackend{log: testLogger(t), beforeStep: hook}
+	case "iptables":
+		testenv.RequireTools(t, "iptables", "ip6tables", "iptables-save", "ip6tables-save")
+		var b Backend
+		var err error
+		n.in(t, func() { b, err = NewIPTables(testLogger(t)) })
+		if err != nil {
+			t.Fatalf("NewIPTables: %v", err)
+		}
+		b.(*iptBackend).beforeStep = hook
+		return b
 	}
-	if p.Options.IPv6 != strings.Contains(table, "tproxy ip6 to :7893") {
-		t.Errorf("IPv6=%v but table is:\n%s", p.Options.IPv6, table)
+	t.Fatalf("unknown backend %q", name)
+	return nil
+}
+
+// forBackends runs f as a subtest per backend.
+func forBackends(t *testing.T, f func(t *testing.T, backend string)) {
+	for _, b := range backendNames {
+		t.Run(b, func(t *testing.T) { f(t, b) })
+	}
+}
+
+// planRuleCount is the number of rules of all chains of the plan.
+func planRuleCount(p *Plan) int {
+	n := 0
+	for _, c := range p.Chains {
+		n += len(c.Rules)
+	}
+	return n
+}
+
+// requireInstalled checks the plan is in the kernel once: every rule, both ip
+// rules and routes, and the sysctls.
+func requireInstalled(t *testing.T, n *testNS, p *Plan, backend string) {
+	t.Helper()
+	switch backend {
+	case "nftables":
+		table := n.run(t, "nft", "list", "table", "inet", TableName)
+		for _, want := range []string{"tproxy ip to :7893", "set bypass4", "hook prerouting priority mangle", "socket transparent 1", "jump divert"} {
+			if !strings.Contains(table, want) {
+				t.Errorf("nft table lacks %q:\n%s", want, table)
+			}
+		}
+		if got := strings.Count(table, "comment \""); got != planRuleCount(p) {
+			t.Errorf("nft table has %d rules, want %d:\n%s", got, planRuleCount(p), table)
+		}
+		if p.Options.IPv6 != strings.Contains(table, "tproxy ip6 to :7893") {
+			t.Errorf("IPv6=%v but table is:\n%s", p.Options.IPv6, table)
+		}
+	case "iptables":
+		for _, f := range []Family{IPv4, IPv6} {
+			save := n.run(t, iptCommand(f)+"-save")
+			if f == IPv6 && !p.Options.IPv6 {
+				if strings.Contains(save, "TPGW") {
+					t.Errorf("IPv6 off but ip6tables has our chains:\n%s", save)
+				}
+				continue
+			}
+			chains, err := iptablesChains(p, f, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := 0
+			for _, c := range chains {
+				want += len(c.Rules)
+				if c.Builtin != "" {
+					want++ // the jump
+					if !strings.Contains(save, "-A "+c.Builtin+" -m comment --comment tpgw -j "+c.Name+"\n") {
+						t.Errorf("%s-save lacks the jump to %s:\n%s", iptCommand(f), c.Name, save)
+					}
+				}
+			}
+			if got := countOurRules(save) + countJumps(save); got != want {
+				t.Errorf("%s-save has %d rules of ours, want %d:\n%s", iptCommand(f), got, want, save)
+			}
+			if !strings.Contains(save, "-j TPROXY --on-port 7893") {
+				t.Errorf("%s-save lacks the TPROXY rule:\n%s", iptCommand(f), save)
+			}
+		}
+		if table := n.run(t, "nft", "list", "tables"); strings.Contains(table, "inet "+TableName) {
+			t.Errorf("iptables backend left an nft table:\n%s", table)
+		}
 	}
 	families := []string{"-4"}
 	if p.Options.IPv6 {
@@ -195,47 +370,86 @@ func requireInstalled(t *testing.T, n *testNS, p *Plan) {
 	}
 }
 
+// countOurRules counts the rules in our chains (-A TPGW...) of iptables-save text.
+func countOurRules(save string) int { return strings.Count(save, "\n-A TPGW") }
+
+// countJumps counts the jumps from built-in chains to ours.
+func countJumps(save string) int { return strings.Count(save, "--comment tpgw -j TPGW") }
+
 func TestApplyRemove(t *testing.T) {
-	for name, o := range goldenCases() {
-		t.Run(name, func(t *testing.T) {
-			n := newTestNS(t, true)
-			p := mustPlan(t, o)
-			stateDir := t.TempDir()
-			before := n.snapshot(t)
+	forBackends(t, func(t *testing.T, backend string) {
+		for name, o := range goldenCases() {
+			t.Run(name, func(t *testing.T) {
+				n := newTestNS(t, true)
+				p := mustPlan(t, o)
+				stateDir := t.TempDir()
+				before := n.snapshot(t)
 
-			inst, err := apply(t, n, NewNftables(testLogger(t)), p, stateDir)
-			if err != nil {
-				t.Fatalf("Apply: %v", err)
-			}
-			requireInstalled(t, n, p)
-			_, statErr := os.Stat(filepath.Join(stateDir, sysctlStateFile))
-			if o.Forward && before["ipv4 ip_forward"] != "1\n" && statErr != nil {
-				t.Errorf("no sysctl record after Apply with Forward: %v", statErr)
-			}
+				inst, err := apply(t, n, newBackend(t, n, backend, ""), p, stateDir)
+				if err != nil {
+					t.Fatalf("Apply: %v", err)
+				}
+				requireInstalled(t, n, p, backend)
+				_, statErr := os.Stat(filepath.Join(stateDir, sysctlStateFile))
+				if o.Forward && before["ipv4 ip_forward"] != "1\n" && statErr != nil {
+					t.Errorf("no sysctl record after Apply with Forward: %v", statErr)
+				}
 
-			remove(t, n, inst)
-			requireSameState(t, before, n.snapshot(t))
-			if _, err := os.Stat(filepath.Join(stateDir, sysctlStateFile)); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("sysctl record left after Remove: %v", err)
-			}
-			remove(t, n, inst) // a second Remove is a no-op
-		})
-	}
+				remove(t, n, inst)
+				requireSameState(t, before, n.snapshot(t))
+				if _, err := os.Stat(filepath.Join(stateDir, sysctlStateFile)); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("sysctl record left after Remove: %v", err)
+				}
+				remove(t, n, inst) // a second Remove is a no-op
+			})
+		}
+	})
 }
 
 func TestCleanupAfterCrash(t *testing.T) {
+	forBackends(t, func(t *testing.T, backend string) {
+		o := DefaultOptions()
+		o.RoutingMark, o.ProxySelf = 255, true // every chain there is
+		n := newTestNS(t, true)
+		p := mustPlan(t, o)
+		stateDir := t.TempDir()
+		before := n.snapshot(t)
+		if _, err := apply(t, n, newBackend(t, n, backend, ""), p, stateDir); err != nil {
+			t.Fatalf("Apply: %v", err)
+		}
+		requireInstalled(t, n, p, backend)
+		// The Installed value is dropped, as if the process had been killed.
+		cleanup(t, n, stateDir)
+		requireSameState(t, before, n.snapshot(t))
+		cleanup(t, n, stateDir) // idempotent: nothing there is no error
+		requireSameState(t, before, n.snapshot(t))
+	})
+}
+
+// TestCleanupOtherBackend: leftovers of one backend are removed when the
+// other one starts (Apply runs Cleanup), and by Cleanup alone.
+func TestCleanupOtherBackend(t *testing.T) {
 	n := newTestNS(t, true)
+	before := n.snapshot(t)
 	p := mustPlan(t, DefaultOptions())
 	stateDir := t.TempDir()
-	before := n.snapshot(t)
-	if _, err := apply(t, n, NewNftables(testLogger(t)), p, stateDir); err != nil {
-		t.Fatalf("Apply: %v", err)
+	if _, err := apply(t, n, newBackend(t, n, "iptables", ""), p, stateDir); err != nil {
+		t.Fatalf("Apply iptables: %v", err)
 	}
-	requireInstalled(t, n, p)
-	// The Installed value is dropped, as if the process had been killed.
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), p, stateDir)
+	if err != nil {
+		t.Fatalf("Apply nftables: %v", err)
+	}
+	if save := n.run(t, "iptables-save"); strings.Contains(save, "TPGW") {
+		t.Errorf("iptables chains left after nftables Apply:\n%s", save)
+	}
+	requireInstalled(t, n, p, "nftables")
+	_ = inst // dropped: a crash
+	if _, err := apply(t, n, newBackend(t, n, "iptables", ""), p, stateDir); err != nil {
+		t.Fatalf("Apply iptables: %v", err)
+	}
+	requireInstalled(t, n, p, "iptables")
 	cleanup(t, n, stateDir)
-	requireSameState(t, before, n.snapshot(t))
-	cleanup(t, n, stateDir) // idempotent: nothing there is no error
 	requireSameState(t, before, n.snapshot(t))
 }
 
@@ -247,75 +461,99 @@ func TestCleanupEmpty(t *testing.T) {
 	requireSameState(t, before, n.snapshot(t))
 }
 
-func TestApplyTwice(t *testing.T) {
+// TestCleanupWithoutIPTables: with no iptables command on PATH, Cleanup still
+// removes the nft table and does not fail.
+func TestCleanupWithoutIPTables(t *testing.T) {
 	n := newTestNS(t, true)
-	p := mustPlan(t, DefaultOptions())
-	stateDir := t.TempDir()
 	before := n.snapshot(t)
-	b := NewNftables(testLogger(t))
-	if _, err := apply(t, n, b, p, stateDir); err != nil {
-		t.Fatalf("first Apply: %v", err)
+	stateDir := t.TempDir()
+	if _, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), stateDir); err != nil {
+		t.Fatalf("Apply: %v", err)
 	}
-	inst, err := apply(t, n, b, p, stateDir)
-	if err != nil {
-		t.Fatalf("second Apply: %v", err)
-	}
-	requireInstalled(t, n, p) // exactly one copy of everything
-	remove(t, n, inst)
-	// The second Apply recorded the sysctls only after restoring the first
-	// run's values, so Remove brings back the original ones, not "1".
+	path := os.Getenv("PATH")
+	t.Setenv("PATH", t.TempDir())
+	cleanup(t, n, stateDir)
+	os.Setenv("PATH", path)
 	requireSameState(t, before, n.snapshot(t))
 }
 
-func TestApplyFailureLeavesNothing(t *testing.T) {
-	failAt := func(step string) func(string) error {
-		return func(s string) error {
-			if s == step {
-				return errors.New("injected failure")
-			}
-			return nil
+func TestApplyTwice(t *testing.T) {
+	forBackends(t, func(t *testing.T, backend string) {
+		n := newTestNS(t, true)
+		p := mustPlan(t, DefaultOptions())
+		stateDir := t.TempDir()
+		before := n.snapshot(t)
+		b := newBackend(t, n, backend, "")
+		if _, err := apply(t, n, b, p, stateDir); err != nil {
+			t.Fatalf("first Apply: %v", err)
 		}
-	}
-	for _, step := range []string{stepNft, stepRules, stepRoutes, stepSysctl} {
-		t.Run(step, func(t *testing.T) {
-			n := newTestNS(t, true)
+		inst, err := apply(t, n, b, p, stateDir)
+		if err != nil {
+			t.Fatalf("second Apply: %v", err)
+		}
+		requireInstalled(t, n, p, backend) // exactly one copy of everything
+		remove(t, n, inst)
+		// The second Apply recorded the sysctls only after restoring the first
+		// run's values, so Remove brings back the original ones, not "1".
+		requireSameState(t, before, n.snapshot(t))
+	})
+}
+
+func TestApplyFailureLeavesNothing(t *testing.T) {
+	forBackends(t, func(t *testing.T, backend string) {
+		for _, step := range []string{backend, stepRules, stepRoutes, stepSysctl} {
+			t.Run(step, func(t *testing.T) {
+				n := newTestNS(t, true)
+				before := n.snapshot(t)
+				stateDir := t.TempDir()
+				b := newBackend(t, n, backend, step)
+				inst, err := apply(t, n, b, mustPlan(t, DefaultOptions()), stateDir)
+				if err == nil || inst != nil {
+					t.Fatalf("Apply = %v, %v; want an error", inst, err)
+				}
+				t.Log(err)
+				requireSameState(t, before, n.snapshot(t))
+			})
+		}
+
+		// The kernel refuses a local route on a device that is down: the route
+		// step fails for real after the rules and ip rules went in.
+		t.Run("kernel rejects route", func(t *testing.T) {
+			n := newTestNS(t, false)
 			before := n.snapshot(t)
-			stateDir := t.TempDir()
-			b := &nftBackend{log: testLogger(t), beforeStep: failAt(step)}
-			inst, err := apply(t, n, b, mustPlan(t, DefaultOptions()), stateDir)
-			if err == nil || inst != nil {
-				t.Fatalf("Apply = %v, %v; want an error", inst, err)
+			_, err := apply(t, n, newBackend(t, n, backend, ""), mustPlan(t, DefaultOptions()), t.TempDir())
+			if err == nil || !strings.Contains(err.Error(), "netcfg: add ip route local") {
+				t.Fatalf("Apply error = %v, want the route step to fail", err)
 			}
 			t.Log(err)
 			requireSameState(t, before, n.snapshot(t))
 		})
-	}
 
-	// The kernel refuses a local route on a device that is down: the route
-	// step fails for real after the nft table and ip rules went in.
-	t.Run("kernel rejects route", func(t *testing.T) {
-		n := newTestNS(t, false)
-		before := n.snapshot(t)
-		_, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), t.TempDir())
-		if err == nil || !strings.Contains(err.Error(), "netcfg: add ip route local") {
-			t.Fatalf("Apply error = %v, want the route step to fail", err)
-		}
-		t.Log(err)
-		requireSameState(t, before, n.snapshot(t))
-	})
-
-	// Overlapping interval elements make the kernel abort the whole nft batch.
-	t.Run("kernel rejects nft batch", func(t *testing.T) {
-		n := newTestNS(t, true)
-		before := n.snapshot(t)
-		p := mustPlan(t, DefaultOptions())
-		p.Sets[0].Elements = append(p.Sets[0].Elements, rangeOf(mustPrefixes("10.1.0.0/16")[0]))
-		_, err := apply(t, n, NewNftables(testLogger(t)), p, t.TempDir())
-		if err == nil || !strings.Contains(err.Error(), "netcfg: add nft table inet tpgw") {
-			t.Fatalf("Apply error = %v, want the nft step to fail", err)
-		}
-		t.Log(err)
-		requireSameState(t, before, n.snapshot(t))
+		// The kernel (or iptables) rejects a rule in the middle of the firewall
+		// step: with nftables, overlapping interval elements abort the whole
+		// batch; with iptables, the last rule of the last chain is refused
+		// after everything before it went in.
+		t.Run("kernel rejects rules", func(t *testing.T) {
+			n := newTestNS(t, true)
+			before := n.snapshot(t)
+			p := mustPlan(t, DefaultOptions())
+			want := "netcfg: add nft table inet tpgw"
+			if backend == "nftables" {
+				p.Sets[0].Elements = append(p.Sets[0].Elements, rangeOf(mustPrefixes("10.1.0.0/16")[0]))
+			} else {
+				// iptables refuses an interface name longer than IFNAMSIZ.
+				last := &p.Chains[len(p.Chains)-1]
+				r := &last.Rules[len(last.Rules)-1]
+				r.Matches = append(r.Matches, MatchIIfName{Name: strings.Repeat("x", 20)})
+				want = "netcfg: iptables -t filter -A TPGW_IN"
+			}
+			_, err := apply(t, n, newBackend(t, n, backend, ""), p, t.TempDir())
+			if err == nil || !strings.Contains(err.Error(), want) {
+				t.Fatalf("Apply error = %v, want %q", err, want)
+			}
+			t.Log(err)
+			requireSameState(t, before, n.snapshot(t))
+		})
 	})
 }
 
@@ -353,4 +591,36 @@ func TestNftMatchesPlanText(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestChooseBackend(t *testing.T) {
+	n := newTestNS(t, true)
+	testenv.RequireTools(t, "iptables")
+	before := n.snapshot(t)
+	for _, c := range []struct{ name, want, why string }{
+		{"auto", "nftables", "auto: nftables available"},
+		{"nftables", "nftables", "nftables: configured"},
+		{"iptables", "iptables", "iptables: configured"},
+	} {
+		var b Backend
+		var why string
+		var err error
+		n.in(t, func() { b, why, err = ChooseBackend(c.name, testLogger(t)) })
+		if err != nil {
+			t.Fatalf("ChooseBackend(%q): %v", c.name, err)
+		}
+		if b.Name() != c.want || !strings.HasPrefix(why, c.why) {
+			t.Errorf("ChooseBackend(%q) = %s, %q; want %s, %q...", c.name, b.Name(), why, c.want, c.why)
+		}
+	}
+	if _, _, err := ChooseBackend("pf", nil); err == nil {
+		t.Error("ChooseBackend accepted an unknown backend")
+	}
+	// The probes leave nothing behind; RemoveDivert with nothing installed is a no-op.
+	var err error
+	n.in(t, func() { err = RemoveDivert(testLogger(t)) })
+	if err != nil {
+		t.Errorf("RemoveDivert with nothing installed: %v", err)
+	}
+	requireSameState(t, before, n.snapshot(t))
 }

@@ -46,27 +46,65 @@ func queueNftPlan(conn *nftables.Conn, p *Plan) error {
 		}
 		sets[s.Name] = set
 	}
-	policy := nftables.ChainPolicyAccept
-	chain := conn.AddChain(&nftables.Chain{
-		Name:     p.Chain,
-		Table:    table,
-		Type:     nftables.ChainTypeFilter,
-		Hooknum:  nftables.ChainHookPrerouting,
-		Priority: nftables.ChainPriorityMangle,
-		Policy:   &policy,
-	})
-	for _, r := range p.Rules {
-		exprs, err := ruleExprs(conn, table, sets, r)
+	// Every chain first: a jump must find its target in the batch.
+	chains := make([]*nftables.Chain, len(p.Chains))
+	for i, c := range p.Chains {
+		nc, err := nftChain(table, c)
 		if err != nil {
-			return fmt.Errorf("netcfg: nft rule %q: %w", r.String(), err)
+			return err
 		}
-		rule := &nftables.Rule{Table: table, Chain: chain, Exprs: exprs}
-		if r.Comment != "" {
-			rule.UserData = userdata.AppendString(nil, userdata.TypeComment, r.Comment)
+		chains[i] = conn.AddChain(nc)
+	}
+	for i, c := range p.Chains {
+		for _, r := range c.Rules {
+			exprs, err := ruleExprs(conn, table, sets, r)
+			if err != nil {
+				return fmt.Errorf("netcfg: nft rule %q: %w", r.String(), err)
+			}
+			rule := &nftables.Rule{Table: table, Chain: chains[i], Exprs: exprs}
+			if r.Comment != "" {
+				rule.UserData = userdata.AppendString(nil, userdata.TypeComment, r.Comment)
+			}
+			conn.AddRule(rule)
 		}
-		conn.AddRule(rule)
 	}
 	return nil
+}
+
+func nftChain(table *nftables.Table, c Chain) (*nftables.Chain, error) {
+	nc := &nftables.Chain{Name: c.Name, Table: table}
+	if !c.IsBase() {
+		return nc, nil
+	}
+	switch c.Hook {
+	case HookPrerouting:
+		nc.Hooknum = nftables.ChainHookPrerouting
+	case HookInput:
+		nc.Hooknum = nftables.ChainHookInput
+	case HookOutput:
+		nc.Hooknum = nftables.ChainHookOutput
+	default:
+		return nil, fmt.Errorf("netcfg: nft chain %s: unknown hook %q", c.Name, c.Hook)
+	}
+	switch c.Type {
+	case "filter":
+		nc.Type = nftables.ChainTypeFilter
+	case "route":
+		nc.Type = nftables.ChainTypeRoute
+	default:
+		return nil, fmt.Errorf("netcfg: nft chain %s: unknown type %q", c.Name, c.Type)
+	}
+	switch c.Priority {
+	case "mangle":
+		nc.Priority = nftables.ChainPriorityMangle
+	case "filter":
+		nc.Priority = nftables.ChainPriorityFilter
+	default:
+		return nil, fmt.Errorf("netcfg: nft chain %s: unknown priority %q", c.Name, c.Priority)
+	}
+	policy := nftables.ChainPolicyAccept
+	nc.Policy = &policy
+	return nc, nil
 }
 
 // intervalElements encodes ranges the way the kernel's interval sets want
@@ -219,11 +257,16 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 			&expr.Immediate{Register: reg1, Data: binaryutil.NativeEndian.PutUint32(a.SetMark)},
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: reg1})
 	}
-	kind := expr.VerdictReturn
-	if a.Verdict == VerdictAccept {
-		kind = expr.VerdictAccept
+	switch a.Verdict {
+	case VerdictAccept:
+		es = append(es, &expr.Verdict{Kind: expr.VerdictAccept})
+	case VerdictDrop:
+		es = append(es, &expr.Verdict{Kind: expr.VerdictDrop})
+	case VerdictJump:
+		es = append(es, &expr.Verdict{Kind: expr.VerdictJump, Chain: a.Chain})
+	default:
+		es = append(es, &expr.Verdict{Kind: expr.VerdictReturn})
 	}
-	es = append(es, &expr.Verdict{Kind: kind})
 	return es, nil
 }
 
@@ -267,4 +310,123 @@ func deleteNftTable() (bool, error) {
 		return false, fmt.Errorf("netcfg: delete nft table inet %s: %w", TableName, err)
 	}
 	return true, nil
+}
+
+// nftFirewall installs the plan as the table inet tpgw.
+type nftFirewall struct{}
+
+func (nftFirewall) name() string { return "nftables" }
+
+func (nftFirewall) install(p *Plan) error {
+	conn, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("netcfg: open nftables netlink: %w", err)
+	}
+	if err := queueNftPlan(conn, p); err != nil {
+		return err
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("netcfg: add nft table inet %s: %w", p.Table, err)
+	}
+	return nil
+}
+
+// update deletes the old table and adds the new one in one batch: the kernel
+// swaps them in one transaction, so every packet sees one ruleset or the other.
+func (nftFirewall) update(_, p *Plan) error {
+	conn, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("netcfg: open nftables netlink: %w", err)
+	}
+	exists, err := ourNftTableExists(conn)
+	if err != nil {
+		return err
+	}
+	if exists {
+		conn.DelTable(nftTable())
+	}
+	if err := queueNftPlan(conn, p); err != nil {
+		return err
+	}
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("netcfg: replace nft table inet %s: %w", p.Table, err)
+	}
+	return nil
+}
+
+func (nftFirewall) remove() error {
+	_, err := deleteNftTable()
+	return err
+}
+
+// removeNftDivert deletes the rules of our table that jump to a divert chain.
+func removeNftDivert() (int, error) {
+	conn, err := nftables.New()
+	if err != nil {
+		return 0, fmt.Errorf("netcfg: open nftables netlink: %w", err)
+	}
+	exists, err := ourNftTableExists(conn)
+	if err != nil || !exists {
+		return 0, err
+	}
+	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return 0, fmt.Errorf("netcfg: list nft chains: %w", err)
+	}
+	n := 0
+	for _, c := range chains {
+		if c.Table.Name != TableName {
+			continue
+		}
+		rules, err := conn.GetRules(nftTable(), c)
+		if err != nil {
+			return 0, fmt.Errorf("netcfg: list nft chain %s: %w", c.Name, err)
+		}
+		for _, r := range rules {
+			for _, e := range r.Exprs {
+				if v, ok := e.(*expr.Verdict); ok && v.Kind == expr.VerdictJump && (v.Chain == ChainDivert || v.Chain == ChainDivertOut) {
+					if err := conn.DelRule(r); err != nil {
+						return 0, fmt.Errorf("netcfg: delete nft rule in %s: %w", c.Name, err)
+					}
+					n++
+				}
+			}
+		}
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	if err := conn.Flush(); err != nil {
+		return 0, fmt.Errorf("netcfg: delete nft divert jumps: %w", err)
+	}
+	return n, nil
+}
+
+// probeNftables checks that nftables works here, tproxy included: one batch
+// adds a throwaway table with a tproxy rule and deletes it again, so the
+// kernel loads and checks nft_tproxy and nothing stays, even after a crash.
+func probeNftables() error {
+	conn, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("open netlink: %w", err)
+	}
+	if _, err := conn.ListTablesOfFamily(nftables.TableFamilyINet); err != nil {
+		return fmt.Errorf("list tables: %w", err)
+	}
+	table := conn.AddTable(&nftables.Table{Name: TableName + "_probe", Family: nftables.TableFamilyINet})
+	policy := nftables.ChainPolicyAccept
+	chain := conn.AddChain(&nftables.Chain{
+		Name: "probe", Table: table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle, Policy: &policy,
+	})
+	conn.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg1}, cmpEq([]byte{ProtoTCP}),
+		&expr.Immediate{Register: reg1, Data: binaryutil.BigEndian.PutUint16(1)},
+		&expr.TProxy{Family: unix.NFPROTO_IPV4, TableFamily: unix.NFPROTO_INET, RegPort: reg1},
+	}})
+	conn.DelTable(table)
+	if err := conn.Flush(); err != nil {
+		return fmt.Errorf("tproxy rule: %w", err)
+	}
+	return nil
 }

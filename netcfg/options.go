@@ -35,7 +35,22 @@ type Options struct {
 	BypassSrc    []netip.Prefix // source CIDRs bypassed
 	IPv6         bool           // also intercept IPv6
 	Forward      bool           // set net.ipv4.ip_forward=1 (and net.ipv6.conf.all.forwarding=1 with IPv6) while running
+	// OnFailure is what happens to LAN traffic when tpgw dies with its rules in
+	// place: "open" (or "") lets it flow directly, "closed" drops it. See doc.go.
+	OnFailure string
+	// ProxySelf sends the gateway's own outbound TCP/UDP through the relay too.
+	// It needs RoutingMark, which keeps the engine's own sockets out of the loop.
+	ProxySelf bool
+	// LANSources are source CIDRs intercepted in addition to the built-in
+	// private ranges (LANSourceRanges), when Interfaces is empty.
+	LANSources []netip.Prefix
 }
+
+// On-failure policies.
+const (
+	OnFailureOpen   = "open"
+	OnFailureClosed = "closed"
+)
 
 // DefaultOptions returns the options of a default tpgw config: all interfaces,
 // mark and table 666, TPROXY on 7893, DNS hijack to 1053, IPv6 and forwarding on.
@@ -69,6 +84,16 @@ func (o Options) validate() (Options, error) {
 	}
 	if o.RoutingMark != 0 && o.RoutingMark == o.Mark {
 		bad("routing-mark %#x must differ from mark %#x", o.RoutingMark, o.Mark)
+	}
+	switch o.OnFailure {
+	case "":
+		o.OnFailure = OnFailureOpen
+	case OnFailureOpen, OnFailureClosed:
+	default:
+		bad("on-failure %q: must be %q or %q", o.OnFailure, OnFailureOpen, OnFailureClosed)
+	}
+	if o.ProxySelf && o.RoutingMark == 0 {
+		bad("proxy-self needs a routing-mark: without it the engine's own connections would loop back into tpgw")
 	}
 	if o.Table < 1 || o.Table > math.MaxInt32 || slices.Contains(reservedTables, o.Table) {
 		bad("table %d: must be in 1..%d and not 253 (default), 254 (main) or 255 (local)", o.Table, math.MaxInt32)
@@ -120,5 +145,6 @@ func (o Options) validate() (Options, error) {
 	}
 	o.Bypass = checkList("bypass", o.Bypass)
 	o.BypassSrc = checkList("bypass-src", o.BypassSrc)
+	o.LANSources = checkList("lan-sources", o.LANSources)
 	return o, errors.Join(errs...)
 }

@@ -12,8 +12,22 @@ import (
 const (
 	// TableName is the nftables table (family inet) holding all our sets and chains.
 	TableName = "tpgw"
-	// ChainName is the base chain hooked at prerouting, priority mangle.
+	// ChainName is the base chain hooked at prerouting, priority mangle: it
+	// picks the packets that may be intercepted and jumps to ChainDivert.
 	ChainName = "prerouting"
+	// ChainDivert holds the rules that send LAN packets to tpgw (tproxy, and
+	// the returns for bypassed destinations). RemoveDivert deletes the jumps
+	// into it, which stops all interception at once.
+	ChainDivert = "divert"
+	// ChainOutput (hook output, type route, priority mangle) picks the
+	// gateway's own packets for proxy-self and jumps to ChainDivertOut.
+	ChainOutput = "output"
+	// ChainDivertOut marks the gateway's own packets so that they are routed
+	// to lo and re-enter ChainName there.
+	ChainDivertOut = "divert_out"
+	// ChainInput (hook input, priority filter) keeps the TPROXY and DNS ports
+	// from being reached directly from outside.
+	ChainInput = "input"
 	// RulePriority is the priority (preference) of our ip rules, v4 and v6.
 	// It sits before the main table (32766) and clear of the 0..1000 range
 	// other tools tend to use.
@@ -58,12 +72,43 @@ func (f Family) addrType() string {
 type Plan struct {
 	Options Options // validated and normalized
 	Table   string  // nft table name, family inet
-	Chain   string  // base chain, hook prerouting, priority mangle
 	Sets    []Set   // named interval sets of addresses
-	Rules   []Rule  // rules of Chain, in order
+	Chains  []Chain // base chains and the regular chains they jump to
 	IPRules []IPRule
 	Routes  []Route
 	Sysctls []Sysctl
+}
+
+// Hook is where a base chain is attached; "" for a regular chain, reached only by jumps.
+type Hook string
+
+// Hooks used by the plan.
+const (
+	HookPrerouting Hook = "prerouting"
+	HookInput      Hook = "input"
+	HookOutput     Hook = "output"
+)
+
+// Chain is one chain of the table, with its rules in order.
+type Chain struct {
+	Name     string
+	Hook     Hook   // "" = regular chain
+	Type     string // base chains: "filter", or "route" (re-routes packets whose mark changed)
+	Priority string // base chains: "mangle" (-150) or "filter" (0)
+	Rules    []Rule
+}
+
+// IsBase reports whether c is attached to a hook.
+func (c Chain) IsBase() bool { return c.Hook != "" }
+
+// Chain returns the chain named name, or nil.
+func (p *Plan) Chain(name string) *Chain {
+	for i := range p.Chains {
+		if p.Chains[i].Name == name {
+			return &p.Chains[i]
+		}
+	}
+	return nil
 }
 
 // Set is a named nft set: an interval set of addresses of one family, or
@@ -237,8 +282,10 @@ type Verdict uint8
 
 // Verdicts.
 const (
-	VerdictReturn Verdict = iota // leave our chain: the packet goes on untouched
-	VerdictAccept                // stop netfilter evaluation at this hook
+	VerdictReturn Verdict = iota // leave this chain: back to the caller, or on untouched from a base chain
+	VerdictAccept                // stop evaluating our chains at this hook
+	VerdictDrop                  // drop the packet
+	VerdictJump                  // go to Action.Chain; its return comes back here
 )
 
 // TProxy sends the packet to a local transparent socket on Port without changing it.
@@ -252,6 +299,7 @@ type Action struct {
 	TProxy  *TProxy
 	SetMark uint32 // 0 = leave the mark alone
 	Verdict Verdict
+	Chain   string // VerdictJump: the target chain
 }
 
 func (a Action) String() string {
@@ -262,9 +310,14 @@ func (a Action) String() string {
 	if a.SetMark != 0 {
 		parts = append(parts, fmt.Sprintf("meta mark set %#x", a.SetMark))
 	}
-	if a.Verdict == VerdictAccept {
+	switch a.Verdict {
+	case VerdictAccept:
 		parts = append(parts, "accept")
-	} else {
+	case VerdictDrop:
+		parts = append(parts, "drop")
+	case VerdictJump:
+		parts = append(parts, "jump "+a.Chain)
+	default:
 		parts = append(parts, "return")
 	}
 	return strings.Join(parts, " ")
@@ -369,27 +422,53 @@ const (
 	setBypass6       = "bypass6"
 	setBypassSrc4    = "bypass_src4"
 	setBypassSrc6    = "bypass_src6"
+	setLANSrc4       = "lan_src4"
+	setLANSrc6       = "lan_src6"
 )
 
+// Built-in LAN sources: with no Interfaces given, only packets from these
+// (plus Options.LANSources) are intercepted, so that a WAN interface never
+// reaches the TPROXY listener as an open proxy.
+var (
+	lanSources4 = mustPrefixes("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
+	lanSources6 = mustPrefixes("fc00::/7", "fe80::/10")
+)
+
+// LANSourceRanges returns the built-in LAN source list of one family.
+func LANSourceRanges(f Family) []netip.Prefix {
+	if f == IPv6 {
+		return append([]netip.Prefix(nil), lanSources6...)
+	}
+	return append([]netip.Prefix(nil), lanSources4...)
+}
+
 // BuildPlan validates o and computes the plan. It has no side effects.
+//
+// The same plan serves both backends; see doc.go for the chains and why each
+// rule is where it is.
 func BuildPlan(o Options) (*Plan, error) {
 	o, err := o.validate()
 	if err != nil {
 		return nil, err
 	}
-	p := &Plan{Options: o, Table: TableName, Chain: ChainName}
+	p := &Plan{Options: o, Table: TableName}
 	families := []Family{IPv4}
 	if o.IPv6 {
 		families = append(families, IPv6)
 	}
+	closed := o.OnFailure == OnFailureClosed
 	tcpUDP := MatchL4Proto{Protos: []uint8{ProtoTCP, ProtoUDP}}
 	tproxyTo := func(f Family, port uint16) Action {
 		return Action{TProxy: &TProxy{Family: f, Port: port}, SetMark: o.Mark, Verdict: VerdictAccept}
 	}
-	add := func(comment string, a Action, ms ...Match) {
-		p.Rules = append(p.Rules, Rule{Comment: comment, Matches: ms, Action: a})
+	add := func(c *Chain, comment string, a Action, ms ...Match) {
+		c.Rules = append(c.Rules, Rule{Comment: comment, Matches: ms, Action: a})
 	}
 	ret := Action{Verdict: VerdictReturn}
+	drop := Action{Verdict: VerdictDrop}
+	markIt := Action{SetMark: o.Mark, Verdict: VerdictAccept}
+	jump := func(chain string) Action { return Action{Verdict: VerdictJump, Chain: chain} }
+	lo := MatchIIfName{Name: "lo"}
 
 	// Sets first: rules refer to them by name.
 	if len(o.Interfaces) > 1 {
@@ -407,60 +486,151 @@ func BuildPlan(o Options) (*Plan, error) {
 	if o.IPv6 && len(src6) > 0 {
 		p.Sets = append(p.Sets, Set{Name: setBypassSrc6, Family: IPv6, Elements: mergePrefixes(src6)})
 	}
-
-	// 1. Which packets enter at all.
-	switch len(o.Interfaces) {
-	case 0:
-		// lo carries the gateway's own traffic; only what was marked for us (proxy-self) goes on.
-		add("loopback unless marked for tpgw", ret, MatchIIfName{Name: "lo"}, MatchMark{Mark: o.Mark, Negate: true})
-	case 1:
-		add("not a LAN interface", ret, MatchIIfName{Name: o.Interfaces[0], Negate: true})
-	default:
-		add("not a LAN interface", ret, MatchIIfNameSet{Set: setLANInterfaces, Negate: true})
+	var lanSets []Set // with no interfaces given, the LAN is known by its source addresses
+	if len(o.Interfaces) == 0 {
+		lan4, lan6 := splitFamilies(o.LANSources)
+		lanSets = append(lanSets, Set{Name: setLANSrc4, Family: IPv4, Elements: mergePrefixes(append(LANSourceRanges(IPv4), lan4...))})
+		if o.IPv6 {
+			lanSets = append(lanSets, Set{Name: setLANSrc6, Family: IPv6, Elements: mergePrefixes(append(LANSourceRanges(IPv6), lan6...))})
+		}
+		p.Sets = append(p.Sets, lanSets...)
 	}
-	// 2. The engine's own outbound sockets: intercepting them would loop.
-	if o.RoutingMark != 0 {
-		add("engine's own traffic (routing-mark)", ret, MatchMark{Mark: o.RoutingMark})
-	}
-	// 3. Replies of connections that were not ours, e.g. DNATed inbound (published
-	// container ports): they must go back the way the kernel set up.
-	add("reply of a tracked connection", ret, MatchCTReply{})
-	// 4. DNS before the bypass, so queries to a LAN resolver get fake IPs too.
-	if o.DNSPort != 0 {
-		for _, f := range families {
-			add("DNS hijack", tproxyTo(f, o.DNSPort), MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
+	// fromLAN adds one rule per way of recognising a LAN packet.
+	fromLAN := func(c *Chain, comment string, a Action) {
+		switch {
+		case len(o.Interfaces) == 0:
+			for _, s := range lanSets {
+				add(c, comment, a, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
+			}
+		case len(o.Interfaces) == 1:
+			add(c, comment, a, MatchIIfName{Name: o.Interfaces[0]})
+		default:
+			add(c, comment, a, MatchIIfNameSet{Set: setLANInterfaces})
 		}
 	}
-	// 5. Fake IPs before the bypass: 198.18.0.0/15 is in the reserved list.
-	if o.FakeIPRange.IsValid() {
-		add("fake-ip range", tproxyTo(IPv4, o.TProxyPort), MatchAddr{Prefix: o.FakeIPRange}, tcpUDP)
+
+	// prerouting: which packets may be intercepted at all.
+	pre := Chain{Name: ChainName, Hook: HookPrerouting, Type: "filter", Priority: "mangle"}
+	// lo carries the gateway's own traffic; only what was marked for us (proxy-self) goes on.
+	loopback := len(o.Interfaces) == 0 || o.ProxySelf
+	if loopback {
+		add(&pre, "loopback unless marked for tpgw", ret, lo, MatchMark{Mark: o.Mark, Negate: true})
 	}
-	if o.IPv6 && o.FakeIPRange6.IsValid() {
-		add("fake-ip range", tproxyTo(IPv6, o.TProxyPort), MatchAddr{Prefix: o.FakeIPRange6}, tcpUDP)
+	// The engine's own outbound sockets: intercepting them would loop.
+	if o.RoutingMark != 0 {
+		add(&pre, "engine's own traffic (routing-mark)", ret, MatchMark{Mark: o.RoutingMark})
 	}
-	// 6. Traffic to the gateway's own addresses (its web UI, SSH, its public WAN
+	// Replies of connections that were not ours, e.g. DNATed inbound (published
+	// container ports): they must go back the way the kernel set up.
+	add(&pre, "reply of a tracked connection", ret, MatchCTReply{})
+	if loopback {
+		add(&pre, "gateway's own traffic marked for tpgw", jump(ChainDivert), lo)
+	}
+	// Only LAN packets: a WAN interface must not reach the TPROXY or DNS port.
+	fromLAN(&pre, "from the LAN", jump(ChainDivert))
+
+	// divert: send to tpgw, or return for what is bypassed.
+	div := Chain{Name: ChainDivert}
+	// DNS before the bypass, so queries to a LAN resolver get fake IPs too.
+	if o.DNSPort != 0 {
+		for _, f := range families {
+			add(&div, "DNS hijack", tproxyTo(f, o.DNSPort), MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
+		}
+		if closed {
+			// nft's tproxy falls through when nothing listens; closed means no DNS leaks.
+			for _, f := range families {
+				add(&div, "DNS with tpgw down (on-failure: closed)", drop, MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
+			}
+		}
+	}
+	// Fake IPs before the bypass: 198.18.0.0/15 is in the reserved list.
+	fakeRanges := []netip.Prefix{o.FakeIPRange}
+	if o.IPv6 {
+		fakeRanges = append(fakeRanges, o.FakeIPRange6)
+	}
+	for _, r := range fakeRanges {
+		if !r.IsValid() {
+			continue
+		}
+		f := MatchAddr{Prefix: r}.Family()
+		add(&div, "fake-ip range", tproxyTo(f, o.TProxyPort), MatchAddr{Prefix: r}, tcpUDP)
+		if closed {
+			add(&div, "fake-ip with tpgw down (on-failure: closed)", drop, MatchAddr{Prefix: r}, tcpUDP)
+		}
+	}
+	// Traffic to the gateway's own addresses (its web UI, SSH, its public WAN
 	// address) is delivered locally, not proxied back to itself.
-	add("to the gateway itself", ret, MatchLocalDst{})
-	// 7. Bypass by destination, then by source.
+	add(&div, "to the gateway itself", ret, MatchLocalDst{})
+	// Bypass by destination, then by source.
 	for _, s := range p.Sets {
 		switch s.Name {
 		case setBypass4, setBypass6:
-			add("bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
+			add(&div, "bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
 		case setBypassSrc4, setBypassSrc6:
-			add("bypassed source", ret, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
+			add(&div, "bypassed source", ret, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
 		}
 	}
-	// 8. Packets of connections our transparent sockets already own skip the tproxy lookup.
+	// Packets of connections our transparent sockets already own skip the tproxy lookup.
 	socketRule := []Match{MatchL4Proto{Protos: []uint8{ProtoTCP}}, MatchSocketTransparent{}}
 	if !o.IPv6 {
 		socketRule = append([]Match{MatchFamily{Family: IPv4}}, socketRule...)
 	}
-	add("established transparent socket", Action{SetMark: o.Mark, Verdict: VerdictAccept}, socketRule...)
-	// 9. Everything else TCP/UDP goes to the TPROXY listener. If nothing listens,
-	// nft's tproxy falls through and the packet is routed as usual (on-failure: open).
+	add(&div, "established transparent socket", markIt, socketRule...)
+	// Everything else TCP/UDP goes to the TPROXY listener. If nothing listens,
+	// nft's tproxy falls through and the packet is routed as usual (on-failure:
+	// open), unless the closed policy drops it next.
 	for _, f := range families {
-		add("transparent proxy", tproxyTo(f, o.TProxyPort), MatchFamily{Family: f}, tcpUDP)
+		add(&div, "transparent proxy", tproxyTo(f, o.TProxyPort), MatchFamily{Family: f}, tcpUDP)
 	}
+	if closed {
+		for _, f := range families {
+			add(&div, "tpgw down (on-failure: closed)", drop, MatchFamily{Family: f}, tcpUDP)
+		}
+	}
+	p.Chains = append(p.Chains, pre, div)
+
+	// output: the gateway's own traffic (proxy-self) is marked, so the ip rule
+	// routes it to lo, where it re-enters prerouting and is intercepted there.
+	if o.ProxySelf {
+		out := Chain{Name: ChainOutput, Hook: HookOutput, Type: "route", Priority: "mangle"}
+		add(&out, "engine's own traffic (routing-mark)", ret, MatchMark{Mark: o.RoutingMark})
+		add(&out, "reply of a tracked connection", ret, MatchCTReply{})
+		add(&out, "to the gateway itself", ret, MatchLocalDst{}) // includes 127.0.0.0/8 and ::1
+		add(&out, "gateway's own traffic", jump(ChainDivertOut))
+		divOut := Chain{Name: ChainDivertOut}
+		if o.DNSPort != 0 {
+			for _, f := range families {
+				add(&divOut, "gateway's own DNS", markIt, MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
+			}
+		}
+		for _, r := range fakeRanges {
+			if r.IsValid() {
+				add(&divOut, "fake-ip range", markIt, MatchAddr{Prefix: r}, tcpUDP)
+			}
+		}
+		for _, s := range p.Sets {
+			if s.Name == setBypass4 || s.Name == setBypass6 {
+				add(&divOut, "bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
+			}
+		}
+		for _, f := range families {
+			add(&divOut, "gateway's own traffic (proxy-self)", markIt, MatchFamily{Family: f}, tcpUDP)
+		}
+		p.Chains = append(p.Chains, out, divOut)
+	}
+
+	// input: the TPROXY port only takes diverted packets (they carry the mark);
+	// the DNS port also answers the LAN and the gateway itself. Anything else
+	// from outside would use tpgw as an open proxy or resolver.
+	in := Chain{Name: ChainInput, Hook: HookInput, Type: "filter", Priority: "filter"}
+	add(&in, "from the gateway itself", ret, lo)
+	add(&in, "diverted by tpgw", ret, MatchMark{Mark: o.Mark})
+	add(&in, "TPROXY port, not diverted", drop, tcpUDP, MatchDstPort{Port: o.TProxyPort})
+	if o.DNSPort != 0 {
+		fromLAN(&in, "from the LAN", ret)
+		add(&in, "DNS port, not from the LAN", drop, tcpUDP, MatchDstPort{Port: o.DNSPort})
+	}
+	p.Chains = append(p.Chains, in)
 
 	for _, f := range families {
 		dst := netip.MustParsePrefix("0.0.0.0/0")
@@ -506,20 +676,40 @@ func (p *Plan) NftRuleset() string {
 		}
 		b.WriteString("\t}\n\n")
 	}
-	fmt.Fprintf(&b, "\tchain %s {\n\t\ttype filter hook prerouting priority mangle; policy accept;\n", p.Chain)
-	for _, r := range p.Rules {
-		b.WriteString("\t\t" + r.String() + "\n")
+	for i, c := range p.Chains {
+		if i > 0 {
+			b.WriteString("\n")
+		}
+		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
+		if c.IsBase() {
+			fmt.Fprintf(&b, "\t\ttype %s hook %s priority %s; policy accept;\n", c.Type, c.Hook, c.Priority)
+		}
+		for _, r := range c.Rules {
+			b.WriteString("\t\t" + r.String() + "\n")
+		}
+		b.WriteString("\t}\n")
 	}
-	b.WriteString("\t}\n}\n")
+	b.WriteString("}\n")
 	return b.String()
 }
 
-// String is the whole plan: the nft ruleset, then ip rules and routes, then
-// sysctls. Deterministic; `tpgw rules` prints it.
-func (p *Plan) String() string {
+// String is the whole plan as the nftables backend installs it: the nft
+// ruleset, then ip rules and routes, then sysctls. Deterministic; `tpgw rules`
+// prints it.
+func (p *Plan) String() string { return p.Render("nftables") }
+
+// Render prints the plan as the named backend installs it: for "iptables",
+// the iptables and ip6tables commands a person could run in a shell; for
+// anything else, the nftables ruleset (nft -f). The ip rule, ip route and
+// sysctl commands follow in both.
+func (p *Plan) Render(backend string) string {
 	var b strings.Builder
-	b.WriteString("# nftables (nft -f)\n")
-	b.WriteString(p.NftRuleset())
+	if backend == "iptables" {
+		b.WriteString(p.IPTablesScript())
+	} else {
+		b.WriteString("# nftables (nft -f)\n")
+		b.WriteString(p.NftRuleset())
+	}
 	b.WriteString("\n# policy routing: packets marked by tproxy are delivered locally\n")
 	for _, r := range p.IPRules {
 		b.WriteString(r.String() + "\n")

@@ -27,7 +27,15 @@ func goldenCases() map[string]Options {
 	v6.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::1/64")
 	v6.Bypass = mustPrefixes("2001:db8:1::/48", "100.64.0.0/16")
 	v6.BypassSrc = mustPrefixes("fd00::/8", "192.168.1.7/32")
+	// proxy-self, on-failure: closed, extra LAN sources, all interfaces.
+	self := DefaultOptions()
+	self.RoutingMark = 255
+	self.ProxySelf = true
+	self.OnFailure = OnFailureClosed
+	self.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::/64")
+	self.LANSources = mustPrefixes("203.0.113.128/25", "2001:db8:77::/64")
 	return map[string]Options{
+		"proxyself_closed_lansrc": self,
 		"defaults_dns_ipv6":       DefaultOptions(),
 		"lan_bypass_no_ipv6":      lan,
 		"one_iface_fakeip6_nodns": v6,
@@ -41,24 +49,38 @@ func TestPlanGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := p.String()
-			path := filepath.Join("testdata", name+".golden")
-			if *update {
-				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
+			for _, backend := range []string{"nftables", "iptables"} {
+				checkGolden(t, p.Render(backend), name, backend)
 			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("%v (run go test -update to create it)", err)
+			if p.String() != p.Render("nftables") {
+				t.Error("String differs from Render(nftables)")
 			}
-			if got != string(want) {
-				t.Errorf("plan differs from %s (go test -update rewrites it):\n%s", path, got)
-			}
-			if again, _ := BuildPlan(o); again.String() != got {
+			if again, _ := BuildPlan(o); again.Render("iptables") != p.Render("iptables") || again.String() != p.String() {
 				t.Error("plan text is not deterministic")
 			}
 		})
+	}
+}
+
+// checkGolden compares got with testdata/NAME.golden (nftables) or
+// testdata/NAME.iptables.golden.
+func checkGolden(t *testing.T, got, name, backend string) {
+	t.Helper()
+	path := filepath.Join("testdata", name+".golden")
+	if backend != "nftables" {
+		path = filepath.Join("testdata", name+"."+backend+".golden")
+	}
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -update to create it)", err)
+	}
+	if got != string(want) {
+		t.Errorf("plan differs from %s (go test -update rewrites it):\n%s", path, got)
 	}
 }
 
@@ -71,6 +93,9 @@ func TestBuildPlanRejects(t *testing.T) {
 	}{
 		{"zero mark", func(o *Options) { o.Mark = 0 }, "mark must not be 0"},
 		{"routing-mark equals mark", func(o *Options) { o.RoutingMark = o.Mark }, "routing-mark 0x29a must differ from mark"},
+		{"bad on-failure", func(o *Options) { o.OnFailure = "half" }, `on-failure "half"`},
+		{"proxy-self without routing-mark", func(o *Options) { o.ProxySelf = true }, "proxy-self needs a routing-mark"},
+		{"invalid lan source", func(o *Options) { o.LANSources = []netip.Prefix{{}} }, "lan-sources[0]: invalid prefix"},
 		{"zero tproxy port", func(o *Options) { o.TProxyPort = 0 }, "tproxy port must not be 0"},
 		{"table 0", func(o *Options) { o.Table = 0 }, "table 0:"},
 		{"table main", func(o *Options) { o.Table = 254 }, "table 254:"},

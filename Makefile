@@ -9,7 +9,7 @@ GOFILES := $(shell find . -name '*.go' -not -path './bin/*' 2>/dev/null)
 # Tests that touch the kernel run in namespaces and may take a while.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: build test unit e2e demo lint deps rules clean
+.PHONY: build test fuzz demo lint deps rules clean
 
 ## build: compile bin/tpgw (rebuilt only when Go files change)
 build: bin/tpgw
@@ -21,9 +21,18 @@ bin/tpgw: $(GOFILES) go.mod go.sum
 deps:
 	./scripts/install-deps.sh
 
-## test: install what is missing, then lint, unit tests, fuzz smoke, namespace end-to-end tests
+## test: install what is missing, then lint, unit tests, namespace end-to-end tests, bounded fuzzing
 test: deps build lint
 	TPGW_BIN=$(CURDIR)/bin/tpgw $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) fuzz
+
+## fuzz: run each fuzz target for FUZZTIME (parsers of untrusted bytes)
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzHandleMessage$$' -fuzztime=$(FUZZTIME) ./dns/
+	$(GO) test -run='^$$' -fuzz='^FuzzParseOrigDst$$' -fuzztime=$(FUZZTIME) ./dns/
+	$(GO) test -run='^$$' -fuzz='^FuzzParseOrigDst$$' -fuzztime=$(FUZZTIME) ./relay/
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./config/
 
 ## demo: a demo gateway in throwaway namespaces; never touches the host's network
 demo: deps build

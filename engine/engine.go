@@ -112,6 +112,22 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	return e, nil
 }
 
+// Reload applies a changed mihomo part. Established flows keep their
+// outbound connections; new flows use the new rules and proxies.
+func (e *Engine) Reload(raw []byte, routingMark uint32) error {
+	rc, err := rawConfig(raw, routingMark)
+	if err != nil {
+		return err
+	}
+	cfg, err := config.ParseRawConfig(rc)
+	if err != nil {
+		return fmt.Errorf("mihomo config: %w", err)
+	}
+	hub.ApplyConfig(cfg)
+	e.log.Info("mihomo reloaded", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()))
+	return nil
+}
+
 // rawConfig unmarshals the mihomo part and turns off the parts tpgw replaces.
 func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
 	rc, err := config.UnmarshalRawConfig(raw)

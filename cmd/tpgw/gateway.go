@@ -13,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/tpgw/tpgw/config"
+	"github.com/tpgw/tpgw/dns"
 	"github.com/tpgw/tpgw/engine"
 	"github.com/tpgw/tpgw/netcfg"
 	"github.com/tpgw/tpgw/relay"
@@ -37,16 +38,12 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 		if c.DNS.FakeIPRange6.IsValid() {
 			o.FakeIPRange6 = c.DNS.FakeIPRange6.Masked()
 		}
-		if g.DNSHijack && dnsServerAvailable {
-			o.DNSPort = c.DNS.Listen.Port()
-		}
+	}
+	if c.DNS.Enable && g.DNSHijack {
+		o.DNSPort = c.DNS.Listen.Port()
 	}
 	return o
 }
-
-// dnsServerAvailable is false until tpgw's own fake-ip DNS server exists:
-// without it, hijacking port 53 would send DNS nowhere.
-const dnsServerAvailable = false
 
 // stateDir is where netcfg records the sysctl values it changed, one file
 // per network namespace (sysctls under /proc/sys/net are per namespace, and
@@ -107,9 +104,29 @@ func runGateway(o cmdOpts) (err error) {
 		return err
 	}
 	eng.SetInboundAddr(tcp.Addr())
-	serveErr := make(chan error, 1)
+	serveErr := make(chan error, 3)
 	go func() { serveErr <- tcp.Serve() }()
 	defer tcp.Close()
+
+	udp, err := relay.ListenUDP(fmt.Sprintf(":%d", c.TProxyPort), eng,
+		relay.UDPOptions{IdleTimeout: c.Gateway.UDPTimeout, MaxSessions: c.Gateway.UDPMaxSessions}, log)
+	if err != nil {
+		return err
+	}
+	go func() { serveErr <- udp.Serve() }()
+	defer udp.Close()
+
+	if c.DNS.Enable {
+		srv, err := dns.Listen(c.DNS.Listen, eng, log)
+		if err != nil {
+			return err
+		}
+		go func() { serveErr <- srv.Serve() }()
+		defer srv.Close()
+		log.Info("dns server", "listen", srv.Addr().String(), "mode", c.DNS.EnhancedMode, "hijack", c.Gateway.DNSHijack)
+	} else if c.Gateway.DNSHijack {
+		log.Warn("tpgw.dns-hijack is on but the mihomo dns block is not enabled: client DNS is not hijacked")
+	}
 
 	installed, err := backend.Apply(plan, stateDir(c.Gateway.StateDir))
 	if err != nil {

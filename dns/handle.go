@@ -1,0 +1,111 @@
+package dns
+
+import (
+	"context"
+	"time"
+
+	D "github.com/miekg/dns"
+)
+
+// queryTimeout bounds one query: the engine's answer (fake IP, cache, or a
+// real lookup upstream) must come within it, or the client gets SERVFAIL.
+const queryTimeout = 5 * time.Second
+
+// maxTCPMsg is the largest DNS message the 2-byte TCP length prefix allows.
+const maxTCPMsg = 65535
+
+// headerLen is the size of the fixed DNS header.
+const headerLen = 12
+
+// verdict says what handleMessage did with a message, for Stats.
+type verdict int
+
+const (
+	answered  verdict = iota // the engine answered
+	failed                   // the engine failed: SERVFAIL
+	malformed                // dropped, or FORMERR/NOTIMP for a well-formed non-query
+)
+
+// handleMessage turns one received DNS message into the reply to send, or nil
+// to send nothing. It never panics on any input: req is untrusted bytes from
+// the LAN. Garbage (anything miekg/dns cannot unpack) and responses (QR set:
+// answering them could make two servers loop) are dropped silently. A
+// well-formed message that is not a standard query with one question gets
+// FORMERR or NOTIMP. Queries go to the engine; its error or timeout becomes
+// SERVFAIL. UDP replies are truncated (TC set) to the client's EDNS0 buffer
+// size, or 512 without EDNS0.
+func handleMessage(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verdict) {
+	if len(req) < headerLen {
+		return nil, malformed
+	}
+	q := new(D.Msg)
+	if err := q.Unpack(req); err != nil {
+		return nil, malformed
+	}
+	if q.Response {
+		return nil, malformed
+	}
+	if q.Opcode != D.OpcodeQuery {
+		return pack(refusal(q, D.RcodeNotImplemented), udp, q), malformed
+	}
+	if len(q.Question) != 1 {
+		return pack(refusal(q, D.RcodeFormatError), udp, q), malformed
+	}
+
+	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
+	r, err := eng.ServeDNS(ctx, q)
+	cancel()
+	if err != nil || r == nil {
+		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed
+	}
+	r.Id = q.Id
+	r.Response = true
+	r.Opcode = q.Opcode
+	if len(r.Question) == 0 {
+		r.Question = q.Question
+	}
+	b := pack(r, udp, q)
+	if b == nil {
+		// The engine's answer does not pack (e.g. a record it built is
+		// invalid): the client still deserves an answer.
+		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed
+	}
+	return b, answered
+}
+
+// refusal is an empty reply to q with rcode, echoing the question.
+func refusal(q *D.Msg, rcode int) *D.Msg {
+	r := new(D.Msg)
+	r.Id = q.Id
+	r.Response = true
+	r.Opcode = q.Opcode
+	r.RecursionDesired = q.RecursionDesired
+	r.RecursionAvailable = true
+	r.CheckingDisabled = q.CheckingDisabled
+	r.Rcode = rcode
+	if rcode != D.RcodeFormatError && len(q.Question) > 0 {
+		r.Question = q.Question[:1]
+	}
+	return r
+}
+
+// pack encodes r for the transport: over UDP it must fit the client's buffer
+// (EDNS0 size, at least 512), over TCP the 2-byte length prefix. It returns
+// nil if r cannot be packed.
+func pack(r *D.Msg, udp bool, q *D.Msg) []byte {
+	limit := maxTCPMsg
+	if udp {
+		limit = D.MinMsgSize
+		if opt := q.IsEdns0(); opt != nil {
+			limit = max(int(opt.UDPSize()), D.MinMsgSize)
+		}
+	}
+	// Truncate compresses when that makes the reply fit, drops records that
+	// still do not fit and then sets TC, so the client retries over TCP.
+	r.Truncate(limit)
+	b, err := r.Pack()
+	if err != nil || len(b) > limit {
+		return nil
+	}
+	return b
+}

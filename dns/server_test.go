@@ -1,0 +1,396 @@
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	D "github.com/miekg/dns"
+)
+
+// fakeEngine answers like a fake-ip engine: A queries get 198.18.0.x (x from
+// the name), AAAA queries fc00::x; "fail.test." fails, "slow.test." waits for
+// the context, "big.test." has 100 A records, anything else gets NXDOMAIN.
+type fakeEngine struct{}
+
+func fakeIP(name string) netip.Addr {
+	h := fnv.New32a()
+	h.Write([]byte(name))
+	return netip.AddrFrom4([4]byte{198, 18, 0, byte(h.Sum32()%253) + 1})
+}
+
+func (fakeEngine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
+	qs := q.Question[0]
+	r := new(D.Msg)
+	r.SetReply(q)
+	switch {
+	case qs.Name == "fail.test.":
+		return nil, errors.New("engine failure")
+	case qs.Name == "slow.test.":
+		<-ctx.Done()
+		return nil, ctx.Err()
+	case qs.Name == "big.test." && qs.Qtype == D.TypeA:
+		for i := range 100 {
+			r.Answer = append(r.Answer, &D.A{
+				Hdr: D.RR_Header{Name: qs.Name, Rrtype: D.TypeA, Class: D.ClassINET, Ttl: 1},
+				A:   netip.AddrFrom4([4]byte{198, 18, 1, byte(i)}).AsSlice(),
+			})
+		}
+	case qs.Qtype == D.TypeA:
+		r.Answer = append(r.Answer, &D.A{
+			Hdr: D.RR_Header{Name: qs.Name, Rrtype: D.TypeA, Class: D.ClassINET, Ttl: 1},
+			A:   fakeIP(qs.Name).AsSlice(),
+		})
+	case qs.Qtype == D.TypeAAAA:
+		ip := fakeIP(qs.Name).As4()
+		r.Answer = append(r.Answer, &D.AAAA{
+			Hdr:  D.RR_Header{Name: qs.Name, Rrtype: D.TypeAAAA, Class: D.ClassINET, Ttl: 1},
+			AAAA: netip.AddrFrom16([16]byte{0: 0xfc, 15: ip[3]}).AsSlice(),
+		})
+	default:
+		r.Rcode = D.RcodeNameError
+	}
+	return r, nil
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}
+
+// startServer listens on addr with the fake engine and serves until the test ends.
+func startServer(t testing.TB, addr string) *Server {
+	t.Helper()
+	s, err := Listen(netip.MustParseAddrPort(addr), fakeEngine{}, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveUntilCleanup(t, s)
+	return s
+}
+
+func serveUntilCleanup(t testing.TB, s *Server) {
+	done := make(chan error, 1)
+	go func() { done <- s.Serve() }()
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Serve returned %v after Close, want nil", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Error("Serve did not return after Close")
+		}
+	})
+}
+
+func query(name string, qtype uint16) *D.Msg {
+	m := new(D.Msg)
+	m.SetQuestion(D.Fqdn(name), qtype)
+	return m
+}
+
+func exchange(t testing.TB, network string, server netip.AddrPort, q *D.Msg) *D.Msg {
+	t.Helper()
+	c := &D.Client{Net: network, Timeout: 2 * time.Second}
+	r, _, err := c.Exchange(q, server.String())
+	if err != nil {
+		t.Fatalf("%s exchange with %v for %v: %v", network, server, q.Question, err)
+	}
+	if r.Id != q.Id {
+		t.Fatalf("reply id %d, want %d", r.Id, q.Id)
+	}
+	return r
+}
+
+func wantA(t testing.TB, r *D.Msg, name string) {
+	t.Helper()
+	if r.Rcode != D.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("reply for %s: rcode %s, %d answers, want one A:\n%v", name, D.RcodeToString[r.Rcode], len(r.Answer), r)
+	}
+	a, ok := r.Answer[0].(*D.A)
+	if !ok {
+		t.Fatalf("answer %v is not an A record", r.Answer[0])
+	}
+	got, _ := netip.AddrFromSlice(a.A)
+	if want := fakeIP(D.Fqdn(name)); got.Unmap() != want {
+		t.Fatalf("A %s = %v, want %v", name, got, want)
+	}
+}
+
+func TestServeUDPAndTCP(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	for _, network := range []string{"udp", "tcp"} {
+		t.Run(network, func(t *testing.T) {
+			wantA(t, exchange(t, network, s.Addr(), query("foo.test", D.TypeA)), "foo.test")
+			r := exchange(t, network, s.Addr(), query("foo.test", D.TypeAAAA))
+			if len(r.Answer) != 1 || r.Answer[0].Header().Rrtype != D.TypeAAAA {
+				t.Fatalf("AAAA reply: %v", r)
+			}
+			if r := exchange(t, network, s.Addr(), query("fail.test", D.TypeA)); r.Rcode != D.RcodeServerFailure {
+				t.Errorf("engine error: rcode %s, want SERVFAIL", D.RcodeToString[r.Rcode])
+			}
+			if r := exchange(t, network, s.Addr(), query("nope.test", D.TypeMX)); r.Rcode != D.RcodeNameError {
+				t.Errorf("NXDOMAIN from the engine: rcode %s", D.RcodeToString[r.Rcode])
+			}
+		})
+	}
+	st := s.Stats()
+	if st.Queries != 8 || st.Errors != 2 || st.Malformed != 0 {
+		t.Errorf("Stats = %+v, want 8 queries, 2 errors, 0 malformed", st)
+	}
+}
+
+// "0.0.0.0:port" means every address: one dual-stack socket serves v4 and v6.
+func TestListenUnspecifiedIsDualStack(t *testing.T) {
+	s := startServer(t, "0.0.0.0:0")
+	if s.Addr().Addr() != netip.IPv6Unspecified() {
+		t.Fatalf("Addr() = %v, want [::]:port", s.Addr())
+	}
+	for _, ip := range []string{"127.0.0.1", "::1"} {
+		server := netip.AddrPortFrom(netip.MustParseAddr(ip), s.Addr().Port())
+		for _, network := range []string{"udp", "tcp"} {
+			wantA(t, exchange(t, network, server, query("dual.test", D.TypeA)), "dual.test")
+		}
+	}
+}
+
+// A UDP reply larger than the client's buffer is truncated with TC set; the
+// same query over TCP gets every record.
+func TestTruncation(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	r := exchange(t, "udp", s.Addr(), query("big.test", D.TypeA))
+	if !r.Truncated || len(r.Answer) >= 100 {
+		t.Errorf("UDP without EDNS0: TC=%v, %d answers; want TC and fewer than 100", r.Truncated, len(r.Answer))
+	}
+	r.Compress = true // as sent
+	if b, _ := r.Pack(); len(b) > 512 {
+		t.Errorf("UDP reply is %d bytes, over 512", len(b))
+	}
+	q := query("big.test", D.TypeA)
+	q.SetEdns0(4096, false)
+	if r := exchange(t, "udp", s.Addr(), q); r.Truncated || len(r.Answer) != 100 {
+		t.Errorf("UDP with EDNS0 4096: TC=%v, %d answers; want all 100", r.Truncated, len(r.Answer))
+	}
+	if r := exchange(t, "tcp", s.Addr(), query("big.test", D.TypeA)); r.Truncated || len(r.Answer) != 100 {
+		t.Errorf("TCP: TC=%v, %d answers; want all 100", r.Truncated, len(r.Answer))
+	}
+}
+
+// Several queries on one TCP connection, then garbage, which ends it.
+func TestTCPConnection(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	c, err := D.Dial("tcp", s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	for i := range 5 {
+		name := fmt.Sprintf("n%d.test", i)
+		q := query(name, D.TypeA)
+		if err := c.WriteMsg(q); err != nil {
+			t.Fatal(err)
+		}
+		r, err := c.ReadMsg()
+		if err != nil {
+			t.Fatalf("query %d on the same connection: %v", i, err)
+		}
+		wantA(t, r, name)
+	}
+	if _, err := c.Write([]byte{0xde, 0xad, 0xbe, 0xef}); err != nil { // framed as a 4-byte message
+		t.Fatal(err)
+	}
+	if _, err := c.ReadMsg(); err == nil {
+		t.Fatal("garbage on TCP got a reply; want the connection closed")
+	}
+	if st := s.Stats(); st.Malformed != 1 {
+		t.Errorf("Stats = %+v, want 1 malformed", st)
+	}
+}
+
+// A query the engine does not answer in time gets SERVFAIL, and Close does
+// not wait for queries in flight longer than it takes to cancel them.
+func TestSlowEngine(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	c := &D.Client{Net: "udp", Timeout: queryTimeout + 2*time.Second}
+	start := time.Now()
+	r, _, err := c.Exchange(query("slow.test", D.TypeA), s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Rcode != D.RcodeServerFailure {
+		t.Errorf("rcode %s, want SERVFAIL", D.RcodeToString[r.Rcode])
+	}
+	if d := time.Since(start); d < queryTimeout-time.Second || d > queryTimeout+time.Second {
+		t.Errorf("answered after %v, want about %v", d, queryTimeout)
+	}
+	// A query in flight at Close.
+	go c.Exchange(query("slow.test", D.TypeA), s.Addr().String())
+	time.Sleep(100 * time.Millisecond)
+	start = time.Now()
+	s.Close()
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("Close took %v with a query in flight", d)
+	}
+}
+
+// 10,000 malformed datagrams (random bytes, truncated and bit-flipped queries)
+// are counted and dropped; a valid query is answered afterwards.
+func TestMalformedFlood(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	conn, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(s.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	valid, err := query("flood.test", D.TypeA).Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	const total = 10000
+	unpackable := 0 // datagrams miekg/dns itself rejects
+	for i := range total {
+		var pkt []byte
+		switch i % 3 {
+		case 0: // random bytes, 0..599 long
+			pkt = make([]byte, rng.IntN(600))
+			for j := range pkt {
+				pkt[j] = byte(rng.Uint32())
+			}
+		case 1: // a valid query cut short
+			pkt = valid[:rng.IntN(len(valid))]
+		case 2: // a valid query with bits flipped
+			pkt = append([]byte(nil), valid...)
+			for range 1 + rng.IntN(4) {
+				pkt[rng.IntN(len(pkt))] ^= 1 << rng.IntN(8)
+			}
+		}
+		if err := new(D.Msg).Unpack(pkt); err != nil {
+			unpackable++
+		}
+		if _, err := conn.Write(pkt); err != nil {
+			t.Fatal(err)
+		}
+		// Pace the flood so the socket buffer never overflows and every
+		// datagram is accounted for.
+		if i%200 == 199 {
+			waitAccounted(t, s, uint64(i+1))
+		}
+	}
+	waitAccounted(t, s, total)
+	st := s.Stats()
+	// Some bit flips leave a well-formed query (e.g. a flipped id or a
+	// letter of the name), which is answered; every datagram that does not
+	// unpack must be counted malformed (and so must responses, other opcodes...).
+	if st.Queries+st.Malformed != total || st.Malformed < uint64(unpackable) {
+		t.Errorf("Stats = %+v: want %d datagrams in all, at least %d malformed", st, total, unpackable)
+	}
+	t.Logf("after the flood: %+v", st)
+	wantA(t, exchange(t, "udp", s.Addr(), query("after.test", D.TypeA)), "after.test")
+}
+
+// waitAccounted waits until the server has counted n messages; an empty
+// datagram is also a message (malformed).
+func waitAccounted(t *testing.T, s *Server, n uint64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st := s.Stats()
+		if st.Queries+st.Malformed >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server counted %d of %d datagrams: %+v", st.Queries+st.Malformed, n, st)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Close works before Serve, twice, and Serve then returns nil at once.
+func TestCloseBeforeServe(t *testing.T) {
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), fakeEngine{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if err := s.Serve(); err != nil {
+		t.Fatalf("Serve after Close = %v, want nil", err)
+	}
+}
+
+// Connections beyond maxTCPConns are closed at once; the ones within keep working.
+func TestTCPConnectionLimit(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	var conns []*D.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range maxTCPConns {
+		c, err := D.Dial("tcp", s.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	// Each held connection is registered once the server accepted it.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s.mu.Lock()
+		n := len(s.conns)
+		s.mu.Unlock()
+		if n == maxTCPConns {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections registered, want %d", n, maxTCPConns)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	extra, err := D.Dial("tcp", s.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer extra.Close()
+	extra.SetDeadline(time.Now().Add(2 * time.Second))
+	if err := extra.WriteMsg(query("over.test", D.TypeA)); err == nil {
+		if _, err := extra.ReadMsg(); err == nil {
+			t.Error("connection over the limit was answered")
+		}
+	}
+	c := conns[0]
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if err := c.WriteMsg(query("held.test", D.TypeA)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := c.ReadMsg()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantA(t, r, "held.test")
+}

@@ -1,0 +1,68 @@
+package dns
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// serveUDP reads queries until the socket is closed. One goroutine reads
+// (reads on one socket are serialized by the runtime anyway); each query is
+// answered on its own goroutine, at most maxInFlight at once.
+func (s *Server) serveUDP() error {
+	buf := make([]byte, 65535)
+	oob := make([]byte, 128)
+	for {
+		n, oobn, _, client, err := s.udp.ReadMsgUDPAddrPort(buf, oob)
+		if err != nil {
+			if s.isClosed() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// Transient (e.g. ENOBUFS, ENOMEM): do not spin on it.
+			s.log.Debug("udp read", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if !s.acquire() {
+			return nil
+		}
+		req := make([]byte, n)
+		copy(req, buf[:n])
+		origDst := parseOrigDst(oob[:oobn])
+		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer s.release()
+			if reply := s.answer(req, true); reply != nil {
+				if err := s.replyUDP(reply, client, origDst); err != nil {
+					s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
+				}
+			}
+		}()
+	}
+}
+
+// replyUDP sends reply to client so that it comes from origDst, the address
+// the client sent its query to. A TPROXYed query (say to 203.0.113.2:53)
+// arrived on our port with its destination unchanged; a client drops a reply
+// from any other address or port, so the reply leaves from a transparent
+// socket bound to origDst. A query sent to this server's own port is
+// answered from the listening socket, with origDst as source address.
+func (s *Server) replyUDP(reply []byte, client, origDst netip.AddrPort) error {
+	if !origDst.IsValid() {
+		_, err := s.udp.WriteToUDPAddrPort(reply, client)
+		return err
+	}
+	if origDst.Port() == s.addr.Port() {
+		_, _, err := s.udp.WriteMsgUDPAddrPort(reply, sourceCmsg(origDst.Addr()), client)
+		return err
+	}
+	if !s.transparent {
+		// Cannot happen without tproxy, which needs a transparent socket.
+		return fmt.Errorf("query to %v on a non-transparent socket", origDst)
+	}
+	return s.replies.send(reply, client, origDst)
+}

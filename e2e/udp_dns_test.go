@@ -1,0 +1,316 @@
+package e2e
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+var fakeRange = netip.MustParsePrefix("198.18.0.0/16")
+
+// dnsConfig is a fake-ip DNS block whose real answers come from dnsmasq in
+// the upstream namespace.
+const dnsConfig = `dns:
+  enable: true
+  listen: 0.0.0.0:1053
+  enhanced-mode: fake-ip
+  fake-ip-range: 198.18.0.1/16
+  fake-ip-filter:
+    - "+.direct.test"
+  nameserver:
+    - 203.0.113.2
+`
+
+func requireDNSPeers(t testing.TB) {
+	t.Helper()
+	requirePeers(t)
+	testenv.RequireTools(t, "dig", "dnsmasq")
+}
+
+// dig runs dig in the client namespace and returns the +short answer lines.
+func dig(t testing.TB, tp *testnet.Topology, args ...string) ([]string, error) {
+	t.Helper()
+	full := append([]string{"+short", "+time=3", "+tries=1"}, args...)
+	out, err := tp.Client.Run(t, 15*time.Second, "dig", full...)
+	if err != nil {
+		return nil, err
+	}
+	var lines []string
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	return lines, nil
+}
+
+func digOne(t testing.TB, tp *testnet.Topology, args ...string) netip.Addr {
+	t.Helper()
+	lines, err := dig(t, tp, args...)
+	if err != nil || len(lines) == 0 {
+		t.Fatalf("dig %v: %v %v", args, lines, err)
+	}
+	a, err := netip.ParseAddr(lines[len(lines)-1])
+	if err != nil {
+		t.Fatalf("dig %v: answer %q is not an address", args, lines)
+	}
+	return a
+}
+
+// TestFakeIPDNS: client DNS to any server is answered by tpgw with fake IPs,
+// over UDP and TCP; fake-ip-filter names get the real answer from dnsmasq;
+// other query types are not SERVFAIL.
+func TestFakeIPDNS(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartDNSMasqArgs(t, map[string]string{"web.test": "203.0.113.2", "host.direct.test": "203.0.113.3"},
+		"--txt-record=web.test,hello", "--mx-host=web.test,mail.web.test,10",
+		"--dns-rr=web.test,65,00010000010003026832") // HTTPS: priority 1, target ".", alpn h2
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig)))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+
+	for _, server := range []string{"@203.0.113.2", "@192.168.77.1", "@9.9.9.9"} {
+		for _, proto := range []string{"+notcp", "+tcp"} {
+			a := digOne(t, tp, server, proto, "web.test", "A")
+			if !fakeRange.Contains(a) {
+				t.Errorf("dig %s %s web.test = %s, want a fake IP in %s", server, proto, a, fakeRange)
+			}
+		}
+	}
+	// The same name keeps its fake IP; another name gets another.
+	a1 := digOne(t, tp, "@203.0.113.2", "web.test")
+	a2 := digOne(t, tp, "@203.0.113.2", "other.test")
+	if a1 != digOne(t, tp, "@203.0.113.2", "+tcp", "web.test") || a1 == a2 {
+		t.Errorf("fake IPs not stable/distinct: %s %s", a1, a2)
+	}
+	if a := digOne(t, tp, "@203.0.113.2", "host.direct.test"); a != netip.MustParseAddr("203.0.113.3") {
+		t.Errorf("fake-ip-filter name: got %s, want the real 203.0.113.3 from dnsmasq", a)
+	}
+	// Other types are forwarded to the real resolver (dnsmasq) and answered.
+	// HTTPS for a fake-ip name gets an empty NOERROR from mihomo on purpose:
+	// its address hints would bypass the fake IP.
+	for _, q := range []struct{ qtype, want string }{
+		{"MX", "10 mail.web.test."}, {"TXT", `"hello"`}, {"HTTPS", "ANSWER: 0"},
+	} {
+		out, err := tp.Client.Run(t, 15*time.Second, "dig", "+time=3", "+tries=1", "@203.0.113.2", "web.test", q.qtype)
+		if err != nil || !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, q.want) {
+			t.Errorf("dig web.test %s: want NOERROR with %s: %v\n%s", q.qtype, q.want, err, out)
+		}
+	}
+}
+
+// TestDomainRules: a request by name goes through the proxy its
+// DOMAIN-SUFFIX rule names (the fake IP maps back to the name); a request by
+// IP literal falls to MATCH,DIRECT.
+func TestDomainRules(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig)))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+
+	// The client's resolver is the gateway (192.168.77.1), hijacked to tpgw.
+	wantSeen(t, tp, "http://web.test:8080/", "198.51.100.2", "by name: DOMAIN-SUFFIX,test → ss")
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "by IP literal: MATCH,DIRECT")
+	if !strings.Contains(p.Output(), "web.test:8080 match DomainSuffix(test) using ss") {
+		t.Errorf("log does not show the domain rule decision:\n%s", p.Output())
+	}
+}
+
+// TestUDPEcho: 50 datagrams through tpgw, DIRECT and via ss-server's UDP
+// relay; at least 96% come back, each from the address the client sent to.
+func TestUDPEcho(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartUDPEcho(t, 7000)
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	for _, tc := range []struct{ name, rule, dst string }{
+		{"DIRECT", "MATCH,DIRECT", "203.0.113.2:7000"},
+		{"DIRECT v6", "MATCH,DIRECT", "[2001:db8:1::2]:7000"},
+		{"ss", "MATCH,ss", "203.0.113.2:7000"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{tc.rule}, "")))
+			defer stopTPGW(t, p, syscall.SIGTERM)
+			got := udpEcho(t, tp.Client, netip.MustParseAddrPort(tc.dst), 50)
+			if got < 48 {
+				t.Fatalf("%d of 50 datagrams came back from %s, want ≥ 48", got, tc.dst)
+			}
+			t.Logf("%s: %d/50 echoed from %s", tc.name, got, tc.dst)
+		})
+	}
+}
+
+// udpEcho sends n datagrams from one client socket and counts the echoes
+// that come back intact from dst itself.
+func udpEcho(t testing.TB, ns *testnet.NS, dst netip.AddrPort, n int) int {
+	t.Helper()
+	var c *net.UDPConn
+	network := "udp4"
+	if dst.Addr().Is6() {
+		network = "udp6"
+	}
+	if err := ns.Do(func() (err error) { c, err = net.ListenUDP(network, nil); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := map[string]bool{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 2048)
+		for {
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			k, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+			if from != dst {
+				t.Errorf("echo came from %s, want %s", from, dst)
+				continue
+			}
+			got[string(buf[:k])] = true
+			if len(got) == n {
+				return
+			}
+		}
+	}()
+	for i := 0; i < n; i++ {
+		if _, err := c.WriteToUDPAddrPort([]byte(fmt.Sprintf("datagram-%03d", i)), dst); err != nil {
+			t.Errorf("send: %v", err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	<-done
+	return len(got)
+}
+
+// TestIperfUDP: iperf3 UDP at a fixed rate through tpgw DIRECT.
+func TestIperfUDP(t *testing.T) {
+	requirePeers(t)
+	testenv.RequireTools(t, "iperf3")
+	tp := testnet.New(t)
+	srv := tp.Upstream.Start(t, "iperf3", "-s", "-p", "5201")
+	if err := testnet.WaitTCP(tp.Upstream, "127.0.0.1:5201", 10*time.Second); err != nil {
+		t.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
+	}
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+	out, err := tp.Client.Run(t, 60*time.Second, "iperf3", "-c", "203.0.113.2", "-p", "5201", "-u", "-b", "200M", "-t", "5", "-l", "1400", "-J")
+	if err != nil {
+		t.Fatalf("iperf3: %v\n%s", err, out)
+	}
+	var res struct {
+		End struct {
+			Sum struct {
+				LostPercent float64 `json:"lost_percent"`
+				Packets     int     `json:"packets"`
+				BitsPerSec  float64 `json:"bits_per_second"`
+			} `json:"sum"`
+		} `json:"end"`
+	}
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("iperf3 JSON: %v\n%s", err, out)
+	}
+	s := res.End.Sum
+	t.Logf("iperf3 UDP -b 200M through tpgw DIRECT: %.1f Mbit/s, %d packets, %.2f%% lost", s.BitsPerSec/1e6, s.Packets, s.LostPercent)
+	if s.Packets == 0 || s.LostPercent >= 2 {
+		t.Fatalf("UDP loss %.2f%% (of %d packets), want < 2%%", s.LostPercent, s.Packets)
+	}
+}
+
+// TestFakeIPSurvivesRestart: a fake IP handed out before a restart still maps
+// to the same name after it.
+func TestFakeIPSurvivesRestart(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2", "second.test": "203.0.113.2"})
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+
+	p := startTPGW(t, tp, cfg)
+	fake := digOne(t, tp, "web.test")
+	if !fakeRange.Contains(fake) {
+		t.Fatalf("web.test = %s, not a fake IP", fake)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+
+	p = startTPGW(t, tp, cfg)
+	// A client that cached the answer connects to the fake IP directly.
+	wantSeen(t, tp, "http://"+fake.String()+":8080/", "198.51.100.2", "cached fake IP still means web.test → ss")
+	if again := digOne(t, tp, "web.test"); again != fake {
+		t.Errorf("after restart web.test = %s, before %s", again, fake)
+	}
+
+	// The same after a crash: mappings are written as they are handed out.
+	fake2 := digOne(t, tp, "second.test")
+	p.Kill()
+	p.Wait(10 * time.Second)
+	p = startTPGW(t, tp, cfg)
+	defer stopTPGW(t, p, syscall.SIGTERM)
+	wantSeen(t, tp, "http://"+fake2.String()+":8080/", "198.51.100.2", "fake IP from before kill -9 still means second.test → ss")
+}
+
+// TestDNSGarbage: 10,000 random and malformed datagrams to the hijacked DNS
+// port, then a valid query is still answered.
+func TestDNSGarbage(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig)))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+
+	var c *net.UDPConn
+	if err := tp.Client.Do(func() (err error) { c, err = net.ListenUDP("udp4", nil); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	dst := netip.MustParseAddrPort("203.0.113.2:53")
+	valid := []byte{0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, 'w', 'e', 'b', 4, 't', 'e', 's', 't', 0, 0, 1, 0, 1}
+	buf := make([]byte, 600)
+	for i := 0; i < 10000; i++ {
+		var pkt []byte
+		switch i % 4 {
+		case 0: // random bytes of random length
+			rand.Read(buf)
+			pkt = buf[:int(buf[0])+int(buf[1])%200]
+		case 1: // truncated valid query
+			pkt = valid[:i%len(valid)]
+		case 2: // bit-flipped valid query
+			pkt = append([]byte(nil), valid...)
+			pkt[i%len(pkt)] ^= byte(1 << (i % 8))
+		default: // header claiming many records, no body
+			pkt = []byte{0, 1, 1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+		}
+		c.WriteToUDPAddrPort(pkt, dst)
+	}
+	start := time.Now()
+	ans := waitFor(t, 20*time.Second, func() (string, bool) {
+		lines, err := dig(t, tp, "@203.0.113.2", "web.test")
+		if err != nil || len(lines) == 0 {
+			return "", false
+		}
+		a, err := netip.ParseAddr(lines[0])
+		return lines[0], err == nil && fakeRange.Contains(a)
+	})
+	t.Logf("valid query answered %v after the garbage", time.Since(start).Round(time.Millisecond))
+	if ans == "" {
+		t.Fatalf("after garbage: no fake-ip answer for web.test")
+	}
+	if exited, _ := p.Wait(0); exited {
+		t.Fatalf("tpgw died:\n%s", p.Output())
+	}
+}

@@ -116,8 +116,10 @@ func TestCrashRecovery(t *testing.T) {
 	if exited, _ := p.Wait(10 * time.Second); !exited {
 		t.Fatal("tpgw survived SIGKILL")
 	}
-	if _, n, _ := ourRules(t, tp.Gateway); n != nft1 {
-		t.Fatalf("after kill -9 expected the rules to be left behind, found %d", n)
+	// Nothing in tpgw could remove its table; with on-failure open the
+	// watchdog has only cut the jumps into the divert chain.
+	if table, _, _ := ourRules(t, tp.Gateway); table == "" {
+		t.Fatalf("after kill -9 expected tpgw's table to be left behind")
 	}
 
 	p = startTPGW(t, tp, cfg)

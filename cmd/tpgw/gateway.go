@@ -1,9 +1,9 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -32,6 +32,8 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 		BypassSrc:   g.BypassSrc,
 		IPv6:        g.IPv6 && c.IPv6,
 		Forward:     g.Forward,
+		OnFailure:   g.OnFailure,
+		ProxySelf:   g.ProxySelf,
 	}
 	if c.DNS.FakeIP() {
 		o.FakeIPRange = c.DNS.FakeIPRange.Masked()
@@ -61,14 +63,12 @@ func stateDir(base string) string {
 	return filepath.Join(base, "netns-"+id)
 }
 
-func pickBackend(o cmdOpts, c *config.Config) (netcfg.Backend, error) {
-	switch c.Gateway.Backend {
-	case config.BackendIPTables:
-		return nil, errors.New("tpgw.backend: iptables is not available yet in this version; use nftables or auto")
-	case config.BackendAuto:
-		o.log.Info("backend chosen", "backend", "nftables", "why", "auto: nftables is the only backend in this version")
-	}
-	return netcfg.NewNftables(o.log), nil
+// gateway is a running tpgw: the engine, the listeners and the kernel rules.
+type gateway struct {
+	cfg       *config.Config
+	eng       *engine.Engine
+	installed *netcfg.Installed
+	log       *slog.Logger
 }
 
 func runGateway(o cmdOpts) (err error) {
@@ -80,16 +80,17 @@ func runGateway(o cmdOpts) (err error) {
 	if err != nil {
 		return err
 	}
-	backend, err := pickBackend(o, c)
-	if err != nil {
-		return err
-	}
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
 	log := o.log
-	log.Info("starting", "config", o.configPath, "version", version, "on_failure", c.Gateway.OnFailure,
-		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table)
+	backend, why, err := netcfg.ChooseBackend(c.Gateway.Backend, log)
+	if err != nil {
+		return err
+	}
+	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
+		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
+		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf)
 
 	// Start-up order: engine, listeners, then kernel rules, so that a failure
 	// before the last step has installed nothing; shutdown is the reverse.
@@ -132,7 +133,18 @@ func runGateway(o cmdOpts) (err error) {
 	if err != nil {
 		return err
 	}
+	// With on-failure open, a watchdog outside this process removes the
+	// divert rules if tpgw dies, so LAN traffic flows directly.
+	var wd *watchdog
+	if c.Gateway.OnFailure == config.FailOpen {
+		wd, err = startWatchdog(log)
+		if err != nil {
+			installed.Remove()
+			return err
+		}
+	}
 	defer func() {
+		wd.stop() // first: a clean exit must not look like a crash
 		if rerr := installed.Remove(); rerr != nil {
 			log.Error("removing kernel rules", "err", rerr)
 			if err == nil {
@@ -144,6 +156,7 @@ func runGateway(o cmdOpts) (err error) {
 	}()
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
+	gw := &gateway{cfg: c, eng: eng, installed: installed, log: log}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -151,7 +164,9 @@ func runGateway(o cmdOpts) (err error) {
 		select {
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				log.Warn("SIGHUP: reload is not supported yet; restart tpgw to apply a changed config")
+				if err := gw.reload(o.configPath); err != nil {
+					log.Error("reload failed; still running with the previous config", "err", err)
+				}
 				continue
 			}
 			log.Info("stopping", "signal", s.String())
@@ -160,6 +175,49 @@ func runGateway(o cmdOpts) (err error) {
 			return err
 		}
 	}
+}
+
+func failureMeaning(policy string) string {
+	if policy == config.FailClosed {
+		return "if tpgw dies, intercepted LAN traffic is dropped until it is back"
+	}
+	return "if tpgw dies, LAN traffic and DNS flow directly"
+}
+
+// reload applies a changed config file (SIGHUP): the engine gets the new
+// mihomo part and the kernel rules are replaced in one step. Listeners stay,
+// so established flows continue. Settings that would need new listeners or a
+// new backend (ports, backend) keep their running values until a restart.
+func (gw *gateway) reload(path string) error {
+	c, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	old := gw.cfg
+	if c.TProxyPort != old.TProxyPort || c.DNS.Listen != old.DNS.Listen || c.DNS.Enable != old.DNS.Enable {
+		gw.log.Warn("reload: tproxy-port and dns.listen/enable changes need a restart; keeping the running ones")
+		c.TProxyPort, c.DNS.Listen, c.DNS.Enable = old.TProxyPort, old.DNS.Listen, old.DNS.Enable
+	}
+	if c.Gateway.Backend != old.Gateway.Backend || c.Gateway.StateDir != old.Gateway.StateDir || c.Gateway.OnFailure != old.Gateway.OnFailure {
+		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
+		c.Gateway.Backend, c.Gateway.StateDir, c.Gateway.OnFailure = old.Gateway.Backend, old.Gateway.StateDir, old.Gateway.OnFailure
+	}
+	plan, err := netcfg.BuildPlan(netcfgOptions(c))
+	if err != nil {
+		return err
+	}
+	if err := engine.Check(c.Raw, c.Dir()); err != nil {
+		return err
+	}
+	if err := gw.eng.Reload(c.Raw, c.RoutingMark); err != nil {
+		return err
+	}
+	if err := gw.installed.Update(plan); err != nil {
+		return fmt.Errorf("reload: kernel rules: %w", err)
+	}
+	gw.cfg = c
+	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)
+	return nil
 }
 
 func checkConfig(o cmdOpts, stdout io.Writer) error {
@@ -186,8 +244,23 @@ func printRules(o cmdOpts, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	_, err = io.WriteString(stdout, plan.String())
+	_, err = io.WriteString(stdout, plan.Render(rulesBackend(c.Gateway.Backend)))
 	return err
+}
+
+// rulesBackend is the backend whose commands `tpgw rules` prints: the
+// configured one, or for auto the one a run would pick here (nftables when
+// that cannot be probed, e.g. without root).
+func rulesBackend(name string) string {
+	if name != config.BackendAuto {
+		return name
+	}
+	if os.Geteuid() == 0 {
+		if b, _, err := netcfg.ChooseBackend(name, slog.New(slog.DiscardHandler)); err == nil {
+			return b.Name()
+		}
+	}
+	return config.BackendNftables
 }
 
 func cleanup(o cmdOpts, stdout io.Writer) error {

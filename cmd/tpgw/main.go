@@ -58,6 +58,9 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = withConfig(cmd, rest, stderr, true, func(o cmdOpts) error { return printRules(o, stdout) })
 	case "cleanup":
 		err = withConfig(cmd, rest, stderr, false, func(o cmdOpts) error { return cleanup(o, stdout) })
+	case "watchdog":
+		// Internal: started by `tpgw run` (see watchdog.go).
+		err = runWatchdog(rest, stderr)
 	case "version", "-version", "--version":
 		printVersion(stdout)
 		return 0

@@ -164,8 +164,13 @@ func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 // first), dials the outbound and copies both ways with half-close. src is the
 // client, dst the original destination (the accepted socket's local address).
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
-	md := &C.Metadata{
-		NetWork: C.TCP,
+	tunnel.Tunnel.HandleTCPConn(conn, e.metadata(C.TCP, src, dst))
+}
+
+// metadata describes a TPROXYed flow to mihomo.
+func (e *Engine) metadata(network C.NetWork, src, dst netip.AddrPort) *C.Metadata {
+	return &C.Metadata{
+		NetWork: network,
 		Type:    C.TPROXY,
 		SrcIP:   src.Addr().Unmap(),
 		SrcPort: src.Port(),
@@ -175,7 +180,6 @@ func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
 		InIP:    e.inAddr.Addr().Unmap(),
 		InPort:  e.inAddr.Port(),
 	}
-	tunnel.Tunnel.HandleTCPConn(conn, md)
 }
 
 // Close stops mihomo's listeners and persists the fake-ip pool state.

@@ -45,18 +45,7 @@ func (e *Engine) LookupFakeIP(ip netip.Addr) (string, bool) {
 // relay may recycle the buffer then).
 func (e *Engine) HandleUDP(src, dst netip.AddrPort, data []byte, reply func(b []byte, from netip.AddrPort) (int, error), release func()) {
 	p := &udpPacket{src: src, data: data, reply: reply, release: release}
-	md := &C.Metadata{
-		NetWork: C.UDP,
-		Type:    C.TPROXY,
-		SrcIP:   src.Addr().Unmap(),
-		SrcPort: src.Port(),
-		DstIP:   dst.Addr().Unmap(),
-		DstPort: dst.Port(),
-		InName:  InboundName,
-		InIP:    e.inAddr.Addr().Unmap(),
-		InPort:  e.inAddr.Port(),
-	}
-	tunnel.Tunnel.HandleUDPPacket(p, md)
+	tunnel.Tunnel.HandleUDPPacket(p, e.metadata(C.UDP, src, dst))
 }
 
 // udpPacket adapts a relay datagram to mihomo's C.UDPPacket.

@@ -35,6 +35,9 @@ type Options struct {
 	// SO_MARK on every socket mihomo opens, which netcfg exempts from interception.
 	RoutingMark uint32
 	Logger      *slog.Logger
+	// MihomoTProxy keeps mihomo's own tproxy inbound on tproxy-port instead
+	// of tpgw's relay. Only for benchmarks that compare the two.
+	MihomoTProxy bool
 }
 
 // Engine is a running mihomo core.
@@ -89,6 +92,13 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		e.logStop()
 		started.Unlock()
 		return nil, err
+	}
+	if opts.MihomoTProxy {
+		if err := keepMihomoTProxy(raw, rc); err != nil {
+			e.logStop()
+			started.Unlock()
+			return nil, err
+		}
 	}
 	if rc.Profile.StoreFakeIP || rc.Profile.StoreSelected {
 		// mihomo's cache.db (bbolt) fsyncs every transaction, i.e. every new
@@ -153,6 +163,22 @@ func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
 		rc.Profile.StoreFakeIP = true
 	}
 	return rc, nil
+}
+
+// keepMihomoTProxy restores the tproxy-port that rawConfig turned off.
+func keepMihomoTProxy(raw []byte, rc *config.RawConfig) error {
+	var port struct {
+		TProxyPort int `yaml:"tproxy-port"`
+	}
+	if err := yaml.Unmarshal(raw, &port); err != nil {
+		return fmt.Errorf("mihomo config: %w", err)
+	}
+	if port.TProxyPort == 0 {
+		return errors.New("engine: MihomoTProxy needs tproxy-port in the config")
+	}
+	rc.TProxyPort = port.TProxyPort
+	rc.AllowLan = true
+	return nil
 }
 
 // SetInboundAddr records the relay's listening address, reported to mihomo as

@@ -28,6 +28,7 @@ Usage:
   tpgw check -c FILE     validate the config file and exit
   tpgw rules -c FILE     print the kernel rules tpgw would install; changes nothing
   tpgw cleanup [-c FILE] remove rules, routes and sysctl changes left by a crashed run
+  tpgw explain -c FILE --src A --dst B:PORT [--proto tcp|udp] [--in IFACE] [--host NAME]: what happens to such a flow
   tpgw version           print version information
 
 Flags for run, check, rules, cleanup:
@@ -58,6 +59,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = withConfig(cmd, rest, stderr, true, func(o cmdOpts) error { return printRules(o, stdout) })
 	case "cleanup":
 		err = withConfig(cmd, rest, stderr, false, func(o cmdOpts) error { return cleanup(o, stdout) })
+	case "explain":
+		err = explainCmd(rest, stdout)
 	case "watchdog":
 		// Internal: started by `tpgw run` (see watchdog.go).
 		err = runWatchdog(rest, stderr)

@@ -129,19 +129,20 @@ func runGateway(o cmdOpts) (err error) {
 		log.Warn("tpgw.dns-hijack is on but the mihomo dns block is not enabled: client DNS is not hijacked")
 	}
 
-	installed, err := backend.Apply(plan, stateDir(c.Gateway.StateDir))
-	if err != nil {
-		return err
-	}
 	// With on-failure open, a watchdog outside this process removes the
-	// divert rules if tpgw dies, so LAN traffic flows directly.
+	// divert rules if tpgw dies, so LAN traffic flows directly. It starts
+	// before the rules go in, so there is no moment with rules and no watchdog.
 	var wd *watchdog
 	if c.Gateway.OnFailure == config.FailOpen {
 		wd, err = startWatchdog(log)
 		if err != nil {
-			installed.Remove()
 			return err
 		}
+	}
+	installed, err := backend.Apply(plan, stateDir(c.Gateway.StateDir))
+	if err != nil {
+		wd.stop()
+		return err
 	}
 	defer func() {
 		wd.stop() // first: a clean exit must not look like a crash

@@ -36,7 +36,17 @@ func startWatchdog(log *slog.Logger) (*watchdog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("watchdog: %w", err)
 	}
-	cmd := exec.Command(exe, "watchdog", "-pid", strconv.Itoa(os.Getpid()))
+	// tpgw opens the pidfd of itself and hands it over (fd 3): a watchdog that
+	// opened one by PID after its own start-up would miss a tpgw killed in
+	// between (ESRCH), or watch a stranger that reused the PID.
+	pidfd, err := unix.PidfdOpen(os.Getpid(), 0)
+	if err != nil {
+		return nil, fmt.Errorf("watchdog: pidfd_open self: %w", err)
+	}
+	self := os.NewFile(uintptr(pidfd), "tpgw-pidfd")
+	defer self.Close() // the child has its own copy
+	cmd := exec.Command(exe, "watchdog", "-pid", strconv.Itoa(os.Getpid()), "-pidfd", "3")
+	cmd.ExtraFiles = []*os.File{self}
 	cmd.Stderr = os.Stderr
 	// Own session: a terminal's Ctrl-C or a kill of tpgw's process group
 	// must not take the watchdog down with tpgw.
@@ -64,18 +74,24 @@ func (w *watchdog) stop() {
 	}
 }
 
-// runWatchdog is `tpgw watchdog -pid PID`.
+// runWatchdog is `tpgw watchdog -pid PID [-pidfd FD]`; tpgw run passes the
+// pidfd of itself as FD 3. Without -pidfd it opens one by PID (racy: for
+// manual use only).
 func runWatchdog(args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("watchdog", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	pid := fs.Int("pid", 0, "tpgw process to watch")
+	inherited := fs.Int("pidfd", -1, "inherited pidfd of that process (tpgw run passes 3)")
 	if err := fs.Parse(args); err != nil || *pid <= 0 {
-		return fmt.Errorf("%w: watchdog -pid PID", errUsage)
+		return fmt.Errorf("%w: watchdog -pid PID [-pidfd FD]", errUsage)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil)).With("part", "watchdog", "tpgw_pid", *pid)
-	pidfd, err := unix.PidfdOpen(*pid, 0)
-	if err != nil {
-		return fmt.Errorf("watchdog: pidfd_open %d: %w", *pid, err)
+	pidfd := *inherited
+	if pidfd < 0 {
+		var err error
+		if pidfd, err = unix.PidfdOpen(*pid, 0); err != nil {
+			return fmt.Errorf("watchdog: pidfd_open %d: %w", *pid, err)
+		}
 	}
 	defer unix.Close(pidfd)
 
@@ -89,6 +105,9 @@ func runWatchdog(args []string, stderr io.Writer) error {
 			_, err := unix.Poll(fds, -1)
 			if errors.Is(err, unix.EINTR) {
 				continue
+			}
+			if err == nil && fds[0].Revents&unix.POLLNVAL != 0 {
+				err = fmt.Errorf("pidfd %d is not an open file", pidfd)
 			}
 			died <- err
 			return

@@ -1,0 +1,347 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+// bothBackends are the packet filter backends every kernel-facing behaviour is
+// proved with.
+var bothBackends = []string{"nftables", "iptables"}
+
+func requireBackend(t testing.TB, backend string) {
+	t.Helper()
+	if backend == "iptables" {
+		testenv.RequireTools(t, "iptables", "ip6tables", "iptables-save", "ip6tables-save")
+	}
+}
+
+// tpgwSection is a `tpgw:` block with its own state dir, the backend ("" =
+// the default) and further "key: value" lines.
+func tpgwSection(t testing.TB, backend string, keys ...string) string {
+	t.Helper()
+	var b strings.Builder
+	fmt.Fprintf(&b, "tpgw:\n  state-dir: %s\n", t.TempDir())
+	if backend != "" {
+		fmt.Fprintf(&b, "  backend: %s\n", backend)
+	}
+	for _, k := range keys {
+		fmt.Fprintf(&b, "  %s\n", k)
+	}
+	return b.String()
+}
+
+// runTPGW is startTPGW that also proves, when the test ends, that no
+// `tpgw watchdog` of this run is left: it stops tpgw (SIGTERM) if the test
+// has not, then waits (bounded) for its watchdog to be gone.
+func runTPGW(t testing.TB, tp *testnet.Topology, cfg string) *testnet.Proc {
+	t.Helper()
+	p := startTPGW(t, tp, cfg)
+	pid := p.Cmd.Process.Pid
+	// Registered after the Proc's own cleanup, so it runs before it.
+	t.Cleanup(func() {
+		if p.Signal(syscall.SIGTERM) == nil {
+			p.Wait(15 * time.Second)
+		}
+		if left := waitWatchdogGone(pid, 5*time.Second); len(left) > 0 {
+			for _, w := range left {
+				syscall.Kill(w, syscall.SIGKILL)
+			}
+			t.Errorf("tpgw watchdog %v (watching tpgw %d) still running after tpgw exited", left, pid)
+		}
+	})
+	return p
+}
+
+// watchdogPIDs returns the running `tpgw watchdog -pid tpgwPID` processes of
+// the binary under test, found in /proc.
+func watchdogPIDs(tpgwPID int) []int {
+	bins := []string{tpgwBin}
+	if real, err := filepath.EvalSymlinks(tpgwBin); err == nil {
+		bins = append(bins, real)
+	}
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(b) == 0 {
+			continue // gone, or a zombie
+		}
+		args := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+		if len(args) >= 4 && slices.Contains(bins, args[0]) && args[1] == "watchdog" &&
+			slices.Contains(args[2:], strconv.Itoa(tpgwPID)) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// waitWatchdogGone waits up to timeout for tpgw's watchdog to exit and
+// returns the ones still running.
+func waitWatchdogGone(tpgwPID int, timeout time.Duration) []int {
+	deadline := time.Now().Add(timeout)
+	for {
+		left := watchdogPIDs(tpgwPID)
+		if len(left) == 0 || time.Now().After(deadline) {
+			return left
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// digIn runs dig in ns and returns its full output (not +short), so callers
+// can tell an answer from none at all.
+func digIn(t testing.TB, ns *testnet.NS, args ...string) (string, error) {
+	t.Helper()
+	full := append([]string{"+time=2", "+tries=1"}, args...)
+	return ns.Run(t, 10*time.Second, "dig", full...)
+}
+
+// digAnswer returns the last address of a +short dig in ns, or an invalid
+// address when there is none.
+func digAnswer(t testing.TB, ns *testnet.NS, args ...string) netip.Addr {
+	t.Helper()
+	full := append([]string{"+short", "+time=2", "+tries=1"}, args...)
+	out, err := ns.Run(t, 10*time.Second, "dig", full...)
+	if err != nil {
+		return netip.Addr{}
+	}
+	lines := strings.Fields(out)
+	if len(lines) == 0 {
+		return netip.Addr{}
+	}
+	a, _ := netip.ParseAddr(lines[len(lines)-1])
+	return a
+}
+
+// TestBackends: the core paths (HTTP DIRECT and via ss-server, v4 and v6,
+// UDP echo, fake-ip DNS) work with either packet filter backend; the log
+// says which backend runs and why; SIGTERM, and kill -9 followed by
+// `tpgw cleanup`, leave the gateway's kernel state exactly as before
+// (iptables-save, ip6tables-save, nft ruleset, ip rules, routes, sysctls).
+func TestBackends(t *testing.T) {
+	requireDNSPeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			tp.StartUDPEcho(t, 7000)
+			tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+			tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+			// Second upstream addresses, routed to the proxy by rule.
+			tp.Upstream.MustRun(t, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
+			tp.Upstream.MustRun(t, "ip", "addr", "add", "2001:db8:1::3/64", "dev", "eth0", "nodad")
+			before := testnet.Snapshot(t, tp.Gateway)
+
+			rules := []string{"IP-CIDR,203.0.113.3/32,ss,no-resolve", "IP-CIDR6,2001:db8:1::3/128,ss,no-resolve", "MATCH,DIRECT"}
+			cfg := writeConfig(t, baseConfig(t, rules, dnsConfig+tpgwSection(t, backend)))
+			start := time.Now()
+			p := runTPGW(t, tp, cfg)
+			t.Logf("%s: running after %v", backend, time.Since(start).Round(time.Millisecond))
+			why := map[string]string{"nftables": `why="nftables: configured"`, "iptables": `why="iptables: configured"`}[backend]
+			if out := p.Output(); !strings.Contains(out, "backend="+backend) || !strings.Contains(out, why) {
+				t.Errorf("log does not say backend=%s and %s:\n%s", backend, why, out)
+			}
+			checkBackendInKernel(t, tp, backend)
+
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw")
+			wantSeen(t, tp, "http://203.0.113.3:8080/", "198.51.100.2", "IP-CIDR → ss-server")
+			wantSeen(t, tp, "http://[2001:db8:1::2]:8080/", "2001:db8:1::1", "IPv6 DIRECT through tpgw")
+			wantSeen(t, tp, "http://[2001:db8:1::3]:8080/", "2001:db8:2::2", "IPv6 IP-CIDR6 → ss-server")
+			for _, dst := range []string{"203.0.113.2:7000", "203.0.113.3:7000", "[2001:db8:1::2]:7000"} {
+				if got := udpEcho(t, tp.Client, netip.MustParseAddrPort(dst), 50); got < 48 {
+					t.Errorf("UDP %s: %d of 50 echoed, want ≥ 48", dst, got)
+				} else {
+					t.Logf("UDP %s: %d/50 echoed", dst, got)
+				}
+			}
+			if a := digOne(t, tp, "@203.0.113.2", "web.test"); !fakeRange.Contains(a) {
+				t.Errorf("dig web.test = %s, want a fake IP in %s", a, fakeRange)
+			}
+			// By name: the fake IP maps back to web.test, DIRECT resolves it with dnsmasq.
+			wantSeen(t, tp, "http://web.test:8080/", "203.0.113.1", "by name (fake IP) DIRECT")
+
+			stopTPGW(t, p, syscall.SIGTERM)
+			if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
+				t.Errorf("watchdog %v still running after a clean exit", left)
+			}
+			if after := testnet.Snapshot(t, tp.Gateway); after != before {
+				t.Fatalf("%s: kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", backend, before, after)
+			}
+
+			// kill -9: nothing in tpgw can clean up; `tpgw cleanup` must.
+			p = runTPGW(t, tp, cfg)
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through the second run")
+			p.Kill()
+			if exited, _ := p.Wait(10 * time.Second); !exited {
+				t.Fatal("tpgw survived SIGKILL")
+			}
+			// The watchdog (on-failure: open) removes the divert and exits; wait
+			// for it so that cleanup does not race with it.
+			if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
+				t.Fatalf("watchdog %v still running 5s after tpgw was killed", left)
+			}
+			if after := testnet.Snapshot(t, tp.Gateway); after == before {
+				t.Fatalf("kill -9 left nothing behind: the test proves nothing")
+			}
+			code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg)
+			if code != 0 {
+				t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
+			}
+			if after := testnet.Snapshot(t, tp.Gateway); after != before {
+				t.Fatalf("%s: kernel state differs after kill -9 and tpgw cleanup\n--- before\n%s\n--- after\n%s", backend, before, after)
+			}
+		})
+	}
+
+	// auto picks nftables on this kernel, and says why.
+	t.Run("auto", func(t *testing.T) {
+		tp := testnet.New(t)
+		tp.StartHTTPServer(t, httpPort)
+		before := testnet.Snapshot(t, tp.Gateway)
+		p := runTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "auto"))))
+		if out := p.Output(); !strings.Contains(out, "backend=nftables") || !strings.Contains(out, `why="auto: nftables available`) {
+			t.Errorf("backend auto: log does not say backend=nftables and why:\n%s", out)
+		}
+		checkBackendInKernel(t, tp, "nftables")
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw (auto)")
+		stopTPGW(t, p, syscall.SIGTERM)
+		if after := testnet.Snapshot(t, tp.Gateway); after != before {
+			t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
+		}
+	})
+}
+
+// checkBackendInKernel: the running backend's rules are in the kernel and
+// the other backend's are not.
+func checkBackendInKernel(t testing.TB, tp *testnet.Topology, backend string) {
+	t.Helper()
+	table, nftRules, ipRules := ourRules(t, tp.Gateway)
+	if ipRules != 2 {
+		t.Errorf("%d ip rules at tpgw's priority, want 2 (v4, v6)", ipRules)
+	}
+	var iptChains []string
+	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := tp.Gateway.Run(t, 10*time.Second, tool, "-t", "mangle")
+		if err != nil && backend == "iptables" {
+			t.Fatal(err)
+		}
+		for l := range strings.Lines(out) {
+			if strings.HasPrefix(l, ":TPGW") {
+				iptChains = append(iptChains, tool+" "+strings.Fields(l)[0])
+			}
+		}
+	}
+	switch backend {
+	case "nftables":
+		if table == "" || nftRules == 0 || len(iptChains) > 0 {
+			t.Errorf("backend nftables: nft table rules %d, iptables chains %v\n%s", nftRules, iptChains, table)
+		}
+	case "iptables":
+		// TPGW, TPGW_DIVERT, v4 and v6 at least.
+		if table != "" || len(iptChains) < 4 {
+			t.Errorf("backend iptables: nft table inet tpgw present: %v; iptables chains %v", table != "", iptChains)
+		}
+	}
+}
+
+// TestNoOpenProxy: the TPROXY and DNS ports, and transit through the
+// gateway, are not an open proxy or resolver for the WAN side; the LAN keeps
+// using both. With interfaces unset (LAN known by source address) and with
+// interfaces: [lan0], for both backends.
+func TestNoOpenProxy(t *testing.T) {
+	requireDNSPeers(t)
+	for _, backend := range bothBackends {
+		for _, ifaces := range []string{"interfaces: []", "interfaces: [lan0]"} {
+			t.Run(backend+"/"+ifaces, func(t *testing.T) {
+				requireBackend(t, backend)
+				tp := testnet.New(t)
+				tp.StartHTTPServer(t, httpPort)
+				tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+				// A WAN host that routes some internet address via the gateway,
+				// hoping it intercepts (and proxies) that too.
+				tp.Upstream.MustRun(t, "ip", "route", "add", "9.9.9.9/32", "via", "203.0.113.1")
+				cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig+tpgwSection(t, backend, ifaces)))
+				p := runTPGW(t, tp, cfg)
+				defer stopTPGW(t, p, syscall.SIGTERM)
+
+				// From the LAN: DNS (hijacked and direct to the DNS port) and HTTP work.
+				for _, server := range []string{"@192.168.77.1", "@203.0.113.2"} {
+					if a := digAnswer(t, tp.Client, server, "web.test"); !fakeRange.Contains(a) {
+						t.Errorf("client dig %s web.test = %v, want a fake IP", server, a)
+					}
+				}
+				if a := digAnswer(t, tp.Client, "@192.168.77.1", "-p", "1053", "web.test"); !fakeRange.Contains(a) {
+					t.Errorf("client dig @192.168.77.1 -p 1053 web.test = %v, want a fake IP", a)
+				}
+				wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "LAN client DIRECT through tpgw")
+
+				// From the WAN: nothing accepts. The probes run side by side, each
+				// bounded by a 1s timeout.
+				var wg sync.WaitGroup
+				for _, addr := range []string{"203.0.113.1:7893", "[2001:db8:1::1]:7893", "9.9.9.9:80"} {
+					wg.Go(func() {
+						var c net.Conn
+						err := tp.Upstream.Do(func() (err error) { c, err = net.DialTimeout("tcp", addr, time.Second); return err })
+						if err == nil {
+							c.Close()
+							t.Errorf("WAN: TCP connect to %s accepted (open proxy)", addr)
+						} else {
+							t.Logf("WAN: TCP connect to %s: %v", addr, err)
+						}
+					})
+				}
+				for _, q := range [][]string{
+					{"@203.0.113.1", "-p", "1053", "web.test"},
+					{"@203.0.113.1", "-p", "1053", "+tcp", "web.test"},
+					{"@2001:db8:1::1", "-p", "1053", "web.test"},
+					{"@203.0.113.1", "-p", "53", "web.test"},
+					{"@9.9.9.9", "web.test"},
+				} {
+					wg.Go(func() {
+						out, err := tp.Upstream.Run(t, 10*time.Second, "dig", append([]string{"+time=1", "+tries=1"}, q...)...)
+						if strings.Contains(out, "->>HEADER<<-") {
+							t.Errorf("WAN: dig %v got an answer (open resolver):\n%s", q, out)
+						} else {
+							t.Logf("WAN: dig %v: no answer (%v)", q, firstLine(out, err))
+						}
+					})
+				}
+				wg.Wait()
+			})
+		}
+	}
+}
+
+func firstLine(out string, err error) string {
+	for l := range strings.Lines(out) {
+		if l = strings.TrimSpace(l); l != "" && !strings.HasPrefix(l, "; <<>>") && !strings.HasPrefix(l, ";; global") {
+			return l
+		}
+	}
+	if err != nil {
+		return err.Error()
+	}
+	return ""
+}

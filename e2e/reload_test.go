@@ -1,0 +1,246 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+// TestReloadBypass: SIGHUP applies a changed bypass list while a long
+// transfer goes on through tpgw: afterwards the new bypassed destination is
+// kernel-forwarded (the upstream sees the client's own address), others
+// still go through tpgw, and the transfer completes with every byte. A
+// SIGHUP with an invalid config keeps the running one (the log says so) and
+// traffic still flows.
+func TestReloadBypass(t *testing.T) {
+	requirePeers(t)
+	const size = 6_000_000
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			tp.Upstream.MustRun(t, "ip", "addr", "add", "203.0.113.3/24", "dev", "eth0")
+			before := testnet.Snapshot(t, tp.Gateway)
+
+			section := tpgwSection(t, backend)
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, section))
+			p := runTPGW(t, tp, cfg)
+			wantSeen(t, tp, "http://203.0.113.3:8080/", "203.0.113.1", "not bypassed yet: DIRECT through tpgw")
+
+			// A download read at 4 MB/s that pauses halfway until the reload
+			// has been checked: it is mid-flow during the reload, however long
+			// the reload takes.
+			long := startSlowDownload(t, tp.Client, "203.0.113.2:8080", size, 4_000_000)
+			if err := long.waitHalfway(10 * time.Second); err != nil {
+				t.Fatal(err)
+			}
+
+			bypassed := baseConfig(t, []string{"MATCH,DIRECT"}, section+"  bypass: [203.0.113.3/32]\n")
+			if err := os.WriteFile(cfg, []byte(bypassed), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			hup := time.Now()
+			reloads := strings.Count(p.Output(), "msg=reloaded")
+			if err := p.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			if waitFor(t, 10*time.Second, func() (string, bool) {
+				return "reloaded", strings.Count(p.Output(), "msg=reloaded") > reloads
+			}) == "" {
+				t.Fatalf("no \"reloaded\" log line within 10s of SIGHUP:\n%s", p.Output())
+			}
+			t.Logf("reloaded %v after SIGHUP", time.Since(hup).Round(time.Millisecond))
+			wantSeen(t, tp, "http://203.0.113.3:8080/", "192.168.77.2", "bypassed after the reload: kernel-forwarded")
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "still DIRECT through tpgw")
+
+			long.resume()
+			got, err := long.wait(20 * time.Second)
+			if err != nil || got != size {
+				t.Fatalf("long transfer across the reload: got %d of %d bytes: %v", got, size, err)
+			}
+			t.Logf("long transfer across the reload: %d bytes intact (%v reading, plus the hold)", got, long.took.Round(time.Millisecond))
+
+			// An invalid config: the running one stays.
+			if err := os.WriteFile(cfg, []byte(bypassed+"  mark: [1\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			if waitFor(t, 10*time.Second, func() (string, bool) {
+				return "failed", strings.Contains(p.Output(), "reload failed")
+			}) == "" {
+				t.Fatalf("no \"reload failed\" log line within 10s of SIGHUP with an invalid config:\n%s", p.Output())
+			}
+			if exited, _ := p.Wait(0); exited {
+				t.Fatalf("tpgw exited on an invalid reload:\n%s", p.Output())
+			}
+			wantSeen(t, tp, "http://203.0.113.3:8080/", "192.168.77.2", "bypass of the running config still applies")
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "still DIRECT through tpgw after a failed reload")
+
+			stopTPGW(t, p, syscall.SIGTERM)
+			if after := testnet.Snapshot(t, tp.Gateway); after != before {
+				t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
+			}
+		})
+	}
+}
+
+// slowDownload is a GET /bytes?n=N from the upstream's HTTP server, read at
+// a fixed rate, that stops reading halfway until resume is called (or 15s
+// pass), so that an established flow spans a reload.
+type slowDownload struct {
+	halfway chan struct{} // closed when half the body has been read
+	hold    chan struct{} // closed by resume
+	done    chan struct{}
+	n       int64         // body bytes read, all 'x'; valid after done
+	err     error         // valid after done
+	took    time.Duration // valid after done
+}
+
+func startSlowDownload(t testing.TB, ns *testnet.NS, addr string, n int64, bytesPerSec int) *slowDownload {
+	t.Helper()
+	var c net.Conn
+	if err := ns.Do(func() (err error) { c, err = net.DialTimeout("tcp", addr, 5*time.Second); return err }); err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	d := &slowDownload{halfway: make(chan struct{}), hold: make(chan struct{}), done: make(chan struct{})}
+	t.Cleanup(func() { c.Close(); d.resume(); <-d.done })
+	go func() {
+		defer close(d.done)
+		start := time.Now()
+		defer func() { d.took = time.Since(start) }()
+		c.SetDeadline(start.Add(30 * time.Second))
+		if _, err := fmt.Fprintf(c, "GET /bytes?n=%d HTTP/1.0\r\nHost: %s\r\n\r\n", n, addr); err != nil {
+			d.err = err
+			return
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			d.err = err
+			return
+		}
+		defer resp.Body.Close()
+		buf := make([]byte, 32<<10)
+		for {
+			k, err := resp.Body.Read(buf)
+			if bytes.IndexFunc(buf[:k], func(r rune) bool { return r != 'x' }) >= 0 {
+				d.err = fmt.Errorf("corrupt body after %d bytes", d.n)
+				return
+			}
+			d.n += int64(k)
+			if d.n >= n/2 && d.n-int64(k) < n/2 {
+				close(d.halfway)
+				select {
+				case <-d.hold:
+				case <-time.After(15 * time.Second):
+				}
+				start = time.Now().Add(-time.Duration(d.n * int64(time.Second) / int64(bytesPerSec)))
+			}
+			if err == io.EOF {
+				return
+			}
+			if err != nil {
+				d.err = err
+				return
+			}
+			// Pace: byte d.n is due at start + d.n/rate.
+			if due := start.Add(time.Duration(d.n * int64(time.Second) / int64(bytesPerSec))); time.Until(due) > 0 {
+				time.Sleep(time.Until(due))
+			}
+		}
+	}()
+	return d
+}
+
+// waitHalfway waits until half the body has been read and the download holds.
+func (d *slowDownload) waitHalfway(timeout time.Duration) error {
+	select {
+	case <-d.halfway:
+		return nil
+	case <-d.done:
+		return fmt.Errorf("download ended before halfway: %d bytes, %v", d.n, d.err)
+	case <-time.After(timeout):
+		return fmt.Errorf("download not halfway after %v", timeout)
+	}
+}
+
+// resume lets a held download read the rest.
+func (d *slowDownload) resume() {
+	select {
+	case <-d.hold:
+	default:
+		close(d.hold)
+	}
+}
+
+// wait returns the bytes read and the error, or an error after timeout.
+func (d *slowDownload) wait(timeout time.Duration) (int64, error) {
+	select {
+	case <-d.done:
+		return d.n, d.err
+	case <-time.After(timeout):
+		return 0, fmt.Errorf("download not finished after %v", timeout)
+	}
+}
+
+// TestReloadThenCrash: after a SIGHUP reload replaced the rules (iptables:
+// new chains renamed into place), a kill -9 with on-failure: open is still
+// handled: the watchdog finds the divert of the reloaded rules, the client's
+// HTTP flows directly, and `tpgw cleanup` restores the kernel state.
+func TestReloadThenCrash(t *testing.T) {
+	requirePeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			before := testnet.Snapshot(t, tp.Gateway)
+			section := tpgwSection(t, backend, "on-failure: open")
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, section))
+			p := runTPGW(t, tp, cfg)
+			if err := os.WriteFile(cfg, []byte(baseConfig(t, []string{"MATCH,DIRECT"}, section+"  bypass: [203.0.113.3/32]\n")), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := p.Signal(syscall.SIGHUP); err != nil {
+				t.Fatal(err)
+			}
+			if err := waitLog(p, "msg=reloaded", 10*time.Second, 20*time.Millisecond); err != nil {
+				t.Fatalf("reload: %v\n%s", err, p.Output())
+			}
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through the reloaded tpgw")
+			p.Kill()
+			killed := time.Now()
+			if exited, _ := p.Wait(10 * time.Second); !exited {
+				t.Fatal("tpgw survived SIGKILL")
+			}
+			if waitFor(t, 3*time.Second, func() (string, bool) {
+				out, err := tp.Curl(t, "http://203.0.113.2:8080/", "--max-time", "1")
+				return strings.TrimSpace(out), err == nil && strings.TrimSpace(out) == "192.168.77.2"
+			}) == "" {
+				t.Fatalf("client HTTP not forwarded directly within 3s of kill -9 after a reload\n%s", p.Output())
+			}
+			t.Logf("client HTTP direct %v after kill -9 (after a reload)", time.Since(killed).Round(time.Millisecond))
+			if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
+				t.Fatalf("watchdog %v still running", left)
+			}
+			if code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg); code != 0 {
+				t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
+			}
+			if after := testnet.Snapshot(t, tp.Gateway); after != before {
+				t.Fatalf("kernel state differs after kill -9 and tpgw cleanup\n--- before\n%s\n--- after\n%s", before, after)
+			}
+		})
+	}
+}

@@ -30,8 +30,7 @@ test: deps build lint
 FUZZTIME ?= 10s
 fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzHandleMessage$$' -fuzztime=$(FUZZTIME) ./dns/
-	$(GO) test -run='^$$' -fuzz='^FuzzParseOrigDst$$' -fuzztime=$(FUZZTIME) ./dns/
-	$(GO) test -run='^$$' -fuzz='^FuzzParseOrigDst$$' -fuzztime=$(FUZZTIME) ./relay/
+	$(GO) test -run='^$$' -fuzz='^FuzzParseOrigDst$$' -fuzztime=$(FUZZTIME) ./internal/tsock/
 	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./config/
 
 ## demo: a demo gateway in throwaway namespaces; never touches the host's network

@@ -40,6 +40,10 @@
 // namespace. In tpgw everything runs in one namespace and this check is all
 // it costs; it matters to tests that start the server inside a namespace.
 //
+// The socket plumbing (transparent sockets, the control message parser,
+// reply sockets, the namespace) is shared with package relay in
+// internal/tsock.
+//
 // # Untrusted input
 //
 // Messages come from any LAN host. Anything that does not unpack is dropped

@@ -104,17 +104,6 @@ func (e noWaitEngine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 	return e.fakeEngine.ServeDNS(ctx, q)
 }
 
-// FuzzParseOrigDst: control messages are the kernel's, but parsing them must
-// not trust lengths blindly either.
-func FuzzParseOrigDst(f *testing.F) {
-	f.Add([]byte{})
-	f.Add(origDstCmsg4([4]byte{203, 0, 113, 2}, 53))
-	f.Add(origDstCmsg6([16]byte{0: 0x20, 1: 0x01, 15: 2}, 53, 0))
-	f.Fuzz(func(t *testing.T, oob []byte) {
-		parseOrigDst(oob)
-	})
-}
-
 func BenchmarkHandleMessage(b *testing.B) {
 	req, err := query("foo.test", D.TypeA).Pack()
 	if err != nil {

@@ -6,14 +6,12 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"runtime"
-	"strconv"
 	"sync"
-	"syscall"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // Reply socket cache. LAN clients ask few DNS servers (the ISP's, 8.8.8.8,
@@ -39,11 +37,10 @@ const (
 // serve) while a local resolver such as dnsmasq listens on it. Replies from
 // such addresses use a socket made for the one reply and closed at once.
 type replySockets struct {
-	ns          netns.NsHandle // where sockets must be made; netns.None() = anywhere
+	ns          *tsock.Netns // the server's: sockets are made there, whichever thread sends
 	transparent bool
 	log         *slog.Logger
 	isLocal     func(netip.Addr) bool // isLocalAddr; tests replace it
-	nsID        unix.Stat_t           // of ns: its device and inode identify it
 
 	mu     sync.Mutex
 	socks  map[netip.AddrPort]*replySocket
@@ -70,16 +67,10 @@ type replySocket struct {
 	lastUsed time.Time
 }
 
-func newReplySockets(ns netns.NsHandle, transparent bool, log *slog.Logger) *replySockets {
-	var id unix.Stat_t
-	if ns.IsOpen() {
-		if err := unix.Fstat(int(ns), &id); err != nil {
-			log.Warn("cannot identify the network namespace; reply sockets are made in the sender's", "err", err)
-			ns.Close()
-			ns = netns.None()
-		}
-	}
-	return &replySockets{nsID: id, isLocal: isLocalAddr, ns: ns, transparent: transparent, log: log, socks: map[netip.AddrPort]*replySocket{}, local: map[netip.Addr]localCheck{}}
+// newReplySockets makes replySockets that make their sockets in ns, which
+// they own (close closes it).
+func newReplySockets(ns *tsock.Netns, transparent bool, log *slog.Logger) *replySockets {
+	return &replySockets{isLocal: isLocalAddr, ns: ns, transparent: transparent, log: log, socks: map[netip.AddrPort]*replySocket{}, local: map[netip.Addr]localCheck{}}
 }
 
 // send writes b to client from a socket bound to from.
@@ -101,13 +92,13 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 	r.mu.Unlock()
 
 	if fresh && check.local {
-		return r.inNetns(func() error { return r.sendOnce(b, client, from) })
+		return r.ns.Do(func() error { return r.sendOnce(b, client, from) })
 	}
 	// Not cached yet: check whether from is local and make its socket, in one
 	// visit to the server's namespace.
 	var conn *net.UDPConn
 	local := check.local
-	err := r.inNetns(func() (err error) {
+	err := r.ns.Do(func() (err error) {
 		if !fresh {
 			local = r.isLocal(from.Addr())
 		}
@@ -235,82 +226,14 @@ func (r *replySockets) close() error {
 		}
 		delete(r.socks, k)
 	}
-	if r.ns.IsOpen() {
-		return r.ns.Close()
-	}
-	return nil
-}
-
-// inNetns runs fn in the server's network namespace. In tpgw every thread is
-// in one namespace and this costs one check; tests run the server inside a
-// namespace entered only by the thread that called Listen, while replies are
-// sent from goroutines on threads still in the host's namespace, where a
-// socket would route nowhere.
-func (r *replySockets) inNetns(fn func() error) error {
-	if !r.ns.IsOpen() {
-		return fn()
-	}
-	runtime.LockOSThread()
-	// One stat, no file descriptor: cheaper than netns.Get and Equal.
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/thread-self/ns/net", &st); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("dns: get netns: %w", err)
-	}
-	if st.Dev == r.nsID.Dev && st.Ino == r.nsID.Ino {
-		defer runtime.UnlockOSThread()
-		return fn()
-	}
-	runtime.UnlockOSThread()
-
-	// A fresh locked thread switched into the namespace. If switching back
-	// fails the thread stays locked and the runtime ends it with the
-	// goroutine, so no other goroutine ever runs in the wrong namespace.
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("dns: get netns: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(r.ns); err != nil {
-			runtime.UnlockOSThread()
-			done <- fmt.Errorf("dns: enter netns: %w", err)
-			return
-		}
-		err = fn()
-		if serr := netns.Set(orig); serr != nil {
-			done <- err // thread stays locked and dies with us
-			return
-		}
-		runtime.UnlockOSThread()
-		done <- err
-	}()
-	return <-done
+	return r.ns.Close()
 }
 
 // isLocalAddr reports whether a is an address of this host, in the calling
 // thread's namespace: binding it without IP_TRANSPARENT succeeds only then
 // (or everywhere with net.ipv4.ip_nonlocal_bind=1, which just makes every
 // reply socket a one-off). Port 0 never conflicts with a bound socket.
-func isLocalAddr(a netip.Addr) bool {
-	var family int
-	var sa unix.Sockaddr
-	if a.Is4() {
-		family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: a.As4()}
-	} else {
-		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: a.As16(), ZoneId: zoneID(a)}
-	}
-	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return false
-	}
-	defer unix.Close(fd)
-	return unix.Bind(fd, sa) == nil
-}
+func isLocalAddr(a netip.Addr) bool { return tsock.TryBind(a) == nil }
 
 // sendOnce sends b to client from a socket bound to from for this one
 // datagram, in the calling thread's namespace. Plain syscalls: the runtime's
@@ -325,8 +248,8 @@ func (r *replySockets) sendOnce(b []byte, client, from netip.AddrPort) error {
 		dst = &unix.SockaddrInet4{Addr: client.Addr().Unmap().As4(), Port: int(client.Port())}
 	} else {
 		family = unix.AF_INET6
-		src = &unix.SockaddrInet6{Addr: from.Addr().As16(), Port: int(from.Port()), ZoneId: zoneID(from.Addr())}
-		dst = &unix.SockaddrInet6{Addr: client.Addr().As16(), Port: int(client.Port()), ZoneId: zoneID(client.Addr())}
+		src = &unix.SockaddrInet6{Addr: from.Addr().As16(), Port: int(from.Port()), ZoneId: tsock.ZoneID(from.Addr())}
+		dst = &unix.SockaddrInet6{Addr: client.Addr().As16(), Port: int(client.Port()), ZoneId: tsock.ZoneID(client.Addr())}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
@@ -334,7 +257,7 @@ func (r *replySockets) sendOnce(b []byte, client, from netip.AddrPort) error {
 	}
 	defer unix.Close(fd)
 	if r.transparent {
-		if err := setTransparent(fd); err != nil {
+		if err := tsock.SetTransparent(fd); err != nil {
 			return fmt.Errorf("dns: reply socket %v: %w", from, err)
 		}
 	}
@@ -350,43 +273,13 @@ func (r *replySockets) sendOnce(b []byte, client, from netip.AddrPort) error {
 	return nil
 }
 
-// zoneID is the interface index of a scoped IPv6 address (numeric zone, as
-// parseOrigDst makes it, or an interface name), 0 if none.
-func zoneID(a netip.Addr) uint32 {
-	z := a.Zone()
-	if z == "" {
-		return 0
-	}
-	if n, err := strconv.ParseUint(z, 10, 32); err == nil {
-		return uint32(n)
-	}
-	if ifi, err := net.InterfaceByName(z); err == nil {
-		return uint32(ifi.Index)
-	}
-	return 0
-}
-
 // bind makes the socket in the calling thread's namespace: IP_TRANSPARENT to
 // bind a non-local address, SO_REUSEADDR to share it with other sockets bound
 // there (a one-off reply socket, a relay's UDP session, a local resolver).
 func (r *replySockets) bind(from netip.AddrPort) (*net.UDPConn, error) {
-	network := "udp4"
-	if from.Addr().Is6() {
-		network = "udp6"
-	}
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		return control(c, func(fd int) error {
-			if r.transparent {
-				if err := setTransparent(fd); err != nil {
-					return err
-				}
-			}
-			return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-		})
-	}}
-	pc, err := lc.ListenPacket(context.Background(), network, from.String())
+	conn, err := tsock.ListenReply(from, tsock.ReplyOptions{Plain: !r.transparent})
 	if err != nil {
 		return nil, fmt.Errorf("dns: reply socket: %w", err)
 	}
-	return pc.(*net.UDPConn), nil
+	return conn, nil
 }

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/vishvananda/netns"
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // replyTarget is a UDP socket on loopback that reports where datagrams came from.
@@ -33,11 +33,11 @@ func freeLoopbackPort(t testing.TB) netip.AddrPort {
 }
 
 func newTestReplySockets(t testing.TB) *replySockets {
-	ns, err := netns.Get()
+	home, err := tsock.CurrentNetns()
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := newReplySockets(ns, os.Geteuid() == 0, testLogger(t))
+	r := newReplySockets(home, os.Geteuid() == 0, testLogger(t))
 	t.Cleanup(func() { r.close() })
 	return r
 }

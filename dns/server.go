@@ -12,7 +12,8 @@ import (
 	"syscall"
 
 	D "github.com/miekg/dns"
-	"github.com/vishvananda/netns"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // Engine answers DNS queries: fake IPs from the engine's pool, real answers
@@ -89,21 +90,18 @@ func Listen(addr netip.AddrPort, eng Engine, log *slog.Logger) (*Server, error) 
 		return nil, errors.New("dns: listen: nil engine")
 	}
 	log = log.With("part", "dns")
-	ns, err := netns.Get()
+	home, err := tsock.CurrentNetns()
 	if err != nil {
 		// Without /proc there is no namespace to switch to; reply sockets
 		// are then made wherever the creating thread is.
-		log.Warn("cannot record the network namespace", "err", err)
-		ns = netns.None()
+		log.Warn("cannot record the network namespace; reply sockets are made in the sender's", "err", err)
 	}
 	s := &Server{eng: eng, log: log, transparent: true, sem: make(chan struct{}, maxInFlight), conns: map[net.Conn]struct{}{}}
 	if err := s.listen(addr); err != nil {
-		if ns.IsOpen() {
-			ns.Close()
-		}
+		home.Close()
 		return nil, err
 	}
-	s.replies = newReplySockets(ns, s.transparent, log)
+	s.replies = newReplySockets(home, s.transparent, log)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	log.Info("dns listening", "addr", s.addr, "transparent", s.transparent)
 	return s, nil
@@ -152,23 +150,21 @@ func (s *Server) listen(addr netip.AddrPort) error {
 // listenConfig makes transparent sockets, or plain ones (with a warning, once)
 // when the process lacks CAP_NET_ADMIN. extra runs after that, before bind.
 func (s *Server) listenConfig(extra func(fd int) error) *net.ListenConfig {
-	lc := &net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
-		return control(c, func(fd int) error {
-			if s.transparent {
-				if err := setTransparent(fd); err != nil {
-					if !errors.Is(err, errNotPermitted) {
-						return err
-					}
-					s.transparent = false
-					s.log.Warn("no CAP_NET_ADMIN: plain sockets; queries hijacked by tproxy will not reach this server", "err", err)
+	lc := &net.ListenConfig{Control: tsock.Control(func(fd int) error {
+		if s.transparent {
+			if err := tsock.SetTransparent(fd); err != nil {
+				if !errors.Is(err, tsock.ErrNotPermitted) {
+					return err
 				}
+				s.transparent = false
+				s.log.Warn("no CAP_NET_ADMIN: plain sockets; queries hijacked by tproxy will not reach this server", "err", err)
 			}
-			if extra != nil {
-				return extra(fd)
-			}
-			return nil
-		})
-	}}
+		}
+		if extra != nil {
+			return extra(fd)
+		}
+		return nil
+	})}
 	// Go ≥ 1.24 listens with MPTCP by default; tproxy does not hand MPTCP
 	// to the listener reliably and DNS has no use for it.
 	lc.SetMultipathTCP(false)
@@ -176,7 +172,7 @@ func (s *Server) listenConfig(extra func(fd int) error) *net.ListenConfig {
 }
 
 func (s *Server) listenUDP(addr netip.AddrPort) (*net.UDPConn, error) {
-	pc, err := s.listenConfig(setRecvOrigDst).ListenPacket(context.Background(), "udp", addr.String())
+	pc, err := s.listenConfig(tsock.SetRecvOrigDst).ListenPacket(context.Background(), "udp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dns: listen udp %s: %w", addr, err)
 	}

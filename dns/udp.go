@@ -6,6 +6,10 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // serveUDP reads queries until the socket is closed. One goroutine reads
@@ -30,7 +34,7 @@ func (s *Server) serveUDP() error {
 		}
 		req := make([]byte, n)
 		copy(req, buf[:n])
-		origDst := parseOrigDst(oob[:oobn])
+		origDst, _ := tsock.ParseOrigDst(oob[:oobn]) // invalid when none
 		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 		s.wg.Add(1)
 		go func() {
@@ -65,4 +69,14 @@ func (s *Server) replyUDP(reply []byte, client, origDst netip.AddrPort) error {
 		return fmt.Errorf("query to %v on a non-transparent socket", origDst)
 	}
 	return s.replies.send(reply, client, origDst)
+}
+
+// sourceCmsg is the control message that makes a reply sent on the listening
+// socket leave from src (IP_PKTINFO / IPV6_PKTINFO). On a transparent socket
+// src need not be local.
+func sourceCmsg(src netip.Addr) []byte {
+	if src.Is4() {
+		return unix.PktInfo4(&unix.Inet4Pktinfo{Spec_dst: src.As4()})
+	}
+	return unix.PktInfo6(&unix.Inet6Pktinfo{Addr: src.As16()})
 }

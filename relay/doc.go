@@ -35,4 +35,7 @@
 // Reply sockets are opened in the network namespace the listener was opened
 // in, whichever goroutine asks for them (it matters only to tests, which
 // open listeners inside throwaway namespaces).
+//
+// The socket plumbing (transparent sockets, the control message parser,
+// reply sockets, the namespace) is shared with package dns in internal/tsock.
 package relay

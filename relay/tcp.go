@@ -10,7 +10,7 @@ import (
 	"sync"
 	"syscall"
 
-	"golang.org/x/sys/unix"
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // TCPHandler receives TPROXYed TCP flows. HandleTCP owns conn: it relays the
@@ -37,7 +37,9 @@ func ListenTCP(addr string, h TCPHandler, log *slog.Logger) (*TCPListener, error
 	if log == nil {
 		log = slog.Default()
 	}
-	lc := net.ListenConfig{Control: transparentControl}
+	// IP_TRANSPARENT (CAP_NET_ADMIN) lets it accept connections to
+	// non-local addresses, which is what TPROXY delivers.
+	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent)}
 	// Go ≥ 1.24 listens with MPTCP by default; TPROXY does not divert MPTCP
 	// subflows to the listener on some kernels, so force plain TCP.
 	lc.SetMultipathTCP(false)
@@ -46,30 +48,6 @@ func ListenTCP(addr string, h TCPHandler, log *slog.Logger) (*TCPListener, error
 		return nil, fmt.Errorf("relay: listen tcp %s: %w", addr, err)
 	}
 	return &TCPListener{ln: ln.(*net.TCPListener), handler: h, log: log.With("part", "relay"), conns: map[net.Conn]struct{}{}}, nil
-}
-
-// transparentControl sets IP_TRANSPARENT (and IPV6_TRANSPARENT) so the socket
-// may accept connections to non-local addresses; it needs CAP_NET_ADMIN.
-func transparentControl(network, address string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-		if serr != nil {
-			serr = fmt.Errorf("set IP_TRANSPARENT (needs CAP_NET_ADMIN): %w", serr)
-			return
-		}
-		if network == "tcp6" || network == "udp6" || network == "tcp" || network == "udp" {
-			// On a v6 or dual-stack socket the v6 option is also needed; it
-			// fails with ENOPROTOOPT on a pure v4 socket, which is fine.
-			if e := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); e != nil && !errors.Is(e, unix.ENOPROTOOPT) {
-				serr = fmt.Errorf("set IPV6_TRANSPARENT: %w", e)
-			}
-		}
-	})
-	if err != nil {
-		return err
-	}
-	return serr
 }
 
 // Addr is the listening address.

@@ -9,10 +9,11 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // UDPHandler receives TPROXYed UDP datagrams (engine.Engine satisfies it).
@@ -75,7 +76,7 @@ type UDPListener struct {
 	addr    netip.AddrPort
 	handler UDPHandler
 	log     *slog.Logger
-	home    *homeNetns
+	home    *tsock.Netns
 	table   *sessionTable
 
 	small, large sync.Pool // *datagram
@@ -108,18 +109,23 @@ func ListenUDP(addr string, h UDPHandler, opts UDPOptions, log *slog.Logger) (*U
 	if opts.MaxSessions <= 0 {
 		opts.MaxSessions = DefaultUDPMaxSessions
 	}
-	lc := net.ListenConfig{Control: udpListenerControl}
+	// Transparent, to receive TPROXYed datagrams; each datagram's original
+	// destination comes with it: TPROXY delivers without rewriting the
+	// packet, and IP(V6)_RECVORIGDSTADDR hands the destination the client
+	// used (address and port) to recvmsg.
+	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent, tsock.SetRecvOrigDst)}
 	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("relay: listen udp %s: %w", addr, err)
 	}
 	conn := pc.(*net.UDPConn)
+	home, _ := tsock.CurrentNetns() // on error, one that makes sockets in place
 	l := &UDPListener{
 		conn:    conn,
 		addr:    conn.LocalAddr().(*net.UDPAddr).AddrPort(),
 		handler: h,
 		log:     log.With("part", "relay", "proto", "udp"),
-		home:    currentNetns(),
+		home:    home,
 		stop:    make(chan struct{}),
 	}
 	l.small.New = func() any { return newDatagram(smallDatagram, &l.small) }
@@ -128,32 +134,6 @@ func ListenUDP(addr string, h UDPHandler, opts UDPOptions, log *slog.Logger) (*U
 	l.janitor.Add(1)
 	go l.runJanitor(janitorInterval(opts.IdleTimeout))
 	return l, nil
-}
-
-// udpListenerControl makes the listener transparent and asks for each
-// datagram's original destination: TPROXY delivers without rewriting the
-// packet, so the destination the client used is in the IP header, and
-// IP(V6)_RECVORIGDSTADDR hands it (and the UDP destination port) to recvmsg.
-func udpListenerControl(network, address string, c syscall.RawConn) error {
-	if err := transparentControl(network, address, c); err != nil {
-		return err
-	}
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		// SOL_IP options apply to a dual-stack socket's IPv4 datagrams too.
-		if e := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); e != nil {
-			serr = fmt.Errorf("set IP_RECVORIGDSTADDR: %w", e)
-			return
-		}
-		// ENOPROTOOPT: a pure IPv4 socket, which has no IPv6 datagrams.
-		if e := unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1); e != nil && !errors.Is(e, unix.ENOPROTOOPT) {
-			serr = fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", e)
-		}
-	})
-	if err != nil {
-		return err
-	}
-	return serr
 }
 
 // janitorInterval is how often idle sessions are looked for: a quarter of
@@ -242,10 +222,15 @@ func transientReadError(err error) bool {
 // copy into a pooled buffer, call the handler. Its one allocation is the
 // reply closure (it outlives the datagram, so it cannot be pooled with it).
 func (l *UDPListener) dispatch(payload, oob []byte, src netip.AddrPort) {
-	dst, ok := parseOrigDst(oob)
+	dst, ok := tsock.ParseOrigDst(oob)
 	if !ok {
 		l.dropped.Add(1)
 		return
+	}
+	if dst.Addr().Zone() != "" {
+		// The scope id of a link-local destination is left out: nothing
+		// downstream dials a link-local original destination.
+		dst = netip.AddrPortFrom(dst.Addr().WithZone(""), dst.Port())
 	}
 	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
 	if l.toSelf(dst) {
@@ -285,18 +270,10 @@ func (l *UDPListener) toSelf(dst netip.AddrPort) bool {
 // for an address of this host (in the listener's namespace).
 func (l *UDPListener) isLocalAddr(a netip.Addr) bool {
 	local := false
-	_ = l.home.do(func() error {
-		family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Addr: a.As4()})
-		if a.Is6() {
-			family, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: a.As16()}
-		}
-		fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			local = true // cannot tell: err on the side of no loop
-			return nil
-		}
-		defer unix.Close(fd)
-		err = unix.Bind(fd, sa)
+	_ = l.home.Do(func() error {
+		// Any other failure (even of socket(2)): cannot tell, so err on the
+		// side of no loop.
+		err := tsock.TryBind(a)
 		local = err == nil || !errors.Is(err, unix.EADDRNOTAVAIL)
 		return nil
 	})
@@ -333,57 +310,24 @@ func (l *UDPListener) reply(client, dst netip.AddrPort, b []byte, from netip.Add
 }
 
 // openReplySocket opens a socket whose datagrams come from from, an address
-// of some remote host: IP_TRANSPARENT allows binding it (and sending from
-// it); SO_REUSEADDR lets every client's session bind the same from address.
+// of some remote host, in the listener's namespace (tsock.ListenReply):
+// IP_TRANSPARENT allows binding it (and sending from it); SO_REUSEADDR lets
+// every client's session bind the same from address.
 //
 // The socket stays unconnected and replies use sendto. A connected socket
 // bound to (from) would also be what the TPROXY lookup of established
 // sockets matches for the client's next datagram to from, which would then
 // land in the reply socket instead of the listener.
 func (l *UDPListener) openReplySocket(from netip.AddrPort) (replySocket, error) {
-	network := "udp4"
-	if from.Addr().Is6() {
-		network = "udp6"
-	}
-	lc := net.ListenConfig{Control: replySocketControl}
 	var conn *net.UDPConn
-	err := l.home.do(func() error {
-		pc, err := lc.ListenPacket(context.Background(), network, from.String())
-		if err != nil {
-			return err
-		}
-		conn = pc.(*net.UDPConn)
-		return nil
+	err := l.home.Do(func() (err error) {
+		conn, err = tsock.ListenReply(from, tsock.ReplyOptions{RcvBuf: replyBufferSize})
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("relay: open udp reply socket from %s: %w", from, err)
 	}
 	return conn, nil
-}
-
-func replySocketControl(network, address string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		level, opt := unix.SOL_IP, unix.IP_TRANSPARENT
-		if network == "udp6" {
-			level, opt = unix.SOL_IPV6, unix.IPV6_TRANSPARENT
-		}
-		if e := unix.SetsockoptInt(int(fd), level, opt, 1); e != nil {
-			serr = fmt.Errorf("set transparent (needs CAP_NET_ADMIN): %w", e)
-			return
-		}
-		if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); e != nil {
-			serr = fmt.Errorf("set SO_REUSEADDR: %w", e)
-			return
-		}
-		// The socket only sends; a small receive buffer bounds what stray
-		// datagrams to its address can hold.
-		_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUF, replyBufferSize)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
 }
 
 func (l *UDPListener) isClosed() bool {
@@ -408,7 +352,7 @@ func (l *UDPListener) Close() error {
 	// Serve returns at its next read; HandleUDP does not block, so this is short.
 	l.serving.Wait()
 	l.table.close()
-	l.home.close()
+	l.home.Close()
 	if err != nil {
 		return fmt.Errorf("relay: close udp listener: %w", err)
 	}

@@ -10,7 +10,11 @@ import (
 	"time"
 
 	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/tsock"
 )
+
+// origDst is the control message of a datagram TPROXYed to ap.
+func origDst(ap string) []byte { return tsock.OrigDstCmsg(netip.MustParseAddrPort(ap)) }
 
 // recordingHandler keeps the last datagram's arguments and releases at once.
 type recordingHandler struct {
@@ -36,7 +40,7 @@ func newTestListener(h UDPHandler, max int) (*UDPListener, *[]netip.AddrPort) {
 		addr:    netip.MustParseAddrPort("[::]:7893"),
 		handler: h,
 		log:     slog.New(slog.DiscardHandler),
-		home:    &homeNetns{fd: -1, unknown: true},
+		home:    new(tsock.Netns), // runs in place
 		stop:    make(chan struct{}),
 	}
 	l.small.New = func() any { return newDatagram(smallDatagram, &l.small) }
@@ -54,10 +58,18 @@ func TestDispatch(t *testing.T) {
 	h := &recordingHandler{}
 	l, bound := newTestListener(h, 10)
 	src := netip.MustParseAddrPort("[::ffff:192.168.77.2]:40000")
-	l.dispatch([]byte("hello"), origDst4("203.0.113.2:7000"), src)
+	l.dispatch([]byte("hello"), origDst("203.0.113.2:7000"), src)
 	if h.calls != 1 || h.src != netip.MustParseAddrPort("192.168.77.2:40000") || h.dst != netip.MustParseAddrPort("203.0.113.2:7000") || string(h.data) != "hello" {
 		t.Fatalf("handler got %v -> %v %q (%d calls)", h.src, h.dst, h.data, h.calls)
 	}
+
+	// A link-local destination's scope id is left out.
+	h.calls = 0
+	l.dispatch([]byte("six"), origDst("[fe80::1%3]:53"), netip.MustParseAddrPort("[fe80::2%3]:40000"))
+	if h.calls != 1 || h.dst != netip.MustParseAddrPort("[fe80::1]:53") {
+		t.Fatalf("handler got dst %v (%d calls), want [fe80::1]:53", h.dst, h.calls)
+	}
+	l.dispatch([]byte("hello"), origDst("203.0.113.2:7000"), src)
 
 	// Where replies come from: from, or the original destination when from
 	// is unset or of the client's other family.
@@ -90,8 +102,8 @@ func TestDispatchDrops(t *testing.T) {
 	}{
 		{"no control message", nil},
 		{"garbage control message", []byte("garbage garbage garbage")},
-		{"to the listener on loopback", origDst4("127.0.0.1:7893")},
-		{"to the listener, unspecified", origDst6("[::]:7893")},
+		{"to the listener on loopback", origDst("127.0.0.1:7893")},
+		{"to the listener, unspecified", origDst("[::]:7893")},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			h := &recordingHandler{}
@@ -112,7 +124,7 @@ func TestDispatchBufferClasses(t *testing.T) {
 		for i := range payload {
 			payload[i] = byte(i)
 		}
-		l.dispatch(payload, origDst4("203.0.113.2:7000"), netip.MustParseAddrPort("192.168.77.2:1"))
+		l.dispatch(payload, origDst("203.0.113.2:7000"), netip.MustParseAddrPort("192.168.77.2:1"))
 		if len(h.data) != n || string(h.data) != string(payload) {
 			t.Fatalf("%d-byte datagram arrived as %d bytes or changed", n, len(h.data))
 		}
@@ -125,7 +137,7 @@ func TestDispatchAllocations(t *testing.T) {
 	h := &recordingHandler{}
 	l, _ := newTestListener(h, 10)
 	payload := make([]byte, 1200)
-	oob := origDst4("203.0.113.2:7000")
+	oob := origDst("203.0.113.2:7000")
 	src := netip.MustParseAddrPort("192.168.77.2:40000")
 	l.dispatch(payload, oob, src) // warm the pool
 	if n := testing.AllocsPerRun(1000, func() { l.dispatch(payload, oob, src) }); n > 1 {
@@ -141,7 +153,7 @@ func BenchmarkDispatch(b *testing.B) {
 	h := &recordingHandler{}
 	l, _ := newTestListener(h, 10)
 	payload := make([]byte, 1200)
-	oob := origDst4("203.0.113.2:7000")
+	oob := origDst("203.0.113.2:7000")
 	src := netip.MustParseAddrPort("192.168.77.2:40000")
 	b.ReportAllocs()
 	for b.Loop() {

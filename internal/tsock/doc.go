@@ -1,0 +1,38 @@
+// Package tsock holds the socket plumbing that tpgw's TPROXY listeners (relay)
+// and its DNS server (dns) share: transparent sockets, the original
+// destination of a diverted datagram, reply sockets bound to an address that
+// is not the host's, and the network namespace such sockets are made in.
+//
+// # Why transparent sockets
+//
+// nftables' tproxy hands a LAN packet to a local socket without rewriting it:
+// its destination is still the remote host the client addressed (say
+// 203.0.113.2:53). The kernel delivers such a packet only to a socket with
+// IP_TRANSPARENT (IPV6_TRANSPARENT), and only such a socket may bind to, and
+// send from, an address that is not one of the host's. Setting it needs
+// CAP_NET_ADMIN; SetTransparent marks that failure with ErrNotPermitted.
+//
+// # Replies come from the original destination
+//
+// A TCP flow needs nothing more: the accepted socket's local address is the
+// original destination. UDP has one listening socket for every flow, so the
+// listener asks for each datagram's destination (SetRecvOrigDst) and recvmsg
+// returns it as an IP_ORIGDSTADDR or IPV6_ORIGDSTADDR control message, which
+// ParseOrigDst reads without trusting its lengths. A UDP client (and any NAT
+// or firewall on the way) accepts a reply only from the address and port it
+// sent to, so replies leave from a socket bound there (ListenReply):
+// transparent to bind a remote address, SO_REUSEADDR so that many sockets
+// share it, and never connected, so that the tproxy lookup, which prefers an
+// established socket, never gives it the client's next datagram. TryBind
+// tells the host's own addresses from remote ones. See
+// Documentation/networking/tproxy.rst in the kernel tree.
+//
+// # Network namespaces
+//
+// Reply sockets are made later than the listener, from whichever goroutine
+// has a reply to send. Netns records the namespace of the thread that opened
+// the listener and runs the socket's creation there. In tpgw the whole
+// process lives in one namespace and this costs one stat(2); it matters to
+// tests, which open listeners on a thread locked inside a throwaway namespace
+// (testnet's NS.Do) while replies are sent from threads still in the host's.
+package tsock

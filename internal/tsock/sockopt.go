@@ -1,0 +1,66 @@
+package tsock
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotPermitted marks a failure to set IP_TRANSPARENT for lack of
+// CAP_NET_ADMIN, which a caller may turn into a warning and a plain socket.
+var ErrNotPermitted = errors.New("needs CAP_NET_ADMIN")
+
+// SetTransparent sets IP_TRANSPARENT, and IPV6_TRANSPARENT on a v6 or
+// dual-stack socket. Without it the kernel neither hands the socket packets
+// that nftables' tproxy diverted to it (their destination is not local) nor
+// lets it bind to, and send from, an address that is not the host's.
+func SetTransparent(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+		if errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("set IP_TRANSPARENT: %w (%w)", err, ErrNotPermitted)
+		}
+		return fmt.Errorf("set IP_TRANSPARENT: %w", err)
+	}
+	// ENOPROTOOPT on a pure v4 socket: nothing to do there.
+	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil && !errors.Is(err, unix.ENOPROTOOPT) {
+		return fmt.Errorf("set IPV6_TRANSPARENT: %w", err)
+	}
+	return nil
+}
+
+// SetRecvOrigDst asks for the original destination of each datagram
+// (IP_ORIGDSTADDR / IPV6_ORIGDSTADDR control messages, see ParseOrigDst).
+// TPROXY delivers without rewriting the packet, so that is the address and
+// port the client sent to.
+func SetRecvOrigDst(fd int) error {
+	// SOL_IP options apply to a dual-stack socket's IPv4 datagrams too.
+	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_RECVORIGDSTADDR, 1); err != nil {
+		return fmt.Errorf("set IP_RECVORIGDSTADDR: %w", err)
+	}
+	// ENOPROTOOPT: a pure IPv4 socket, which has no IPv6 datagrams.
+	if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_RECVORIGDSTADDR, 1); err != nil && !errors.Is(err, unix.ENOPROTOOPT) {
+		return fmt.Errorf("set IPV6_RECVORIGDSTADDR: %w", err)
+	}
+	return nil
+}
+
+// Control makes a net.ListenConfig (or net.Dialer) Control function that runs
+// fns, in order, on the raw socket before bind; the first error fails it.
+func Control(fns ...func(fd int) error) func(network, address string, c syscall.RawConn) error {
+	return func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			for _, fn := range fns {
+				if serr = fn(int(fd)); serr != nil {
+					return
+				}
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}
+}

@@ -55,6 +55,26 @@
 // locally (to the socket) instead of forwarding it. The relay package then
 // reads the original destination from the accepted socket.
 //
+// # Bridges with br_netfilter (Docker hosts)
+//
+// With br_netfilter and net.bridge.bridge-nf-call-iptables=1, an IPv4 packet
+// entering a bridge port (a container's veth on docker0) runs prerouting once,
+// at the bridge layer (iif is the bridge; iptables' physdev --physdev-is-in
+// matches). There is no second pass at the IP layer: when the bridge passes
+// the packet up, ip_rcv_core orphans it, dropping the socket tproxy assigned,
+// and ip_sabotage_in skips the prerouting hooks. The mark survives, so the
+// packet is delivered locally to a port nobody listens on and the connection
+// hangs (measured on 6.18, both backends; IPv6 likewise with
+// bridge-nf-call-ip6tables). nft has no way to tell that pass apart in the
+// inet family (meta ibrname is bridge-family only), and nothing later can
+// assign a socket. So the plan sets both sysctls to 0 while tpgw runs (only
+// where br_netfilter is loaded; the old values are restored like ip_forward):
+// bridged packets then reach IP on the bridge device and are intercepted at
+// the normal prerouting pass. Routed traffic (containers to the internet,
+// DNATed published ports, whose replies return on "ct direction reply") needs
+// no br_netfilter; what is no longer filtered while tpgw runs is traffic
+// bridged between two ports of one bridge. See bridge.go.
+//
 // # On failure (Options.OnFailure)
 //
 // nft's tproxy expression ends the rule (NFT_BREAK) when no socket listens on

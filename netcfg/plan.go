@@ -365,12 +365,20 @@ func (r Route) String() string {
 type Sysctl struct {
 	Key   string // dotted, e.g. net.ipv4.ip_forward
 	Value string
+	// IfPresent skips the sysctl where the kernel does not have it (its
+	// module is not loaded), instead of failing.
+	IfPresent bool
 }
 
 // path is the file under /proc/sys; /proc/sys/net is per network namespace, of the calling thread.
 func (s Sysctl) path() string { return "/proc/sys/" + strings.ReplaceAll(s.Key, ".", "/") }
 
-func (s Sysctl) String() string { return "sysctl -w " + s.Key + "=" + s.Value }
+func (s Sysctl) String() string {
+	if s.IfPresent {
+		return "sysctl -w " + s.Key + "=" + s.Value + " # if present"
+	}
+	return "sysctl -w " + s.Key + "=" + s.Value
+}
 
 // Reserved destinations never intercepted: local, private, link-local, multicast,
 // benchmark and broadcast ranges. The documentation range 192.0.2.0/24 is in,
@@ -647,6 +655,8 @@ func BuildPlan(o Options) (*Plan, error) {
 			p.Sysctls = append(p.Sysctls, Sysctl{Key: "net.ipv6.conf.all.forwarding", Value: "1"})
 		}
 	}
+	// tproxy does not work at br_netfilter's bridge-layer prerouting (bridge.go).
+	p.Sysctls = append(p.Sysctls, bridgeNetfilterSysctls(o)...)
 	return p, nil
 }
 

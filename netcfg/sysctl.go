@@ -129,6 +129,9 @@ func applySysctls(dir string, want []Sysctl) ([]sysctlChange, error) {
 	var changes []sysctlChange
 	for _, s := range want {
 		old, err := readSysctl(s.Key)
+		if s.IfPresent && errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}

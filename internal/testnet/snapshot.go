@@ -72,22 +72,29 @@ var (
 func normalizeIPTablesSave(s string) string {
 	var out, table []string
 	tableHasContent := false
-	rulesIn := map[string]bool{}
+	// Chains with rules, per table: mangle's FORWARD is empty even when
+	// filter's FORWARD has rules.
+	rulesIn := map[string]bool{} // "table/chain"
+	current := ""
 	for line := range strings.Lines(s) {
 		line = strings.TrimRight(line, "\n")
+		if strings.HasPrefix(line, "*") {
+			current = line[1:]
+		}
 		if strings.HasPrefix(line, "-A ") {
 			if f := strings.Fields(line); len(f) > 1 {
-				rulesIn[f[1]] = true
+				rulesIn[current+"/"+f[1]] = true
 			}
 		}
 	}
+	current = ""
 	for line := range strings.Lines(s) {
 		line = strings.TrimSpace(counterRE.ReplaceAllString(strings.TrimRight(line, "\n"), ""))
 		switch {
 		case line == "" || strings.HasPrefix(line, "#"):
 			continue
 		case strings.HasPrefix(line, "*"):
-			table, tableHasContent = []string{line}, false
+			table, tableHasContent, current = []string{line}, false, line[1:]
 		case line == "COMMIT":
 			if tableHasContent {
 				out = append(out, table...)
@@ -96,7 +103,7 @@ func normalizeIPTablesSave(s string) string {
 			table = nil
 		case builtinChainRE.MatchString(line):
 			chain := strings.Fields(line)[0][1:]
-			if strings.HasSuffix(line, " ACCEPT") && !rulesIn[chain] {
+			if strings.HasSuffix(line, " ACCEPT") && !rulesIn[current+"/"+chain] {
 				continue // an empty built-in chain: existence is not state
 			}
 			table, tableHasContent = append(table, line), true

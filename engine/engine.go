@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/metacubex/mihomo/component/profile/cachefile"
 	"github.com/metacubex/mihomo/config"
@@ -105,8 +106,12 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		// fake IP: a burst of new names would queue DNS answers behind disk
 		// flushes. Without fsync the data still reaches the page cache at
 		// once, so it survives a crash of tpgw (not a power cut).
+		// Writes also go through bbolt's Batch, which waits MaxBatchDelay
+		// (10 ms) to coalesce: two writes per new name made every first
+		// answer ~20 ms late. A short delay still coalesces bursts.
 		if cf := cachefile.Cache(); cf != nil && cf.DB != nil {
 			cf.DB.NoSync = true
+			cf.DB.MaxBatchDelay = 200 * time.Microsecond
 		}
 	}
 	cfg, err := config.ParseRawConfig(rc)

@@ -1,5 +1,5 @@
 # tpgw: a transparent proxy gateway (TPROXY + embedded mihomo).
-# make build | test | demo | lint | rules  (see README.md)
+# make build | test | demo | bench | lint | rules | openwrt  (see README.md)
 
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -23,7 +23,7 @@ deps:
 
 ## test: install what is missing, then lint, unit tests, namespace end-to-end tests, bounded fuzzing
 test: deps build lint
-	TPGW_BIN=$(CURDIR)/bin/tpgw $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+	TPGW_BIN=$(CURDIR)/bin/tpgw TPGW_OPENWRT_ARCHES=all $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) fuzz
 
 ## fuzz: run each fuzz target for FUZZTIME (parsers of untrusted bytes)
@@ -46,5 +46,12 @@ lint:
 rules: build
 	./bin/tpgw rules -c config.example.yaml
 
+## openwrt: cross-compile for OpenWrt (x86_64, aarch64, arm, mipsle) and write .ipk packages to dist/openwrt; prints binary sizes
+OPENWRT_OUT    ?= dist/openwrt
+OPENWRT_ARCHES ?= x86_64,aarch64,arm,mipsle
+.PHONY: openwrt
+openwrt:
+	$(GO) run ./packaging/mkopenwrt -out $(OPENWRT_OUT) -arch $(OPENWRT_ARCHES) -version $(VERSION) -commit $(COMMIT)
+
 clean:
-	rm -rf bin
+	rm -rf bin dist

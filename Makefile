@@ -9,7 +9,7 @@ GOFILES := $(shell find . -name '*.go' -not -path './bin/*' 2>/dev/null)
 # Tests that touch the kernel run in namespaces and may take a while.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: build test fuzz demo lint deps rules clean
+.PHONY: build test fuzz demo bench lint deps rules clean
 
 ## build: compile bin/tpgw (rebuilt only when Go files change)
 build: bin/tpgw
@@ -38,6 +38,11 @@ fuzz:
 ## demo: a demo gateway in throwaway namespaces; never touches the host's network
 demo: deps build
 	$(GO) run ./cmd/tpgw-demo -bin $(CURDIR)/bin/tpgw -c $(CURDIR)/config.example.yaml
+
+## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~11 min); writes docs/bench.{md,json,svg}
+bench: deps build
+	$(GO) build -trimpath -o bin/mihomo-tproxy ./bench/cmd/mihomo-tproxy
+	$(GO) run ./bench/cmd/tpgw-bench -bin $(CURDIR)/bin/tpgw -helper $(CURDIR)/bin/mihomo-tproxy -out $(CURDIR)/docs
 
 ## lint: gofmt and go vet
 lint:

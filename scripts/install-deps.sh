@@ -16,6 +16,7 @@ check dnsmasq dnsmasq-base
 check ss-server shadowsocks-libev
 check ss-redir shadowsocks-libev
 check gcc gcc
+check wrk wrk; check dnsperf dnsperf; check strace strace # make bench
 if [ -n "$need" ]; then
 	if [ "$(id -u)" != 0 ]; then
 		echo "install-deps: missing packages:$need (run as root to install them)" >&2

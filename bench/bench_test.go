@@ -1,0 +1,222 @@
+package bench
+
+import (
+	"encoding/json"
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMedian(t *testing.T) {
+	nan := math.NaN()
+	for _, tc := range []struct {
+		in   []float64
+		want float64
+	}{
+		{[]float64{3, 1, 2}, 2},
+		{[]float64{4, 1, 3, 2}, 2.5},
+		{[]float64{5}, 5},
+		{[]float64{nan, 7, nan}, 7},
+	} {
+		if got := Median(tc.in); got != tc.want {
+			t.Errorf("Median(%v) = %v, want %v", tc.in, got, tc.want)
+		}
+	}
+	if got := Median(nil); !math.IsNaN(got) {
+		t.Errorf("Median(nil) = %v, want NaN", got)
+	}
+	if got := Median([]float64{nan}); !math.IsNaN(got) {
+		t.Errorf("Median(NaN) = %v, want NaN", got)
+	}
+}
+
+func TestCPUPerGB(t *testing.T) {
+	if got := CPUPerGB(1.5, 3e9); got != 0.5 {
+		t.Errorf("CPUPerGB(1.5 s, 3 GB) = %v, want 0.5", got)
+	}
+	if got := CPUPerGB(1, 0); !math.IsNaN(got) {
+		t.Errorf("CPUPerGB with no bytes = %v, want NaN", got)
+	}
+}
+
+func TestParseStatCPU(t *testing.T) {
+	// A command name with a space and a ')' must not shift the fields.
+	stat := "1234 (tp gw) x) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 125 0 0 20 0 9 0 100 0 0"
+	ut, st, err := parseStatCPU(stat)
+	if err != nil || ut != 250 || st != 125 {
+		t.Fatalf("parseStatCPU = %d, %d, %v; want 250, 125", ut, st, err)
+	}
+	if _, _, err := parseStatCPU("1234 (short) S 1"); err == nil {
+		t.Fatal("short stat line: want an error")
+	}
+}
+
+func TestParseVmRSS(t *testing.T) {
+	got, err := parseVmRSS(strings.NewReader("Name:\ttpgw\nVmPeak:\t  1 kB\nVmRSS:\t   54336 kB\nThreads: 9\n"))
+	if err != nil || got != 54336 {
+		t.Fatalf("parseVmRSS = %d, %v; want 54336", got, err)
+	}
+}
+
+func TestParseIperf(t *testing.T) {
+	tcp := `{"intervals":[{"sum":{"bytes":100,"omitted":true}},{"sum":{"bytes":1000}},{"sum":{"bytes":1000}}],
+		"end":{"sum_received":{"bits_per_second":8000,"bytes":2000}}}`
+	r, err := ParseIperf([]byte(tcp), false)
+	if err != nil || r.BitsPerSec != 8000 || r.Bytes != 2100 {
+		t.Fatalf("TCP: %+v, %v; want 8000 bit/s and 2100 bytes (omitted included)", r, err)
+	}
+	udp := `{"intervals":[{"sum":{"bytes":5000}}],"end":{"sum":{"bits_per_second":1e8,"bytes":5000,"lost_percent":2.5,"packets":400}}}`
+	r, err = ParseIperf([]byte(udp), true)
+	if err != nil || r.LostPercent != 2.5 || r.Packets != 400 || r.BitsPerSec != 1e8*0.975 {
+		t.Fatalf("UDP: %+v, %v", r, err)
+	}
+	if _, err := ParseIperf([]byte(`{"error":"unable to connect to server"}`), false); err == nil || !strings.Contains(err.Error(), "unable to connect") {
+		t.Fatalf("iperf3 error: got %v", err)
+	}
+}
+
+const wrkOutput = `Running 3s test @ http://203.0.113.2:8080/
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   102.31us   40.00us   2.10ms   95.00%
+  Latency Distribution
+     50%   90.00us
+     75%  110.00us
+     90%  130.00us
+     99%    1.20ms
+  29000 requests in 3.00s, 3.40MB read
+  Socket errors: connect 0, read 3, write 0, timeout 1
+  Non-2xx or 3xx responses: 2
+Requests/sec:   9666.67
+Transfer/sec:      1.13MB
+`
+
+func TestParseWrk(t *testing.T) {
+	r, err := ParseWrk(wrkOutput)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := WrkResult{RequestsPerSec: 9666.67, P50: 90 * time.Microsecond, P99: 1200 * time.Microsecond, Errors: 6}
+	if r != want {
+		t.Fatalf("ParseWrk = %+v, want %+v", r, want)
+	}
+	if _, err := ParseWrk("unable to connect to 203.0.113.2:8080 Connection refused"); err == nil {
+		t.Fatal("no Requests/sec: want an error")
+	}
+}
+
+func TestParseDNSPerf(t *testing.T) {
+	out := "Statistics:\n\n  Queries sent:         3893\n  Queries lost:         12 (0.31%)\n\n  Queries per second:   1297.557672\n"
+	r, err := ParseDNSPerf(out)
+	if err != nil || r.QPS != 1297.557672 || r.LostPercent != 0.31 {
+		t.Fatalf("ParseDNSPerf = %+v, %v", r, err)
+	}
+}
+
+func TestParseStraceSummary(t *testing.T) {
+	out := `% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 97.10    0.120000          32      3731       402 splice
+  2.00    0.002000          16        12           read
+  0.90    0.001000          12         8           write
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.123000          32      3751       402 total
+`
+	calls, err := ParseStraceSummary(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if calls["splice"] != 3731 || calls["read"] != 12 || calls["write"] != 8 || len(calls) != 3 {
+		t.Fatalf("ParseStraceSummary = %v", calls)
+	}
+	if _, err := ParseStraceSummary("strace: attach: ptrace(PTRACE_SEIZE, 1): Operation not permitted"); err == nil {
+		t.Fatal("no summary: want an error")
+	}
+}
+
+// sampleReport is a report with two repetitions of the TCP and CPU figures.
+func sampleReport() *Report {
+	s := samples{}
+	for _, v := range []struct {
+		setup string
+		gbps  float64
+		cpu   float64
+	}{{SetupK, 10, math.NaN()}, {SetupTPGW, 9.5, 0.2}, {SetupMihomo, 7, 0.4}, {SetupTPGWSS, 1.5, 2}, {SetupSSRedir, 0.8, 2.5}} {
+		for range 2 {
+			for _, k := range TCPKeys {
+				s.add(k, v.setup, v.gbps)
+			}
+			s.add("cpu_per_gb", v.setup, v.cpu)
+		}
+	}
+	rep := &Report{Machine: Machine{Kernel: "6.18", CPU: "Test CPU", Cores: 2}, Reps: 2}
+	buildFigures(rep, s, 10000)
+	return rep
+}
+
+func TestFiguresAndChecks(t *testing.T) {
+	rep := sampleReport()
+	f := rep.Figure("tcp1_up")
+	if len(f.Checks) != 2 || !f.Checks[0].Met || f.Checks[0].Actual != "0.95×" || !f.Checks[1].Met {
+		t.Fatalf("tcp1_up checks = %+v", f.Checks)
+	}
+	cpu := rep.Figure("cpu_per_gb")
+	if !cpu.Checks[0].Met || cpu.Checks[0].Actual != "0.50×" {
+		t.Fatalf("cpu checks = %+v", cpu.Checks)
+	}
+	if c := rep.Figure("dns_qps_hijack").Checks[0]; c.Met || c.Actual != "not measured" {
+		t.Fatalf("unmeasured DNS check = %+v, want not met and not measured", c)
+	}
+	if got := rep.Figure("idle_relayed").Name; !strings.Contains(got, "10000") {
+		t.Fatalf("idle figure name %q does not name the connection count", got)
+	}
+}
+
+func TestMarkdown(t *testing.T) {
+	md := sampleReport().Markdown()
+	for _, want := range []string{
+		"kernel 6.18, Test CPU, 2 cores",
+		"| Figure | Unit | K | tpgw | mihomo-tproxy | tpgw ss | ss-redir | Target (measured) | Met |",
+		"| TCP 1 stream, upload | Gbit/s | 10 | 9.50 | 7 | 1.50 | 0.80 | tpgw ≥ 0.90×K (0.95×); tpgw ss ≥ ss-redir (1.88×) | ✓ ✓ |",
+		"| Gateway process CPU per GB (the 4 TCP runs) | CPU s/GB | n/a | 0.20 |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("Markdown lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+func TestJSONNaNIsNull(t *testing.T) {
+	b, err := sampleReport().JSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(b, &back); err != nil {
+		t.Fatalf("report JSON does not parse back: %v", err)
+	}
+	if !strings.Contains(string(b), `"median": null`) {
+		t.Error("K's CPU per GB (NaN) should be null in JSON")
+	}
+	if got := back.Figure("tcp1_up").Median(SetupTPGW); got != 9.5 {
+		t.Errorf("tcp1_up tpgw after a JSON round trip = %v, want 9.5", got)
+	}
+}
+
+func TestSVG(t *testing.T) {
+	svg := sampleReport().SVG(TCPKeys)
+	if !strings.HasPrefix(svg, "<svg ") || !strings.HasSuffix(svg, "</svg>\n") {
+		t.Fatal("not an SVG document")
+	}
+	// 4 figures × 5 setups bars, plus 5 legend swatches and the background.
+	if n := strings.Count(svg, "<rect "); n != 4*5+5+1 {
+		t.Errorf("%d rects, want %d", n, 4*5+5+1)
+	}
+	if !strings.Contains(svg, "<title>tpgw: 0.95</title>") {
+		t.Error("tpgw bar should be 0.95 of K")
+	}
+	if strings.Contains(svg, "NaN") {
+		t.Error("SVG contains NaN")
+	}
+}

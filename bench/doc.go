@@ -1,0 +1,21 @@
+// Package bench measures tpgw against kernel forwarding and its peers, side by
+// side in one run, inside the throwaway namespaces of internal/testnet:
+//
+//	client ns ── gateway ns (the setup under test) ── upstream ns (iperf3 -s, HTTP) ── proxy ns (ss-server)
+//
+// The setups, one at a time in the gateway namespace, with the same kernel
+// TPROXY rules (netcfg's plan) for every user-space gateway:
+//
+//	K              kernel forwarding: ip_forward=1, no rules, no process
+//	tpgw           bin/tpgw run, MATCH,DIRECT
+//	mihomo-tproxy  the same embedded mihomo serving tproxy-port itself (bench/cmd/mihomo-tproxy)
+//	tpgw ss        bin/tpgw run, MATCH,ss to the real ss-server
+//	ss-redir       shadowsocks-libev ss-redir -T (TPROXY) to the same ss-server
+//
+// Each repetition starts every setup in turn (the order rotates between
+// repetitions), runs the figures that apply to it and stops it; the report
+// gives the median of the repetitions. Gateway CPU is utime+stime of the
+// gateway process from /proc/PID/stat. The pure parts (parsers, medians,
+// report, SVG) are unit-tested; the run itself needs root and is started by
+// `make bench` (bench/cmd/tpgw-bench).
+package bench

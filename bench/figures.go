@@ -1,0 +1,156 @@
+package bench
+
+import (
+	"fmt"
+	"time"
+)
+
+// figureDefs are the rows of the table, in order.
+var figureDefs = []struct{ key, name, unit string }{
+	{"tcp1_up", "TCP 1 stream, upload", "Gbit/s"},
+	{"tcp1_down", "TCP 1 stream, download (-R)", "Gbit/s"},
+	{"tcp4_up", "TCP 4 streams, upload", "Gbit/s"},
+	{"tcp4_down", "TCP 4 streams, download (-R)", "Gbit/s"},
+	{"cpu_per_gb", "Gateway process CPU per GB (the 4 TCP runs)", "CPU s/GB"},
+	{"conn_rate", "Short connections (wrk -c32, Connection: close)", "req/s"},
+	{"lat_p50", "Request latency p50 (wrk -c1, keep-alive)", "µs"},
+	{"lat_p99", "Request latency p99 (wrk -c1, keep-alive)", "µs"},
+	{"lat_added_p50", "Added latency p50 (minus K)", "µs"},
+	{"lat_added_p99", "Added latency p99 (minus K)", "µs"},
+	{"udp_loss_50", "UDP 50 Mbit/s offered (1400 B), loss", "%"},
+	{"udp_loss_100", "UDP 100 Mbit/s offered (1400 B), loss", "%"},
+	{"udp_loss_300", "UDP 300 Mbit/s offered (1400 B), loss", "%"},
+	{"dns_qps_new", "Fake-ip DNS, 1000 new names once (hijacked, -q 50)", "qps"},
+	{"dns_qps_hijack", "Fake-ip DNS, client → any server:53 (hijacked)", "qps"},
+	{"dns_qps_direct", "Fake-ip DNS, gateway → 127.0.0.1:1053", "qps"},
+	{"idle_relayed", "Idle connections relayed to the upstream, of N", "count"},
+	{"idle_rss", "RSS with those idle connections open", "MiB"},
+	{"idle_fds", "Open fds, same", "count"},
+	{"idle_pipes", "Pipes, same", "count"},
+	{"idle_mem_per_conn", "Memory per idle connection: (RSS + pipes) / relayed", "KiB"},
+	{"idle_bulk", "TCP 1 stream upload beside those idle connections", "Gbit/s"},
+	{"splice_calls", "splice(2) calls during a 3 s upload (strace -f -c)", "calls"},
+	{"rw_calls", "read/write/sendmsg-family calls, same upload", "calls"},
+}
+
+// report turns the samples into figures with their targets.
+func (r *runner) report(started time.Time) *Report {
+	rep := &Report{
+		Machine:  machine(r.opts.TPGWBin),
+		Started:  started.Format(time.RFC3339),
+		Duration: time.Since(started).Round(time.Second).String(),
+		Reps:     r.opts.Reps,
+	}
+	for setup, calls := range r.splice {
+		var rw int64
+		for _, sc := range []string{"read", "write", "readv", "writev", "recvfrom", "sendto", "recvmsg", "sendmsg"} {
+			rw += calls[sc]
+		}
+		r.s.add("splice_calls", setup, float64(calls["splice"]))
+		r.s.add("rw_calls", setup, float64(rw))
+	}
+	buildFigures(rep, r.s, r.opts.IdleConns)
+	rep.Notes = append(methodNotes(r.opts), r.notes...)
+	rep.Notes = append(rep.Notes, spliceNotes(r.splice)...)
+	rep.NotMeasured = notMeasured()
+	return rep
+}
+
+// buildFigures fills rep.Figures from s and attaches the targets of issue 5.
+func buildFigures(rep *Report, s samples, idleConns int) {
+	for _, d := range figureDefs {
+		f := Figure{Key: d.key, Name: d.name, Unit: d.unit, Values: map[string]*Value{}}
+		if idleConns > 0 {
+			f.Name = replaceN(f.Name, idleConns)
+		}
+		for setup, runs := range s[d.key] {
+			f.Values[setup] = newValue(runs)
+		}
+		rep.Figures = append(rep.Figures, f)
+	}
+	// Added latency: a setup's median minus K's.
+	for _, p := range []struct{ added, abs string }{{"lat_added_p50", "lat_p50"}, {"lat_added_p99", "lat_p99"}} {
+		abs, added := rep.Figure(p.abs), rep.Figure(p.added)
+		k := abs.Median(SetupK)
+		for setup := range abs.Values {
+			if setup != SetupK {
+				added.Values[setup] = &Value{Median: JSONFloat(abs.Median(setup) - k)}
+			}
+		}
+	}
+	m := func(key, setup string) float64 { return rep.Figure(key).Median(setup) }
+	check := func(key string, c Check) {
+		f := rep.Figure(key)
+		f.Checks = append(f.Checks, c)
+	}
+	for _, k := range TCPKeys {
+		want := 0.90
+		if k == "tcp4_up" || k == "tcp4_down" {
+			want = 0.80
+		}
+		check(k, ratioCheck(fmt.Sprintf("tpgw ≥ %.2f×K", want), m(k, SetupTPGW), m(k, SetupK), want, true))
+		check(k, ratioCheck("tpgw ss ≥ ss-redir", m(k, SetupTPGWSS), m(k, SetupSSRedir), 1, true))
+	}
+	check("cpu_per_gb", ratioCheck("tpgw ≤ 0.7×mihomo-tproxy", m("cpu_per_gb", SetupTPGW), m("cpu_per_gb", SetupMihomo), 0.7, false))
+	check("cpu_per_gb", ratioCheck("tpgw ss ≤ ss-redir", m("cpu_per_gb", SetupTPGWSS), m("cpu_per_gb", SetupSSRedir), 1, false))
+	check("conn_rate", ratioCheck("tpgw ≥ mihomo-tproxy", m("conn_rate", SetupTPGW), m("conn_rate", SetupMihomo), 1, true))
+	for _, rate := range udpRates {
+		key := fmt.Sprintf("udp_loss_%d", rate)
+		check(key, limitCheck("tpgw ≤ 1%", m(key, SetupTPGW), 1, false, "%.2f%%"))
+	}
+	for _, key := range []string{"dns_qps_new", "dns_qps_hijack", "dns_qps_direct"} {
+		check(key, limitCheck("≥ 100k qps", m(key, SetupTPGW), 100000, true, "%.0f"))
+	}
+	check("idle_mem_per_conn", limitCheck("tpgw ≤ 16 KiB", m("idle_mem_per_conn", SetupTPGW), 16, false, "%.1f KiB"))
+	check("idle_bulk", ratioCheck("tpgw ≥ 0.8×K", m("idle_bulk", SetupTPGW), m("idle_bulk", SetupK), 0.8, true))
+	check("splice_calls", limitCheck("tpgw DIRECT splices", m("splice_calls", SetupTPGW), 1, true, "%.0f calls"))
+}
+
+func replaceN(name string, n int) string {
+	out := []byte{}
+	for i := 0; i < len(name); i++ {
+		if name[i] == 'N' && (i+1 == len(name) || name[i+1] == ' ') && (i == 0 || name[i-1] == ' ') {
+			out = append(out, fmt.Sprint(n)...)
+			continue
+		}
+		out = append(out, name[i])
+	}
+	return string(out)
+}
+
+func methodNotes(o Options) []string {
+	return []string{
+		fmt.Sprintf("Topology: client ns → gateway ns → upstream ns (iperf3 -s, Go HTTP server), ss-server in the proxy ns behind the upstream; veths only, IPv4. iperf3 -t %d -O 1 (TCP), -t %d (UDP); every setup of a repetition runs in turn, the order rotating between repetitions.", o.Seconds, o.Seconds),
+		"K is kernel forwarding (ip_forward=1, no rules). tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
+		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
+		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
+		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
+		"DNS: dnsperf over 1000 distinct A names. First one pass over the new names (-n 1 -q 50: each allocates a fake IP), then -c 4 -q 100 -l 5 over the same, now known, names: hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053).",
+		"The 2 cores are shared by the client tools, the gateway, the servers and ss-server; other work on the host adds noise. The figures compare setups within this run, not across machines.",
+	}
+}
+
+func spliceNotes(calls map[string]map[string]int64) []string {
+	var notes []string
+	for _, setup := range []string{SetupTPGW, SetupMihomo, SetupTPGWSS} {
+		c, ok := calls[setup]
+		if !ok {
+			continue
+		}
+		verdict := "does not splice"
+		if c["splice"] > 0 {
+			verdict = "splices"
+		}
+		notes = append(notes, fmt.Sprintf("Splice check, %s: %d splice, %d read, %d write, %d readv/writev, %d sendmsg/recvmsg/sendto/recvfrom calls during a 3 s iperf3 upload under strace → %s.",
+			setup, c["splice"], c["read"], c["write"], c["readv"]+c["writev"], c["sendmsg"]+c["recvmsg"]+c["sendto"]+c["recvfrom"], verdict))
+	}
+	return notes
+}
+
+func notMeasured() []string {
+	return []string{
+		"DNS-driven kernel bypass (a DIRECT-by-domain flow at ≥ 0.97×K): the feature is not in tpgw yet.",
+		"IPv6 paths, UDP through the shadowsocks path, and ss-redir's UDP relay.",
+		"Kernel CPU of K (softirq) and the kernel memory of socket buffers.",
+	}
+}

@@ -1,0 +1,374 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/testnet"
+)
+
+// Options configure Run.
+type Options struct {
+	TPGWBin   string // bin/tpgw
+	HelperBin string // bench/cmd/mihomo-tproxy
+	Reps      int    // interleaved repetitions (medians are taken over them)
+	Seconds   int    // iperf3 -t of each TCP/UDP run (plus one omitted second for TCP)
+	IdleConns int    // idle connections held open for the memory figures
+	Log       io.Writer
+}
+
+// runner holds one benchmark run.
+type runner struct {
+	env   *Env
+	opts  Options
+	tp    *testnet.Topology
+	s     samples
+	notes []string
+	// failures counts measurements that failed; each leaves a NaN run.
+	failures int
+	queries  string // dnsperf input file
+	idle     *idleServer
+	splice   map[string]map[string]int64 // setup -> syscall -> calls
+	log      io.Writer
+}
+
+// tcpCases are the iperf3 TCP figures.
+var tcpCases = []struct {
+	key, name string
+	args      []string
+}{
+	{"tcp1_up", "TCP 1 stream, upload", nil},
+	{"tcp1_down", "TCP 1 stream, download (-R)", []string{"-R"}},
+	{"tcp4_up", "TCP 4 streams, upload", []string{"-P", "4"}},
+	{"tcp4_down", "TCP 4 streams, download (-R)", []string{"-P", "4", "-R"}},
+}
+
+// TCPKeys are the throughput figures drawn in the SVG.
+var TCPKeys = []string{"tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down"}
+
+var udpRates = []int{50, 100, 300} // Mbit/s offered
+
+// Run builds the topology, measures every setup and returns the report. The
+// namespaces and every process it started are gone when it returns, also on
+// error; a report with what was measured is returned together with an error.
+func Run(opts Options) (*Report, error) {
+	if opts.Log == nil {
+		opts.Log = io.Discard
+	}
+	if opts.Reps < 1 {
+		opts.Reps = 1
+	}
+	if opts.Seconds < 1 {
+		opts.Seconds = 5
+	}
+	started := time.Now()
+	loadStart := loadAverage()
+	// The client's idle sockets live in this process and the gateway
+	// inherits the limit. Raising the hard limit needs CAP_SYS_RESOURCE; when
+	// that is missing, the soft limit Go already raised to the hard one stays.
+	lim := syscall.Rlimit{Cur: 1 << 17, Max: 1 << 17}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		fmt.Fprintf(opts.Log, "note: RLIMIT_NOFILE stays %d (raise: %v)\n", nofileLimit(), err)
+	}
+	env := NewEnv("tpgw-bench", opts.Log)
+	defer env.Close()
+	r := &runner{env: env, opts: opts, s: samples{}, splice: map[string]map[string]int64{}, log: opts.Log}
+	err := env.Do(r.run)
+	rep := r.report(started)
+	rep.Load = [2]string{loadStart, loadAverage()}
+	return rep, err
+}
+
+func (r *runner) logf(format string, a ...any) {
+	fmt.Fprintf(r.log, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, a...)...)
+}
+
+func (r *runner) run() {
+	r.logf("building namespaces")
+	r.tp = testnet.New(r.env)
+	tp := r.tp
+	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway} {
+		ns.SetSysctl(r.env, "net.ipv4.ip_local_port_range", "1024 65000")
+	}
+	tp.StartHTTPServer(r.env, httpPort)
+	tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod)
+	srv := tp.Upstream.Start(r.env, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
+	if err := testnet.WaitTCP(tp.Upstream, fmt.Sprintf("127.0.0.1:%d", iperfPort), 10*time.Second); err != nil {
+		r.env.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
+	}
+	r.queries = r.writeQueries(1000)
+	r.idle = r.startIdleServer()
+
+	for rep := 0; rep < r.opts.Reps; rep++ {
+		// Rotate the order so that no setup always runs first or last.
+		n := len(Setups)
+		for i := range n {
+			setup := Setups[(i+rep)%n]
+			r.logf("repetition %d/%d: %s", rep+1, r.opts.Reps, setup)
+			r.measureSetup(setup)
+		}
+	}
+	for _, setup := range []string{SetupK, SetupTPGW, SetupMihomo} {
+		r.logf("%d idle connections: %s", r.opts.IdleConns, setup)
+		r.measureIdle(setup)
+	}
+	for _, setup := range []string{SetupTPGW, SetupMihomo, SetupTPGWSS} {
+		r.logf("splice check: %s", setup)
+		r.measureSplice(setup)
+	}
+}
+
+func (r *runner) fail(what string, err error) {
+	r.failures++
+	r.logf("FAILED %s: %v", what, err)
+	r.notes = append(r.notes, fmt.Sprintf("failed: %s: %v", what, firstLine(err.Error())))
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}
+
+// measureSetup runs every figure that applies to setup once.
+func (r *runner) measureSetup(setup string) {
+	g, err := r.start(setup)
+	if err != nil {
+		r.fail("start "+setup, err)
+		for _, c := range tcpCases {
+			r.s.add(c.key, setup, math.NaN())
+		}
+		return
+	}
+	defer g.stop()
+	r.measureTCP(g)
+	if setup == SetupK || setup == SetupTPGW || setup == SetupMihomo {
+		r.measureHTTP(g)
+	}
+	if setup == SetupK || setup == SetupTPGW {
+		r.measureUDP(g)
+	}
+	if setup == SetupTPGW {
+		r.measureDNS(g)
+	}
+}
+
+func (r *runner) iperf(extra ...string) (IperfResult, error) {
+	args := append([]string{"-c", r.tp.UpstreamIP.String(), "-p", strconv.Itoa(iperfPort), "-J",
+		"-t", strconv.Itoa(r.opts.Seconds)}, extra...)
+	out, err := r.tp.Client.Run(r.env, time.Duration(r.opts.Seconds+30)*time.Second, "iperf3", args...)
+	res, perr := ParseIperf([]byte(out), slicesContains(extra, "-u"))
+	if perr != nil {
+		return res, errors.Join(err, perr)
+	}
+	return res, nil
+}
+
+func slicesContains(xs []string, s string) bool { return indexOf(xs, s) >= 0 }
+
+// cpu returns the gateway process's CPU seconds; NaN for K (softirq work is
+// not attributed to any process).
+func (g *gateway) cpu() float64 {
+	if g.pid == 0 {
+		return math.NaN()
+	}
+	v, err := ProcCPUSeconds(g.pid)
+	if err != nil {
+		return math.NaN()
+	}
+	return v
+}
+
+func (r *runner) measureTCP(g *gateway) {
+	var cpu float64
+	var bytes int64
+	for _, c := range tcpCases {
+		before := g.cpu()
+		res, err := r.iperf(append([]string{"-O", "1"}, c.args...)...)
+		after := g.cpu()
+		if err != nil {
+			r.fail(fmt.Sprintf("%s %s", g.setup, c.name), err)
+			r.s.add(c.key, g.setup, math.NaN())
+			continue
+		}
+		r.s.add(c.key, g.setup, res.BitsPerSec/1e9)
+		cpu += after - before
+		bytes += res.Bytes
+		r.logf("  %-28s %6.2f Gbit/s  cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before)
+	}
+	// K: NaN, shown as n/a (its forwarding runs in softirq, in no process).
+	r.s.add("cpu_per_gb", g.setup, CPUPerGB(cpu, bytes))
+}
+
+func (r *runner) measureHTTP(g *gateway) {
+	url := fmt.Sprintf("http://%s:%d/", r.tp.UpstreamIP, httpPort)
+	out, err := r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t2", "-c32", "-d5s", "-H", "Connection: close", url)
+	if res, perr := ParseWrk(out); err != nil || perr != nil {
+		r.fail(g.setup+" wrk connection rate", errors.Join(err, perr))
+		r.s.add("conn_rate", g.setup, math.NaN())
+	} else {
+		r.s.add("conn_rate", g.setup, res.RequestsPerSec)
+		r.logf("  connections/s %.0f (errors %d)", res.RequestsPerSec, res.Errors)
+	}
+	out, err = r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t1", "-c1", "-d3s", "--latency", url)
+	if res, perr := ParseWrk(out); err != nil || perr != nil || res.P50 == 0 {
+		r.fail(g.setup+" wrk latency", errors.Join(err, perr))
+		r.s.add("lat_p50", g.setup, math.NaN())
+		r.s.add("lat_p99", g.setup, math.NaN())
+	} else {
+		r.s.add("lat_p50", g.setup, float64(res.P50)/float64(time.Microsecond))
+		r.s.add("lat_p99", g.setup, float64(res.P99)/float64(time.Microsecond))
+		r.logf("  latency p50 %v p99 %v", res.P50, res.P99)
+	}
+}
+
+func (r *runner) measureUDP(g *gateway) {
+	for _, rate := range udpRates {
+		key := fmt.Sprintf("udp_loss_%d", rate)
+		res, err := r.iperf("-u", "-b", fmt.Sprintf("%dM", rate), "-l", "1400")
+		if err != nil {
+			r.fail(fmt.Sprintf("%s UDP %d Mbit/s", g.setup, rate), err)
+			r.s.add(key, g.setup, math.NaN())
+			continue
+		}
+		r.s.add(key, g.setup, res.LostPercent)
+		r.logf("  UDP %d Mbit/s: %.2f%% lost of %d", rate, res.LostPercent, res.Packets)
+	}
+}
+
+// writeQueries writes n distinct A queries for dnsperf; fake-ip answers each
+// from its pool, so no upstream resolver is involved.
+func (r *runner) writeQueries(n int) string {
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "host%d.bench.example A\n", i)
+	}
+	p := filepath.Join(r.env.TempDir(), "queries.txt")
+	if err := os.WriteFile(p, []byte(b.String()), 0o644); err != nil {
+		r.env.Fatal(err)
+	}
+	return p
+}
+
+func (r *runner) measureDNS(g *gateway) {
+	for _, c := range []struct {
+		key    string
+		ns     *testnet.NS
+		server string
+		port   string
+		extra  []string
+	}{
+		// The first pass over new names: each allocates a fake IP.
+		{"dns_qps_new", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-n", "1", "-c", "1", "-q", "50"}},
+		// Any server's port 53 from the client: hijacked by the rules.
+		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "100"}},
+		// The server itself, from inside the gateway (the input guard keeps
+		// LAN clients off port 1053).
+		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "100"}},
+	} {
+		args := append([]string{"-s", c.server, "-p", c.port, "-d", r.queries, "-t", "2"}, c.extra...)
+		out, err := c.ns.Run(r.env, 60*time.Second, "dnsperf", args...)
+		res, perr := ParseDNSPerf(out)
+		if err != nil || perr != nil {
+			r.fail(g.setup+" "+c.key, errors.Join(err, perr))
+			r.s.add(c.key, g.setup, math.NaN())
+			continue
+		}
+		r.s.add(c.key, g.setup, res.QPS)
+		r.logf("  %s %.0f qps (%.2f%% lost)", c.key, res.QPS, res.LostPercent)
+	}
+}
+
+// measureSplice counts the syscalls of the gateway process during a short
+// single-stream upload with strace -c (which slows it down: the counts, not
+// the throughput, are the result).
+func (r *runner) measureSplice(setup string) {
+	g, err := r.start(setup)
+	if err != nil {
+		r.fail("splice check: start "+setup, err)
+		return
+	}
+	defer g.stop()
+	out := filepath.Join(r.env.TempDir(), "strace.txt")
+	cmd := exec.Command("strace", "-f", "-c", "-o", out,
+		"-e", "trace=splice,read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg", "-p", strconv.Itoa(g.pid))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	// Pdeathsig follows the thread that forks: keep it for the child's life.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := cmd.Start(); err != nil {
+		r.fail("splice check: strace", err)
+		return
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	time.Sleep(time.Second) // attach to every thread
+	_, ierr := r.iperf("-t", "3")
+	_ = cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+	if ierr != nil {
+		r.fail("splice check: iperf3 "+setup, ierr)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		r.fail("splice check: strace output "+setup, fmt.Errorf("%w; %s", err, stderr.String()))
+		return
+	}
+	calls, err := ParseStraceSummary(string(b))
+	if err != nil {
+		r.fail("splice check: "+setup, err)
+		return
+	}
+	r.splice[setup] = calls
+	r.logf("  syscalls: %v", calls)
+}
+
+// Machine describes the host the run is on.
+func machine(tpgwBin string) Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), CPU: "unknown", TPGW: "unknown"}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "model name"); ok {
+				m.CPU = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	if out, err := exec.Command(tpgwBin, "version").Output(); err == nil {
+		m.TPGW = strings.TrimSpace(string(out))
+	}
+	return m
+}
+
+// loadAverage is the 1-minute load average of the host.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) > 0 {
+		return f[0]
+	}
+	return "unknown"
+}

@@ -230,7 +230,7 @@ func TestDestroyAfterPartialBuild(t *testing.T) {
 	testenv.RequireRoot(t)
 	ipPath, err := lookTool("ip")
 	if err != nil {
-		t.Skip(err)
+		testenv.Unavailable(t, "%v", err)
 	}
 	tp := &Topology{ipPath: ipPath}
 	ns, err := tp.newNS("tpgw-partial-"+strconv.Itoa(os.Getpid()), netip.MustParseAddr("192.0.2.1"))

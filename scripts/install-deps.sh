@@ -1,5 +1,6 @@
 #!/bin/sh
-# Installs the Debian packages tpgw's tests and demo use, when missing.
+# Installs the Debian packages tpgw's tests and demo use, when missing
+# (with the argument "bench": also what make bench uses).
 # Needs root (apt-get). Safe to run again: it only installs what is absent.
 set -eu
 need=""
@@ -16,7 +17,11 @@ check dnsmasq dnsmasq-base
 check ss-server shadowsocks-libev
 check ss-redir shadowsocks-libev
 check gcc gcc
-check wrk wrk; check dnsperf dnsperf; check strace strace # make bench
+if [ "${1:-}" = bench ]; then # make bench only
+	check wrk wrk
+	check dnsperf dnsperf
+	check strace strace
+fi
 if [ -n "$need" ]; then
 	if [ "$(id -u)" != 0 ]; then
 		echo "install-deps: missing packages:$need (run as root to install them)" >&2

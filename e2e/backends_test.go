@@ -186,9 +186,7 @@ func TestBackends(t *testing.T) {
 			if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
 				t.Errorf("watchdog %v still running after a clean exit", left)
 			}
-			if after := testnet.Snapshot(t, tp.Gateway); after != before {
-				t.Fatalf("%s: kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", backend, before, after)
-			}
+			sameKernelState(t, tp, before, "after SIGTERM")
 
 			// kill -9: nothing in tpgw can clean up; `tpgw cleanup` must.
 			p = runTPGW(t, tp, cfg)
@@ -205,13 +203,7 @@ func TestBackends(t *testing.T) {
 			if after := testnet.Snapshot(t, tp.Gateway); after == before {
 				t.Fatalf("kill -9 left nothing behind: the test proves nothing")
 			}
-			code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg)
-			if code != 0 {
-				t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
-			}
-			if after := testnet.Snapshot(t, tp.Gateway); after != before {
-				t.Fatalf("%s: kernel state differs after kill -9 and tpgw cleanup\n--- before\n%s\n--- after\n%s", backend, before, after)
-			}
+			cleanupRestores(t, tp, cfg, before)
 		})
 	}
 
@@ -227,9 +219,7 @@ func TestBackends(t *testing.T) {
 		checkBackendInKernel(t, tp, "nftables")
 		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw (auto)")
 		stopTPGW(t, p, syscall.SIGTERM)
-		if after := testnet.Snapshot(t, tp.Gateway); after != before {
-			t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
-		}
+		sameKernelState(t, tp, before, "after SIGTERM")
 	})
 }
 

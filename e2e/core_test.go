@@ -58,9 +58,7 @@ func TestDirect(t *testing.T) {
 		t.Errorf("tpgw log does not show the flow's rule decision:\n%s", p.Output())
 	}
 	stopTPGW(t, p, syscall.SIGTERM)
-	if after := testnet.Snapshot(t, tp.Gateway); after != before {
-		t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
-	}
+	sameKernelState(t, tp, before, "after SIGTERM")
 	// With tpgw gone and ip_forward restored to 0, the client cannot reach the upstream.
 	if _, err := tp.Curl(t, "http://203.0.113.2:8080/", "--max-time", "2"); err == nil {
 		t.Error("client still reaches the upstream after tpgw stopped (ip_forward not restored?)")
@@ -91,9 +89,7 @@ func TestShadowsocks(t *testing.T) {
 		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "IP-CIDR → DIRECT")
 		stopTPGW(t, p, syscall.SIGTERM)
 	})
-	if after := testnet.Snapshot(t, tp.Gateway); after != before {
-		t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
-	}
+	sameKernelState(t, tp, before, "after SIGTERM")
 }
 
 // TestCrashRecovery: after kill -9 the rules stay (nothing could remove them);
@@ -133,21 +129,13 @@ func TestCrashRecovery(t *testing.T) {
 	}
 	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through the restarted tpgw")
 	stopTPGW(t, p, syscall.SIGTERM)
-	if after := testnet.Snapshot(t, tp.Gateway); after != before {
-		t.Fatalf("kernel state differs after the restarted run stopped\n--- before\n%s\n--- after\n%s", before, after)
-	}
+	sameKernelState(t, tp, before, "after the restarted run stopped")
 
 	// Crash again, then clean up by hand.
 	p = startTPGW(t, tp, cfg)
 	p.Kill()
 	p.Wait(10 * time.Second)
-	code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg)
-	if code != 0 {
-		t.Fatalf("tpgw cleanup exit %d: %s %s", code, out, errOut)
-	}
-	if after := testnet.Snapshot(t, tp.Gateway); after != before {
-		t.Fatalf("kernel state differs after tpgw cleanup\n--- before\n%s\n--- after\n%s", before, after)
-	}
+	cleanupRestores(t, tp, cfg, before)
 	// cleanup with nothing to clean is fine too.
 	if code, _, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg); code != 0 {
 		t.Fatalf("second cleanup: exit %d: %s", code, errOut)

@@ -94,13 +94,7 @@ func TestOnFailure(t *testing.T) {
 					}
 				}
 
-				code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg)
-				if code != 0 {
-					t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
-				}
-				if after := testnet.Snapshot(t, tp.Gateway); after != before {
-					t.Fatalf("kernel state differs after kill -9 and tpgw cleanup\n--- before\n%s\n--- after\n%s", before, after)
-				}
+				cleanupRestores(t, tp, cfg, before)
 			})
 		}
 	}

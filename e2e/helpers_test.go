@@ -198,3 +198,23 @@ func requirePeers(t testing.TB) {
 	testenv.RequireRoot(t)
 	testenv.RequireTools(t, "ip", "nft", "curl", "ss-server")
 }
+
+// sameKernelState fails the test when the gateway's kernel state (nft
+// ruleset, iptables-save, ip rules, routes, forwarding sysctls) is not what
+// it was before tpgw started.
+func sameKernelState(t testing.TB, tp *testnet.Topology, before, when string) {
+	t.Helper()
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state differs %s\n--- before\n%s\n--- after\n%s", when, before, after)
+	}
+}
+
+// cleanupRestores runs `tpgw cleanup -c cfg` in the gateway and checks that
+// it brought the kernel state back to before.
+func cleanupRestores(t testing.TB, tp *testnet.Topology, cfg, before string) {
+	t.Helper()
+	if code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg); code != 0 {
+		t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
+	}
+	sameKernelState(t, tp, before, "after kill -9 and tpgw cleanup")
+}

@@ -64,9 +64,7 @@ func TestProxySelf(t *testing.T) {
 			wantSeen(t, tp, "http://203.0.113.2:8080/", "198.51.100.2", "LAN client via ss-server")
 
 			stopTPGW(t, p, syscall.SIGTERM)
-			if after := testnet.Snapshot(t, tp.Gateway); after != before {
-				t.Fatalf("kernel state differs after SIGTERM\n--- before\n%s\n--- after\n%s", before, after)
-			}
+			sameKernelState(t, tp, before, "after SIGTERM")
 		})
 	}
 }
@@ -108,12 +106,7 @@ func TestProxySelfOnFailureOpen(t *testing.T) {
 			if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
 				t.Fatalf("watchdog %v still running", left)
 			}
-			if code, out, errOut := tpgwCmd(t, tp.Gateway, "cleanup", "-c", cfg); code != 0 {
-				t.Fatalf("tpgw cleanup: exit %d: %s %s", code, out, errOut)
-			}
-			if after := testnet.Snapshot(t, tp.Gateway); after != before {
-				t.Fatalf("kernel state differs after kill -9 and tpgw cleanup\n--- before\n%s\n--- after\n%s", before, after)
-			}
+			cleanupRestores(t, tp, cfg, before)
 		})
 	}
 }

@@ -218,3 +218,32 @@ func cleanupRestores(t testing.TB, tp *testnet.Topology, cfg, before string) {
 	}
 	sameKernelState(t, tp, before, "after kill -9 and tpgw cleanup")
 }
+
+// killExpectDirect kills tpgw with SIGKILL and checks that, within 3s,
+// probe sees traffic flow directly (on-failure: open) and that tpgw's
+// watchdog has exited. what names the traffic in failure messages.
+func killExpectDirect(t testing.TB, p *testnet.Proc, what string, probe func() (string, bool)) {
+	t.Helper()
+	p.Kill()
+	killed := time.Now()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+	if waitFor(t, 3*time.Second, probe) == "" {
+		t.Fatalf("%s does not flow directly within 3s of kill -9\n%s", what, p.Output())
+	}
+	t.Logf("%s direct %v after kill -9", what, time.Since(killed).Round(time.Millisecond))
+	if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
+		t.Fatalf("watchdog %v still running", left)
+	}
+}
+
+// clientSeenDirect probes that the client's HTTP reaches the upstream with
+// the client's own address (kernel-forwarded, not through tpgw).
+func clientSeenDirect(t testing.TB, tp *testnet.Topology) func() (string, bool) {
+	return func() (string, bool) {
+		out, err := tp.Curl(t, "http://203.0.113.2:8080/", "--max-time", "1")
+		out = strings.TrimSpace(out)
+		return out, err == nil && out == "192.168.77.2"
+	}
+}

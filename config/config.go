@@ -91,6 +91,11 @@ type Gateway struct {
 	// closed; UDPMaxSessions bounds the session table.
 	UDPTimeout     time.Duration
 	UDPMaxSessions int
+	// DNSBypass: the fake-ip DNS server answers names whose flows mihomo's
+	// rules send to the literal DIRECT for certain with their real addresses,
+	// and puts those in a kernel set that is forwarded without tpgw
+	// (nftables only; see dns/doc.go).
+	DNSBypass bool
 }
 
 // Error is a configuration error that names the key and the line.
@@ -215,7 +220,7 @@ func Parse(raw []byte, file string) (*Config, error) {
 		}
 	}
 	if tpgwNode != nil {
-		if err := p.parseGateway(tpgwNode, &c.Gateway); err != nil {
+		if err := p.parseGateway(tpgwNode, &c.Gateway, c.DNS); err != nil {
 			return nil, err
 		}
 	}
@@ -338,9 +343,9 @@ func parseListen(s string) (netip.AddrPort, error) {
 	return ap, nil
 }
 
-var gatewayKeys = []string{"backend", "interfaces", "mark", "table", "bypass", "bypass-src", "proxy-self", "ipv6", "on-failure", "dns-hijack", "forward", "state-dir", "udp-timeout", "udp-max-sessions"}
+var gatewayKeys = []string{"backend", "interfaces", "mark", "table", "bypass", "bypass-src", "proxy-self", "ipv6", "on-failure", "dns-hijack", "forward", "state-dir", "udp-timeout", "udp-max-sessions", "dns-bypass"}
 
-func (p parser) parseGateway(n *yaml.Node, g *Gateway) error {
+func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 	if n.Tag == "!!null" {
 		return nil
 	}
@@ -348,6 +353,7 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway) error {
 		return p.errf(n, "tpgw", "must be a mapping of keys")
 	}
 	seen := map[string]bool{}
+	var dnsBypassNode *yaml.Node
 	for i := 0; i+1 < len(n.Content); i += 2 {
 		k, v := n.Content[i], n.Content[i+1]
 		key := "tpgw." + k.Value
@@ -441,11 +447,22 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway) error {
 			if err = p.decode(v, key, &g.UDPMaxSessions); err == nil && (g.UDPMaxSessions < 16 || g.UDPMaxSessions > 1<<20) {
 				err = p.errf(v, key, "%d is out of range (16-1048576)", g.UDPMaxSessions)
 			}
+		case "dns-bypass":
+			err = p.decode(v, key, &g.DNSBypass)
+			dnsBypassNode = v
 		default:
 			return p.errf(k, key, "unknown key (known: %s)", strings.Join(gatewayKeys, ", "))
 		}
 		if err != nil {
 			return err
+		}
+	}
+	if g.DNSBypass {
+		switch {
+		case g.Backend == BackendIPTables:
+			return p.errf(dnsBypassNode, "tpgw.dns-bypass", "needs the nftables backend (tpgw.backend is iptables)")
+		case !dns.FakeIP():
+			return p.errf(dnsBypassNode, "tpgw.dns-bypass", "needs the fake-ip DNS server (dns.enable: true, dns.enhanced-mode: fake-ip)")
 		}
 	}
 	return nil

@@ -88,6 +88,19 @@ tpgw:
 	}
 }
 
+const fakeIPDNS = "dns:\n  enable: true\n  enhanced-mode: fake-ip\n"
+
+func TestDNSBypass(t *testing.T) {
+	c, err := Parse([]byte(fakeIPDNS), "")
+	if err != nil || c.Gateway.DNSBypass {
+		t.Fatalf("dns-bypass must default to off: %v %+v", err, c.Gateway)
+	}
+	c, err = Parse([]byte(fakeIPDNS+"tpgw:\n  backend: nftables\n  dns-bypass: true\n"), "")
+	if err != nil || !c.Gateway.DNSBypass {
+		t.Fatalf("dns-bypass: true not taken: %v", err)
+	}
+}
+
 func TestProxySelfDefaultsRoutingMark(t *testing.T) {
 	c, err := Parse([]byte("tpgw:\n  proxy-self: true\n"), "")
 	if err != nil {
@@ -127,6 +140,9 @@ func TestErrors(t *testing.T) {
 		{"bad udp timeout", "tpgw:\n  udp-timeout: soon\n", []string{"tpgw.udp-timeout", "soon"}},
 		{"tiny udp table", "tpgw:\n  udp-max-sessions: 1\n", []string{"tpgw.udp-max-sessions"}},
 		{"relative state dir", "tpgw:\n  state-dir: run\n", []string{"tpgw.state-dir", "absolute"}},
+		{"dns-bypass not a bool", "tpgw:\n  dns-bypass: sometimes\n", []string{"tpgw.dns-bypass", ":2"}},
+		{"dns-bypass without fake-ip", "dns:\n  enable: true\n  enhanced-mode: redir-host\ntpgw:\n  dns-bypass: true\n", []string{"tpgw.dns-bypass", ":5", "fake-ip"}},
+		{"dns-bypass with iptables", fakeIPDNS + "tpgw:\n  backend: iptables\n  dns-bypass: true\n", []string{"tpgw.dns-bypass", ":6", "nftables"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

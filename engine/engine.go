@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/metacubex/mihomo/component/profile/cachefile"
@@ -47,6 +48,7 @@ type Engine struct {
 	logStop func()
 	inAddr  netip.AddrPort
 	once    sync.Once
+	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
 }
 
 // started guards mihomo's process-wide state: one Engine per process.
@@ -63,6 +65,7 @@ func Check(raw []byte, homeDir string) error {
 	if err != nil {
 		return err
 	}
+	warnInboundsNotBuilt(rc, slog.Default())
 	// Opening cache.db for the persisted fake-ip pool is a side effect; a check has none.
 	rc.Profile.StoreFakeIP = false
 	rc.Profile.StoreSelected = false
@@ -121,6 +124,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("mihomo config: %w", err)
 	}
 	hub.ApplyConfig(cfg)
+	e.keepDNSView(cfg)
 	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
 		"mode", tunnel.Mode().String(), "routing_mark", cfg.General.RoutingMark,
 		"external_controller", cfg.Controller.ExternalController)
@@ -139,6 +143,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		return fmt.Errorf("mihomo config: %w", err)
 	}
 	hub.ApplyConfig(cfg)
+	e.keepDNSView(cfg)
 	e.log.Info("mihomo reloaded", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()))
 	return nil
 }

@@ -266,9 +266,16 @@ func (w *walker) match(m Match, mark uint32) (ok, known bool) {
 		if w.family() != m.Family || s.Family != m.Family {
 			return false, true
 		}
+		if s.Timeout {
+			// A dns-bypass set is filled by the running tpgw; the
+			// explanation assumes the address is not in it (see Plan.DNSBypassNote).
+			return false, true
+		}
 		return inRanges(s.Elements, a), true
 	case MatchSocketTransparent:
 		return false, true // no transparent socket owns a flow tpgw has not accepted yet
+	case MatchCTLabel:
+		return false, true // a new flow's connection has no label yet
 	case MatchLocalDst:
 		return w.isLocal(w.f.Dst.Addr()), true
 	}

@@ -25,6 +25,10 @@ import (
 // with this prefix in the mangle and filter tables.
 const iptPrefix = "TPGW"
 
+// ErrDNSBypassIPTables: the iptables backend has no form of the dns-bypass
+// sets (they would need ipsets with timeouts and connlabel matches).
+var ErrDNSBypassIPTables = errors.New("netcfg: dns-bypass needs the nftables backend; the iptables backend does not support it")
+
 // iptJumpComment marks our jump rules in the built-in chains.
 const iptJumpComment = "tpgw"
 
@@ -80,6 +84,9 @@ func iptJumpSpec(chain string) []string {
 // every chain name (Update builds the new chains beside the old ones). It has
 // no side effects.
 func iptablesChains(p *Plan, f Family, suffix string) ([]iptChain, error) {
+	if p.Options.DNSBypass {
+		return nil, ErrDNSBypassIPTables
+	}
 	name := func(chain string) string { return iptChainName(chain) + suffix }
 	// Regular chains live in the table of the base chain that jumps to them.
 	tableOf := map[string]string{}

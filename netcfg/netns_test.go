@@ -386,6 +386,13 @@ func TestApplyRemove(t *testing.T) {
 				before := n.snapshot(t)
 
 				inst, err := apply(t, n, newBackend(t, n, backend, ""), p, stateDir)
+				if o.DNSBypass && backend == "iptables" {
+					if !errors.Is(err, ErrDNSBypassIPTables) {
+						t.Fatalf("Apply with dns-bypass on iptables: %v, want ErrDNSBypassIPTables", err)
+					}
+					requireSameState(t, before, n.snapshot(t))
+					return
+				}
 				if err != nil {
 					t.Fatalf("Apply: %v", err)
 				}

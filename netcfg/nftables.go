@@ -38,7 +38,12 @@ func queueNftPlan(conn *nftables.Conn, p *Plan) error {
 			for i, n := range s.Names {
 				els[i] = nftables.SetElement{Key: ifname(n)}
 			}
-		case s.Family == IPv6:
+		case s.Timeout:
+			// Single addresses, each with its own timeout; empty until tpgw adds some.
+			set = &nftables.Set{Table: table, Name: s.Name, KeyType: nftables.TypeIPAddr, HasTimeout: true}
+			els = nil
+		}
+		if s.Family == IPv6 {
 			set.KeyType = nftables.TypeIP6Addr
 		}
 		if err := conn.AddSet(set, els); err != nil {
@@ -240,6 +245,13 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 				cmpEq(binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)))
 		case MatchSocketTransparent:
 			es = append(es, &expr.Socket{Key: expr.SocketKeyTransparent, Register: reg1}, cmpEq([]byte{1}))
+		case MatchCTLabel:
+			// What nft generates for "ct label N": the label bitmap masked to the bit, not zero.
+			zero := make([]byte, ctLabelSize)
+			es = append(es,
+				&expr.Ct{Key: expr.CtKeyLABELS, Register: reg1},
+				&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: ctLabelSize, Mask: ctLabelBit(m.Bit), Xor: zero},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: zero})
 		default:
 			return nil, fmt.Errorf("match %T not supported by the nftables backend", m)
 		}
@@ -257,6 +269,11 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 			&expr.Immediate{Register: reg1, Data: binaryutil.NativeEndian.PutUint32(a.SetMark)},
 			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: reg1})
 	}
+	if a.SetCTLabel {
+		es = append(es,
+			&expr.Immediate{Register: reg1, Data: ctLabelBit(ConnLabelDNSBypass)},
+			&expr.Ct{Key: expr.CtKeyLABELS, SourceRegister: true, Register: reg1})
+	}
 	switch a.Verdict {
 	case VerdictAccept:
 		es = append(es, &expr.Verdict{Kind: expr.VerdictAccept})
@@ -268,6 +285,16 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 		es = append(es, &expr.Verdict{Kind: expr.VerdictReturn})
 	}
 	return es, nil
+}
+
+// ctLabelSize is the size of the conntrack label bitmap (128 bits).
+const ctLabelSize = 16
+
+// ctLabelBit is the label bitmap with only bit set, as the kernel stores it.
+func ctLabelBit(bit uint8) []byte {
+	b := make([]byte, ctLabelSize)
+	b[int(bit)/8%ctLabelSize] = 1 << (bit % 8)
+	return b
 }
 
 func prefixMask(p netip.Prefix) []byte {

@@ -44,6 +44,10 @@ type Options struct {
 	// LANSources are source CIDRs intercepted in addition to the built-in
 	// private ranges (LANSourceRanges), when Interfaces is empty.
 	LANSources []netip.Prefix
+	// DNSBypass adds the dynamic sets dns_bypass4/6 and the rules that
+	// return their destinations (and connections labelled ConnLabelDNSBypass)
+	// to the kernel. nftables only. See doc.go.
+	DNSBypass bool
 }
 
 // On-failure policies.

@@ -112,12 +112,16 @@ func (p *Plan) Chain(name string) *Chain {
 }
 
 // Set is a named nft set: an interval set of addresses of one family, or
-// (Family 0) a set of interface names.
+// (Family 0) a set of interface names, or (Timeout) a set of single
+// addresses with timeouts that is empty in the plan and filled at run time.
 type Set struct {
 	Name     string
 	Family   Family      // IPv4 or IPv6 for address sets; 0 for an interface name set
 	Elements []AddrRange // address sets: sorted, merged, no overlaps
 	Names    []string    // interface name set: sorted
+	// Timeout marks a dynamic set (flags timeout): its elements are added
+	// while tpgw runs (dns-bypass) and expire on their own.
+	Timeout bool
 }
 
 // IsIfNames reports whether s is a set of interface names.
@@ -182,6 +186,9 @@ type MatchAddrSet struct {
 // MatchSocketTransparent holds when the packet belongs to a local socket with IP_TRANSPARENT.
 type MatchSocketTransparent struct{}
 
+// MatchCTLabel holds when the packet's connection carries conntrack label Bit.
+type MatchCTLabel struct{ Bit uint8 }
+
 // MatchLocalDst holds when the destination is an address of the gateway itself.
 type MatchLocalDst struct{}
 
@@ -202,6 +209,7 @@ func (MatchAddr) isMatch()              {}
 func (MatchAddrSet) isMatch()           {}
 func (MatchSocketTransparent) isMatch() {}
 func (MatchLocalDst) isMatch()          {}
+func (MatchCTLabel) isMatch()           {}
 
 func (m MatchFamily) String() string { return "meta nfproto " + m.Family.nfproto() }
 
@@ -275,6 +283,7 @@ func (m MatchAddrSet) String() string {
 }
 
 func (MatchSocketTransparent) String() string { return "socket transparent 1" }
+func (m MatchCTLabel) String() string         { return fmt.Sprintf("ct label %d", m.Bit) }
 func (MatchLocalDst) String() string          { return "fib daddr type local" }
 
 // Verdict ends a rule.
@@ -294,12 +303,15 @@ type TProxy struct {
 	Port   uint16
 }
 
-// Action is what a matching Rule does: optional tproxy, optional mark, then the verdict.
+// Action is what a matching Rule does: optional tproxy, optional mark,
+// optional conntrack label, then the verdict.
 type Action struct {
 	TProxy  *TProxy
 	SetMark uint32 // 0 = leave the mark alone
-	Verdict Verdict
-	Chain   string // VerdictJump: the target chain
+	// SetCTLabel puts conntrack label ConnLabelDNSBypass on the packet's connection.
+	SetCTLabel bool
+	Verdict    Verdict
+	Chain      string // VerdictJump: the target chain
 }
 
 func (a Action) String() string {
@@ -309,6 +321,9 @@ func (a Action) String() string {
 	}
 	if a.SetMark != 0 {
 		parts = append(parts, fmt.Sprintf("meta mark set %#x", a.SetMark))
+	}
+	if a.SetCTLabel {
+		parts = append(parts, fmt.Sprintf("ct label set %d", ConnLabelDNSBypass))
 	}
 	switch a.Verdict {
 	case VerdictAccept:
@@ -432,7 +447,19 @@ const (
 	setBypassSrc6    = "bypass_src6"
 	setLANSrc4       = "lan_src4"
 	setLANSrc6       = "lan_src6"
+	// SetDNSBypass4 and SetDNSBypass6 are the dynamic sets of dns-bypass:
+	// real addresses of names whose flows are DIRECT for certain, added by
+	// the fake-ip DNS server with a timeout (see DNSBypassSet).
+	SetDNSBypass4 = "dns_bypass4"
+	SetDNSBypass6 = "dns_bypass6"
 )
+
+// ConnLabelDNSBypass is the conntrack label (bit 0-127) put on connections
+// that started towards an address of the dns-bypass sets: their later packets
+// stay in the kernel when the address has expired from the set meanwhile, so
+// a long download is not cut off by its DNS TTL. The highest bit, rarely
+// used by others (conntrack labels are shared by everything on the host).
+const ConnLabelDNSBypass = 127
 
 // Built-in LAN sources: with no Interfaces given, only packets from these
 // (plus Options.LANSources) are intercepted, so that a WAN interface never
@@ -493,6 +520,25 @@ func BuildPlan(o Options) (*Plan, error) {
 	}
 	if o.IPv6 && len(src6) > 0 {
 		p.Sets = append(p.Sets, Set{Name: setBypassSrc6, Family: IPv6, Elements: mergePrefixes(src6)})
+	}
+	var dnsBypassSets []Set
+	if o.DNSBypass {
+		dnsBypassSets = append(dnsBypassSets, Set{Name: SetDNSBypass4, Family: IPv4, Timeout: true})
+		if o.IPv6 {
+			dnsBypassSets = append(dnsBypassSets, Set{Name: SetDNSBypass6, Family: IPv6, Timeout: true})
+		}
+		p.Sets = append(p.Sets, dnsBypassSets...)
+	}
+	// dnsBypass adds the dns-bypass returns: connections already labelled,
+	// then new ones to an address of the sets, which get the label.
+	dnsBypass := func(c *Chain) {
+		if len(dnsBypassSets) == 0 {
+			return
+		}
+		add(c, "flow to a dns-bypass address", ret, MatchCTLabel{Bit: ConnLabelDNSBypass})
+		for _, s := range dnsBypassSets {
+			add(c, "dns-bypass: DIRECT for certain", Action{SetCTLabel: true, Verdict: VerdictReturn}, MatchAddrSet{Family: s.Family, Set: s.Name})
+		}
 	}
 	var lanSets []Set // with no interfaces given, the LAN is known by its source addresses
 	if len(o.Interfaces) == 0 {
@@ -578,6 +624,7 @@ func BuildPlan(o Options) (*Plan, error) {
 			add(&div, "bypassed source", ret, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
 		}
 	}
+	dnsBypass(&div)
 	// Packets of connections our transparent sockets already own skip the tproxy lookup.
 	socketRule := []Match{MatchL4Proto{Protos: []uint8{ProtoTCP}}, MatchSocketTransparent{}}
 	if !o.IPv6 {
@@ -621,6 +668,7 @@ func BuildPlan(o Options) (*Plan, error) {
 				add(&divOut, "bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
 			}
 		}
+		dnsBypass(&divOut)
 		for _, f := range families {
 			add(&divOut, "gateway's own traffic (proxy-self)", markIt, MatchFamily{Family: f}, tcpUDP)
 		}
@@ -673,7 +721,11 @@ func (p *Plan) NftRuleset() string {
 			fmt.Fprintf(&b, "\tset %s {\n\t\ttype ifname\n\t\telements = { %s }\n\t}\n\n", s.Name, strings.Join(quoted, ", "))
 			continue
 		}
-		fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s\n\t\tflags interval\n", s.Name, s.Family.addrType())
+		flags := "interval"
+		if s.Timeout {
+			flags = "timeout"
+		}
+		fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s\n\t\tflags %s\n", s.Name, s.Family.addrType(), flags)
 		if len(s.Elements) > 0 {
 			b.WriteString("\t\telements = {")
 			for i, e := range s.Elements {

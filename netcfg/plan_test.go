@@ -34,7 +34,13 @@ func goldenCases() map[string]Options {
 	self.OnFailure = OnFailureClosed
 	self.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::/64")
 	self.LANSources = mustPrefixes("203.0.113.128/25", "2001:db8:77::/64")
+	// dns-bypass (nftables only), with proxy-self: both divert chains return its sets.
+	dnsBypass := DefaultOptions()
+	dnsBypass.RoutingMark = 255
+	dnsBypass.ProxySelf = true
+	dnsBypass.DNSBypass = true
 	return map[string]Options{
+		"dns_bypass_proxyself":    dnsBypass,
 		"proxyself_closed_lansrc": self,
 		"defaults_dns_ipv6":       DefaultOptions(),
 		"lan_bypass_no_ipv6":      lan,

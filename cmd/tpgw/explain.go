@@ -131,6 +131,14 @@ func explain(c *config.Config, a explainArgs, local []netip.Addr, w io.Writer) e
 
 	e := plan.Explain(f, local)
 	fmt.Fprintf(w, "kernel: %s\n", e)
+	if o := plan.Options; o.DNSBypass && e.Outcome == netcfg.OutcomeTProxy && e.Port == o.TProxyPort {
+		set := netcfg.SetDNSBypass4
+		if f.Dst.Addr().Is6() {
+			set = netcfg.SetDNSBypass6
+		}
+		fmt.Fprintf(w, "dns-bypass: assumed not in @%s; while the fake-ip DNS has put %s there (a name DIRECT for certain, for its TTL) the kernel forwards the flow instead (nft list set inet %s %s)\n",
+			set, f.Dst.Addr(), netcfg.TableName, set)
+	}
 	if e.Outcome != netcfg.OutcomeTProxy {
 		return nil
 	}

@@ -34,6 +34,7 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 		Forward:     g.Forward,
 		OnFailure:   g.OnFailure,
 		ProxySelf:   g.ProxySelf,
+		DNSBypass:   g.DNSBypass,
 	}
 	if c.DNS.FakeIP() {
 		o.FakeIPRange = c.DNS.FakeIPRange.Masked()
@@ -68,6 +69,7 @@ type gateway struct {
 	cfg       *config.Config
 	eng       *engine.Engine
 	installed *netcfg.Installed
+	bypass    *dns.Bypass // nil unless tpgw.dns-bypass
 	log       *slog.Logger
 }
 
@@ -87,6 +89,9 @@ func runGateway(o cmdOpts) (err error) {
 	backend, why, err := netcfg.ChooseBackend(c.Gateway.Backend, log)
 	if err != nil {
 		return err
+	}
+	if c.Gateway.DNSBypass && backend.Name() != config.BackendNftables {
+		return fmt.Errorf("tpgw.dns-bypass needs the nftables backend, and %s (%s)", backend.Name(), why)
 	}
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
@@ -117,8 +122,15 @@ func runGateway(o cmdOpts) (err error) {
 	go func() { serveErr <- udp.Serve() }()
 	defer udp.Close()
 
+	var bypass *dns.Bypass
+	var bypassSet lateBypassSet
+	var dnsEngine dns.Engine = eng
+	if c.Gateway.DNSBypass {
+		bypass = dns.NewBypass(eng, eng, &bypassSet, log)
+		dnsEngine = bypass
+	}
 	if c.DNS.Enable {
-		srv, err := dns.Listen(c.DNS.Listen, eng, log)
+		srv, err := dns.Listen(c.DNS.Listen, dnsEngine, log)
 		if err != nil {
 			return err
 		}
@@ -155,9 +167,18 @@ func runGateway(o cmdOpts) (err error) {
 			log.Info("kernel rules removed")
 		}
 	}()
+	if bypass != nil {
+		set, err := installed.DNSBypassSet()
+		if err != nil {
+			return err
+		}
+		bypassSet.attach(set)
+		defer func() { bypassSet.attach(nil); set.Close() }()
+		log.Info("dns-bypass on: names DIRECT for certain get real answers, forwarded by the kernel", "sets", "inet tpgw "+netcfg.SetDNSBypass4+", "+netcfg.SetDNSBypass6)
+	}
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
-	gw := &gateway{cfg: c, eng: eng, installed: installed, log: log}
+	gw := &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, log: log}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -195,9 +216,9 @@ func (gw *gateway) reload(path string) error {
 		return err
 	}
 	old := gw.cfg
-	if c.TProxyPort != old.TProxyPort || c.DNS.Listen != old.DNS.Listen || c.DNS.Enable != old.DNS.Enable {
-		gw.log.Warn("reload: tproxy-port and dns.listen/enable changes need a restart; keeping the running ones")
-		c.TProxyPort, c.DNS.Listen, c.DNS.Enable = old.TProxyPort, old.DNS.Listen, old.DNS.Enable
+	if c.TProxyPort != old.TProxyPort || c.DNS.Listen != old.DNS.Listen || c.DNS.Enable != old.DNS.Enable || c.Gateway.DNSBypass != old.Gateway.DNSBypass {
+		gw.log.Warn("reload: tproxy-port, dns.listen/enable and tpgw.dns-bypass changes need a restart; keeping the running ones")
+		c.TProxyPort, c.DNS.Listen, c.DNS.Enable, c.Gateway.DNSBypass = old.TProxyPort, old.DNS.Listen, old.DNS.Enable, old.Gateway.DNSBypass
 	}
 	if c.Gateway.Backend != old.Gateway.Backend || c.Gateway.StateDir != old.Gateway.StateDir || c.Gateway.OnFailure != old.Gateway.OnFailure {
 		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
@@ -215,6 +236,12 @@ func (gw *gateway) reload(path string) error {
 	}
 	if err := gw.installed.Update(plan); err != nil {
 		return fmt.Errorf("reload: kernel rules: %w", err)
+	}
+	if gw.bypass != nil {
+		// The new rules may send some of the bypassed names elsewhere.
+		if err := gw.bypass.Flush(); err != nil {
+			return fmt.Errorf("reload: %w", err)
+		}
 	}
 	gw.cfg = c
 	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)

@@ -1,0 +1,90 @@
+package netcfg
+
+import (
+	"errors"
+	"net/netip"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDNSBypassSet: with dns-bypass the table has two empty timeout sets;
+// Add puts addresses in with their timeout (and refreshes it), Flush empties
+// them, and Remove leaves nothing behind.
+func TestDNSBypassSet(t *testing.T) {
+	n := newTestNS(t, true)
+	o := DefaultOptions()
+	o.DNSBypass = true
+	p := mustPlan(t, o)
+	before := n.snapshot(t)
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), p, t.TempDir())
+	if err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	var set *DNSBypassSet
+	n.in(t, func() { set, err = inst.DNSBypassSet() })
+	if err != nil {
+		t.Fatalf("DNSBypassSet: %v", err)
+	}
+	defer set.Close()
+
+	list := func(name string) string { return n.run(t, "nft", "list", "set", "inet", TableName, name) }
+	v4, v6 := netip.MustParseAddr("203.0.113.2"), netip.MustParseAddr("2001:db8:1::2")
+	if err := set.Add([]netip.Addr{v4, v6, netip.MustParseAddr("::ffff:203.0.113.9")}, 90*time.Second); err != nil {
+		t.Fatalf("Add: %v", err)
+	}
+	for name, want := range map[string]*regexp.Regexp{
+		SetDNSBypass4: regexp.MustCompile(`203\.0\.113\.2 timeout 1m30s expires 1m[23]\d`),
+		SetDNSBypass6: regexp.MustCompile(`2001:db8:1::2 timeout 1m30s expires 1m[23]\d`),
+	} {
+		if got := list(name); !want.MatchString(got) {
+			t.Errorf("set %s lacks %s:\n%s", name, want, got)
+		}
+	}
+	if got := list(SetDNSBypass4); !strings.Contains(got, "203.0.113.9 timeout") {
+		t.Errorf("a v4-mapped address is not added as v4:\n%s", got)
+	}
+	// Adding again sets the new timeout.
+	if err := set.Add([]netip.Addr{v4}, 10*time.Minute); err != nil {
+		t.Fatalf("Add again: %v", err)
+	}
+	if got := list(SetDNSBypass4); !strings.Contains(got, "203.0.113.2 timeout 10m") {
+		t.Errorf("timeout not refreshed:\n%s", got)
+	}
+	if err := set.Flush(); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	for _, name := range []string{SetDNSBypass4, SetDNSBypass6} {
+		if got := list(name); strings.Contains(got, "elements") {
+			t.Errorf("set %s not empty after Flush:\n%s", name, got)
+		}
+	}
+	if err := set.Add([]netip.Addr{v4}, time.Minute); err != nil {
+		t.Fatalf("Add after Flush: %v", err)
+	}
+	remove(t, n, inst)
+	requireSameState(t, before, n.snapshot(t))
+}
+
+// TestDNSBypassSetRefused: the sets are only there when the plan asks for
+// them, and only with nftables.
+func TestDNSBypassSetRefused(t *testing.T) {
+	n := newTestNS(t, true)
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), mustPlan(t, DefaultOptions()), t.TempDir())
+	if err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	defer remove(t, n, inst)
+	if _, err := inst.DNSBypassSet(); err == nil || !strings.Contains(err.Error(), "dns-bypass is off") {
+		t.Errorf("DNSBypassSet without dns-bypass: %v", err)
+	}
+	o := DefaultOptions()
+	o.DNSBypass = true
+	if s := mustPlan(t, o).Render("iptables"); !strings.Contains(s, ErrDNSBypassIPTables.Error()) {
+		t.Errorf("iptables rendering does not say dns-bypass is unsupported:\n%s", s)
+	}
+	if _, err := iptablesChains(mustPlan(t, o), IPv4, ""); !errors.Is(err, ErrDNSBypassIPTables) {
+		t.Errorf("iptablesChains: %v", err)
+	}
+}

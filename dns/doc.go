@@ -44,6 +44,68 @@
 // reply sockets, the namespace) is shared with package relay in
 // internal/tsock.
 //
+// # DNS-driven kernel bypass (tpgw.dns-bypass, off by default)
+//
+// Bypass sits in front of the engine. For an A or AAAA query it asks the
+// engine (DirectResolver, engine.Engine.ResolveDirect) whether every flow to
+// the name, and to each of its real addresses, goes to mihomo's literal
+// DIRECT adapter for certain. If so, the engine resolves the name through
+// the resolver DIRECT dials with (direct-nameserver, else nameserver, with
+// nameserver-policy and mihomo's cache), Bypass puts each address into the
+// kernel set (BypassSet: netcfg's dns_bypass4/dns_bypass6, wired in
+// cmd/tpgw) with a timeout of the answer's TTL clamped to 1 min..1 h plus 5
+// min of grace, and only then answers with the real addresses (TTL at most 1
+// h). The kernel returns those destinations before the TPROXY rule, so their
+// flows are forwarded like any routed traffic and never enter tpgw. In any
+// other case, and when the set cannot be updated, the query goes to the
+// engine as before (a fake IP). A name asked again is re-added only when its
+// addresses have less than its TTL plus half the grace left.
+//
+// "For certain" is conservative (engine/bypass.go): rule mode only (global
+// and direct can be switched in the dashboard); the sniffer off (it may
+// replace a flow's name); the name neither in hosts nor in fake-ip-filter
+// (whose names keep their usual real answers and go through tpgw). The rules
+// are walked in order, first with the name alone, so a name whose rule is a
+// proxy is never resolved (fake-ip keeps proxied names away from the local
+// resolver); then for each address twice: as mihomo sees a flow to the fake
+// IP (the name, and the address only for rules that resolve) and with the
+// address known to every rule (no-resolve rules too: an IP-CIDR or GEOIP rule
+// sending the address to a proxy before the domain rule means no). A rule
+// before the deciding one that reads anything else (port, source, process,
+// network, inbound, DSCP, UID, sub-rules, AND/OR/NOT, classical rule sets,
+// RULE-SET with src) means no. Only the built-in DIRECT counts: a group that
+// selects DIRECT now may be switched at any time, and REJECT must keep
+// rejecting. A literal PASS goes on to the next rule, as in mihomo. Every
+// address of the answer must pass, or the answer is a fake IP; a name that
+// has no address of the type gets the real empty answer.
+//
+// Trade-offs, accepted by turning it on:
+//
+//   - Bypassed flows never reach mihomo: they are not in the dashboard's
+//     connection list or statistics, not logged, and the upstream sees the
+//     client's own address, as for tpgw.bypass (masquerading on the WAN, if
+//     the network needs it, is the router's as usual; tpgw's DIRECT would
+//     have used the gateway's address). mihomo options of DIRECT that the
+//     kernel does not know (interface-name, routing-mark) do not apply.
+//   - While an address is in the set, every LAN flow to it is forwarded by
+//     the kernel, whatever the client meant: an IP-literal connection that
+//     mihomo would send to a proxy (e.g. by MATCH) goes direct too.
+//   - Changes made while an address is in the set (rules or mode through the
+//     API, rule-set updates, sniffer) take effect when it expires. SIGHUP
+//     empties the sets. Connections that started while their address was in
+//     the set stay in the kernel until they end (conntrack label, see
+//     netcfg), like established flows through tpgw keep their outbound
+//     across a reload.
+//   - A client that keeps using a real address after its TTL and the grace
+//     (some ignore TTLs) opens new connections through tpgw as IP-only
+//     flows, decided by IP rules (maybe a proxy): they work, by another path.
+//   - When an address rule comes first and direct-nameserver differs from
+//     nameserver, rules and dialing would see addresses from different
+//     resolvers: no bypass.
+//   - nftables only (the config is refused with backend: iptables, and tpgw
+//     refuses to start when auto picks iptables). Conntrack label 127 is
+//     used, and labels are shared by the whole host.
+//
 // # Untrusted input
 //
 // Messages come from any LAN host. Anything that does not unpack is dropped

@@ -28,6 +28,8 @@
 //  2. the fake-ip range goes to the TPROXY port (before the bypass: it lies in 198.18.0.0/15);
 //  3. destinations of the gateway itself, then @bypass4/@bypass6 (reserved
 //     ranges plus Options.Bypass), then sources in @bypass_src4/6 return;
+//     with Options.DNSBypass, connections with conntrack label 127 and
+//     destinations in @dns_bypass4/6 (which get the label) return too;
 //  4. packets of connections a transparent socket already owns get the mark;
 //  5. all other TCP and UDP goes with tproxy to the TPROXY port;
 //  6. with on-failure: closed, drop rules follow 1, 2 and 5 (see below).
@@ -100,6 +102,23 @@
 //     (tpgw cleanup, or the next start) removes the rest. RemoveDivert works
 //     with both backends, so the watchdog need not know which one ran, and
 //     it turns a closed policy open too, so only call it for open.
+//
+// # DNS-driven bypass (Options.DNSBypass, nftables only)
+//
+// The plan adds two sets, dns_bypass4 and dns_bypass6 (flags timeout, empty
+// in the plan), and in divert (and divert_out) after the bypass returns:
+// "ct label 127 return", then "ip daddr @dns_bypass4 ct label set 127
+// return" (and ip6). The fake-ip DNS server adds the real addresses of names
+// that are DIRECT for certain through Installed.DNSBypassSet, each with its
+// own timeout (see package dns); flows to them are then forwarded by the
+// kernel. The label keeps a connection in the kernel when its address
+// expires from the set mid-flow: without it the next packet would meet the
+// tproxy rule, and a TCP segment that is not a SYN delivered to the
+// listener is answered with a reset. The sets live in table inet tpgw, so
+// Remove and Cleanup delete them with the table, and Update (a reload)
+// starts them empty. The iptables backend refuses such a plan
+// (ErrDNSBypassIPTables): it would need ipsets with timeouts and connlabel
+// matches. Plan.Explain assumes an address is not in the sets.
 //
 // # Plan, then apply
 //

@@ -238,9 +238,11 @@ func (gw *gateway) reload(path string) error {
 		return fmt.Errorf("reload: kernel rules: %w", err)
 	}
 	if gw.bypass != nil {
-		// The new rules may send some of the bypassed names elsewhere.
+		// The new rules may send some of the bypassed names elsewhere. The
+		// new table's sets start empty; Flush also makes answers decided
+		// before now stay out of them.
 		if err := gw.bypass.Flush(); err != nil {
-			return fmt.Errorf("reload: %w", err)
+			gw.log.Warn("reload: emptying the dns-bypass sets", "err", err)
 		}
 	}
 	gw.cfg = c

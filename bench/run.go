@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,7 +27,15 @@ type Options struct {
 	Reps      int    // interleaved repetitions (medians are taken over them)
 	Seconds   int    // iperf3 -t of each TCP/UDP run (plus one omitted second for TCP)
 	IdleConns int    // idle connections held open for the memory figures
-	Log       io.Writer
+	// Only, when not empty, limits the run to these parts: "setups" (the
+	// interleaved throughput, latency, UDP and DNS figures), "idle", "splice".
+	Only []string
+	Log  io.Writer
+}
+
+// part reports whether the run includes part.
+func (o Options) part(name string) bool {
+	return len(o.Only) == 0 || slices.Contains(o.Only, name)
 }
 
 // runner holds one benchmark run.
@@ -111,7 +120,7 @@ func (r *runner) run() {
 	r.queries = r.writeQueries(1000)
 	r.idle = r.startIdleServer()
 
-	for rep := 0; rep < r.opts.Reps; rep++ {
+	for rep := 0; rep < r.opts.Reps && r.opts.part("setups"); rep++ {
 		// Rotate the order so that no setup always runs first or last.
 		n := len(Setups)
 		for i := range n {
@@ -121,10 +130,16 @@ func (r *runner) run() {
 		}
 	}
 	for _, setup := range []string{SetupK, SetupTPGW, SetupMihomo} {
+		if !r.opts.part("idle") {
+			break
+		}
 		r.logf("%d idle connections: %s", r.opts.IdleConns, setup)
 		r.measureIdle(setup)
 	}
 	for _, setup := range []string{SetupTPGW, SetupMihomo, SetupTPGWSS} {
+		if !r.opts.part("splice") {
+			break
+		}
 		r.logf("splice check: %s", setup)
 		r.measureSplice(setup)
 	}

@@ -21,7 +21,7 @@ func main() {
 	secs := flag.Int("t", 5, "seconds per iperf3 run")
 	idle := flag.Int("idle", 10000, "idle connections for the memory figures")
 	out := flag.String("out", "docs", "directory for bench.md, bench.json and bench.svg (not written with -only)")
-	only := flag.String("only", "", "comma-separated parts to run (setups, idle, splice); prints the table and writes no files")
+	only := flag.String("only", "", "comma-separated parts to run (tcp, http, udp, dns, idle, splice); prints the table and writes no files")
 	flag.Parse()
 	var parts []string
 	if *only != "" {

@@ -67,6 +67,7 @@ func (s *idleServer) listen() error {
 func (s *idleServer) count(r *runner) int {
 	out, err := s.ns.Run(r.env, 10*time.Second, "ss", "-Htn", "state", "established", "sport", "=", ":"+strconv.Itoa(idlePort))
 	if err != nil {
+		r.logf("  counting idle connections: %v", firstLine(err.Error()))
 		return 0
 	}
 	return strings.Count(out, "\n")
@@ -182,6 +183,10 @@ func (r *runner) measureIdle(setup string) {
 	r.s.add("idle_relayed", setup, float64(got))
 	if got < n {
 		r.fail("idle: "+setup, fmt.Errorf("upstream got %d of %d connections (fd limit %d)", got, n, nofileLimit()))
+		if len(g.procs) > 0 {
+			out := g.procs[len(g.procs)-1].Output()
+			r.logf("  gateway output (last 2000 bytes):\n%s", out[max(0, len(out)-2000):])
+		}
 		if got == 0 {
 			return
 		}

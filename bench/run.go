@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,7 +27,15 @@ type Options struct {
 	Reps      int    // interleaved repetitions (medians are taken over them)
 	Seconds   int    // iperf3 -t of each TCP/UDP run (plus one omitted second for TCP)
 	IdleConns int    // idle connections held open for the memory figures
-	Log       io.Writer
+	// Only, when not empty, limits the run to these parts: "tcp", "http",
+	// "udp", "dns" (the interleaved figures of each setup), "idle", "splice".
+	Only []string
+	Log  io.Writer
+}
+
+// part reports whether the run includes part.
+func (o Options) part(name string) bool {
+	return len(o.Only) == 0 || slices.Contains(o.Only, name)
 }
 
 // runner holds one benchmark run.
@@ -111,7 +120,8 @@ func (r *runner) run() {
 	r.queries = r.writeQueries(1000)
 	r.idle = r.startIdleServer()
 
-	for rep := 0; rep < r.opts.Reps; rep++ {
+	perSetup := r.opts.part("tcp") || r.opts.part("http") || r.opts.part("udp") || r.opts.part("dns")
+	for rep := 0; rep < r.opts.Reps && perSetup; rep++ {
 		// Rotate the order so that no setup always runs first or last.
 		n := len(Setups)
 		for i := range n {
@@ -121,10 +131,16 @@ func (r *runner) run() {
 		}
 	}
 	for _, setup := range []string{SetupK, SetupTPGW, SetupMihomo} {
+		if !r.opts.part("idle") {
+			break
+		}
 		r.logf("%d idle connections: %s", r.opts.IdleConns, setup)
 		r.measureIdle(setup)
 	}
 	for _, setup := range []string{SetupTPGW, SetupMihomo, SetupTPGWSS} {
+		if !r.opts.part("splice") {
+			break
+		}
 		r.logf("splice check: %s", setup)
 		r.measureSplice(setup)
 	}
@@ -154,14 +170,16 @@ func (r *runner) measureSetup(setup string) {
 		return
 	}
 	defer g.stop()
-	r.measureTCP(g)
-	if setup == SetupK || setup == SetupTPGW || setup == SetupMihomo {
+	if r.opts.part("tcp") {
+		r.measureTCP(g)
+	}
+	if r.opts.part("http") && (setup == SetupK || setup == SetupTPGW || setup == SetupMihomo) {
 		r.measureHTTP(g)
 	}
-	if setup == SetupK || setup == SetupTPGW {
+	if r.opts.part("udp") && (setup == SetupK || setup == SetupTPGW) {
 		r.measureUDP(g)
 	}
-	if setup == SetupTPGW {
+	if r.opts.part("dns") && setup == SetupTPGW {
 		r.measureDNS(g)
 	}
 }
@@ -274,10 +292,10 @@ func (r *runner) measureDNS(g *gateway) {
 		// The first pass over new names: each allocates a fake IP.
 		{"dns_qps_new", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-n", "1", "-c", "1", "-q", "50"}},
 		// Any server's port 53 from the client: hijacked by the rules.
-		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "100"}},
+		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "2"}},
 		// The server itself, from inside the gateway (the input guard keeps
 		// LAN clients off port 1053).
-		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "100"}},
+		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "2"}},
 	} {
 		args := append([]string{"-s", c.server, "-p", c.port, "-d", r.queries, "-t", "2"}, c.extra...)
 		out, err := c.ns.Run(r.env, 60*time.Second, "dnsperf", args...)

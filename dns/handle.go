@@ -35,28 +35,35 @@ const (
 // SERVFAIL. UDP replies are truncated (TC set) to the client's EDNS0 buffer
 // size, or 512 without EDNS0.
 func handleMessage(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verdict) {
+	b, v, _ := handle(ctx, eng, req, udp)
+	return b, v
+}
+
+// handle is handleMessage that also says for how long the reply may be
+// reused for the same query (0: not at all).
+func handle(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verdict, time.Duration) {
 	if len(req) < headerLen {
-		return nil, malformed
+		return nil, malformed, 0
 	}
 	q := new(D.Msg)
 	if err := q.Unpack(req); err != nil {
-		return nil, malformed
+		return nil, malformed, 0
 	}
 	if q.Response {
-		return nil, malformed
+		return nil, malformed, 0
 	}
 	if q.Opcode != D.OpcodeQuery {
-		return pack(refusal(q, D.RcodeNotImplemented), udp, q), malformed
+		return pack(refusal(q, D.RcodeNotImplemented), udp, q), malformed, 0
 	}
 	if len(q.Question) != 1 {
-		return pack(refusal(q, D.RcodeFormatError), udp, q), malformed
+		return pack(refusal(q, D.RcodeFormatError), udp, q), malformed, 0
 	}
 
 	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
 	r, err := eng.ServeDNS(ctx, q)
 	cancel()
 	if err != nil || r == nil {
-		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed
+		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
 	}
 	r.Id = q.Id
 	r.Response = true
@@ -68,9 +75,9 @@ func handleMessage(ctx context.Context, eng Engine, req []byte, udp bool) ([]byt
 	if b == nil {
 		// The engine's answer does not pack (e.g. a record it built is
 		// invalid): the client still deserves an answer.
-		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed
+		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
 	}
-	return b, answered
+	return b, answered, cacheTTL(r)
 }
 
 // refusal is an empty reply to q with rcode, echoing the question.

@@ -67,6 +67,7 @@ type Server struct {
 	closeErr error
 
 	queries, malformed, errs atomic.Uint64
+	cache                    *replyCache
 }
 
 // Listen opens the UDP and TCP sockets of the DNS server on addr.
@@ -96,7 +97,7 @@ func Listen(addr netip.AddrPort, eng Engine, log *slog.Logger) (*Server, error) 
 		// are then made wherever the creating thread is.
 		log.Warn("cannot record the network namespace; reply sockets are made in the sender's", "err", err)
 	}
-	s := &Server{eng: eng, log: log, transparent: true, sem: make(chan struct{}, maxInFlight), conns: map[net.Conn]struct{}{}}
+	s := &Server{eng: eng, log: log, transparent: true, sem: make(chan struct{}, maxInFlight), conns: map[net.Conn]struct{}{}, cache: newReplyCache()}
 	if err := s.listen(addr); err != nil {
 		home.Close()
 		return nil, err
@@ -255,7 +256,14 @@ func (s *Server) Stats() Stats {
 
 // answer handles one message and counts the outcome.
 func (s *Server) answer(req []byte, udp bool) []byte {
-	b, v := handleMessage(s.ctx, s.eng, req, udp)
+	if b := s.cache.get(req, udp); b != nil {
+		s.queries.Add(1)
+		return b
+	}
+	b, v, ttl := handle(s.ctx, s.eng, req, udp)
+	if v == answered {
+		s.cache.put(req, b, udp, ttl)
+	}
 	switch v {
 	case answered:
 		s.queries.Add(1)

@@ -12,14 +12,17 @@ import (
 	"github.com/tpgw/tpgw/internal/tsock"
 )
 
-// serveUDP reads queries until the socket is closed. One goroutine reads
-// (reads on one socket are serialized by the runtime anyway); each query is
-// answered on its own goroutine, at most maxInFlight at once.
+// serveUDP reads queries until the socket is closed. One goroutine reads,
+// a burst at a time (recvmmsg): repeated queries are answered from the
+// reply cache right there; the others are answered each on its own
+// goroutine, at most maxInFlight at once.
 func (s *Server) serveUDP() error {
-	buf := make([]byte, 65535)
-	oob := make([]byte, 128)
+	br, err := tsock.NewBatchReader(s.udp, udpBatch, maxUDPQuery, 128)
+	if err != nil {
+		return fmt.Errorf("dns: udp: %w", err)
+	}
 	for {
-		n, oobn, _, client, err := s.udp.ReadMsgUDPAddrPort(buf, oob)
+		msgs, err := br.Read()
 		if err != nil {
 			if s.isClosed() || errors.Is(err, net.ErrClosed) {
 				return nil
@@ -29,24 +32,49 @@ func (s *Server) serveUDP() error {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		if !s.acquire() {
-			return nil
-		}
-		req := make([]byte, n)
-		copy(req, buf[:n])
-		origDst, _ := tsock.ParseOrigDst(oob[:oobn]) // invalid when none
-		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer s.release()
-			if reply := s.answer(req, true); reply != nil {
-				if err := s.replyUDP(reply, client, origDst); err != nil {
-					s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
-				}
+		for _, m := range msgs {
+			if !s.serveDatagram(m.Data, m.OOB, m.Src) {
+				return nil
 			}
-		}()
+		}
 	}
+}
+
+// udpBatch is how many datagrams one read takes at most.
+const udpBatch = 32
+
+// maxUDPQuery is the read buffer per datagram: a query (one question,
+// perhaps EDNS0 options) is far smaller; a longer datagram is cut, fails to
+// unpack and is dropped as garbage.
+const maxUDPQuery = 4096
+
+// serveDatagram answers one query datagram (from the cache, or on a new
+// goroutine); false once the server is closing.
+func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort) bool {
+	origDst, _ := tsock.ParseOrigDst(oob) // invalid when none
+	if reply := s.cache.get(data, true); reply != nil {
+		s.queries.Add(1)
+		if err := s.replyUDP(reply, client, origDst); err != nil {
+			s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
+		}
+		return true
+	}
+	if !s.acquire() {
+		return false
+	}
+	req := make([]byte, len(data))
+	copy(req, data)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer s.release()
+		if reply := s.answer(req, true); reply != nil {
+			if err := s.replyUDP(reply, client, origDst); err != nil {
+				s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
+			}
+		}
+	}()
+	return true
 }
 
 // replyUDP sends reply to client so that it comes from origDst, the address

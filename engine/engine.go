@@ -200,6 +200,9 @@ func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 // first), dials the outbound and copies both ways with half-close. src is the
 // client, dst the original destination (the accepted socket's local address).
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
+	if tc, ok := conn.(*net.TCPConn); ok {
+		conn = newLazySpliceConn(tc)
+	}
 	tunnel.Tunnel.HandleTCPConn(conn, e.metadata(C.TCP, src, dst))
 }
 

@@ -57,11 +57,14 @@ type UDPStats struct {
 	ReplyErrors uint64 // replies that could not be sent
 }
 
-// Buffer sizes. Serve reads each datagram into one 64 KiB scratch buffer
-// (more than any UDP payload, so nothing is ever truncated) and copies it
+// Buffer sizes. Serve reads up to udpBatch datagrams per system call
+// (recvmmsg), each into a 64 KiB scratch buffer (more than any UDP payload,
+// so nothing is ever truncated; only the pages a datagram touches become
+// resident), and copies each
 // into a pooled buffer of the smallest class that fits: the handler may queue
 // datagrams for a while, and typical ones (≤ MTU) then hold 2 KiB, not 64.
 const (
+	udpBatch        = 16
 	maxDatagram     = 64 << 10
 	smallDatagram   = 2 << 10
 	oobSize         = 128 // one IP(V6)_ORIGDSTADDR message needs 48 bytes
@@ -191,10 +194,12 @@ func (l *UDPListener) Serve() error {
 	l.mu.Unlock()
 	defer l.serving.Done()
 
-	scratch := make([]byte, maxDatagram)
-	oob := make([]byte, oobSize)
+	br, err := tsock.NewBatchReader(l.conn, udpBatch, maxDatagram, oobSize)
+	if err != nil {
+		return fmt.Errorf("relay: udp: %w", err)
+	}
 	for {
-		n, oobn, _, src, err := l.conn.ReadMsgUDPAddrPort(scratch, oob)
+		msgs, err := br.Read()
 		if err != nil {
 			if l.isClosed() {
 				return nil
@@ -204,7 +209,9 @@ func (l *UDPListener) Serve() error {
 			}
 			return fmt.Errorf("relay: read udp: %w", err)
 		}
-		l.dispatch(scratch[:n], oob[:oobn], src)
+		for _, m := range msgs {
+			l.dispatch(m.Data, m.OOB, m.Src)
+		}
 	}
 }
 

@@ -20,15 +20,21 @@ func main() {
 	reps := flag.Int("reps", 3, "interleaved repetitions")
 	secs := flag.Int("t", 5, "seconds per iperf3 run")
 	idle := flag.Int("idle", 10000, "idle connections for the memory figures")
-	out := flag.String("out", "docs", "directory for bench.md, bench.json and bench.svg")
+	out := flag.String("out", "docs", "directory for bench.md, bench.json and bench.svg (not written with -only)")
+	only := flag.String("only", "", "comma-separated parts to run (tcp, http, udp, dns, idle, splice); prints the table and writes no files")
 	flag.Parse()
-	if err := run(*bin, *helper, *reps, *secs, *idle, *out); err != nil {
+	var parts []string
+	if *only != "" {
+		parts = strings.Split(*only, ",")
+		*out = ""
+	}
+	if err := run(*bin, *helper, *reps, *secs, *idle, *out, parts); err != nil {
 		fmt.Fprintln(os.Stderr, "tpgw-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(bin, helper string, reps, secs, idle int, out string) error {
+func run(bin, helper string, reps, secs, idle int, out string, only []string) error {
 	var err error
 	if bin, err = filepath.Abs(bin); err != nil {
 		return err
@@ -36,12 +42,15 @@ func run(bin, helper string, reps, secs, idle int, out string) error {
 	if helper, err = filepath.Abs(helper); err != nil {
 		return err
 	}
-	rep, runErr := bench.Run(bench.Options{TPGWBin: bin, HelperBin: helper, Reps: reps, Seconds: secs, IdleConns: idle, Log: os.Stderr})
+	rep, runErr := bench.Run(bench.Options{TPGWBin: bin, HelperBin: helper, Reps: reps, Seconds: secs, IdleConns: idle, Only: only, Log: os.Stderr})
 	if rep == nil {
 		return runErr
 	}
 	table := rep.Markdown()
 	fmt.Println(table)
+	if out == "" {
+		return runErr
+	}
 	js, err := rep.JSON()
 	if err != nil {
 		return err

@@ -1,0 +1,69 @@
+package engine
+
+import (
+	"net"
+	"sync/atomic"
+)
+
+// bulkChunk is the size of one chunk from the remote end that marks a flow as
+// bulk: a read that returns this much means data is queued faster than it
+// is sent on, and splicing it pays off.
+const bulkChunk = 16 << 10
+
+// bulkBytes is the amount relayed towards the client after which a flow
+// splices even when its chunks are small (a long stream at a modest rate).
+const bulkBytes = 1 << 20
+
+// lazySpliceConn is the client side of a TPROXYed flow as mihomo's relay
+// sees it. mihomo copies with sing's bufio.Copy, which splices between two
+// raw sockets from the first byte: each direction gets a pipe resized to
+// 1 MiB, held for the life of the flow (2 descriptors and ~10 KiB of kernel
+// memory per pipe, also when the flow is idle). This wrapper keeps the raw
+// socket reachable (syscall.Conn, CloseWrite), so splicing still happens,
+// but tells sing's copy loop that the copy may be replaced ("possibly
+// replaceable"), which makes it copy chunk by chunk, holding no buffer while
+// it waits for data (sing's read waiter allocates only once the socket is
+// readable), until the flow turns out to be bulk:
+//   - client → remote: sing re-asks after each chunk and splices after at
+//     most 10 chunks (its own limit); a flow that never sends holds no pipe.
+//   - remote → client: chunk by chunk until one chunk reaches bulkChunk or
+//     bulkBytes have been relayed, then spliced.
+//
+// Byte counting for mihomo's connection statistics is unchanged: sing calls
+// the tracker's counters on both paths.
+type lazySpliceConn struct {
+	*net.TCPConn
+	bulkDown atomic.Bool
+	down     atomic.Int64
+}
+
+func newLazySpliceConn(c *net.TCPConn) *lazySpliceConn {
+	return &lazySpliceConn{TCPConn: c}
+}
+
+// ReaderReplaceable and WriterReplaceable are part of sing's "possibly
+// replaceable" interfaces; false: there is no wrapped reader or writer for
+// sing to unwrap to (the socket itself is reached through syscall.Conn).
+func (c *lazySpliceConn) ReaderReplaceable() bool { return false }
+func (c *lazySpliceConn) WriterReplaceable() bool { return false }
+
+// ReaderPossiblyReplaceable is asked by sing's copy loop (client → remote)
+// before each chunk; it stops asking after 10 chunks and splices.
+func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool { return true }
+
+// WriterPossiblyReplaceable is asked by sing's copy loop (remote → client)
+// before each chunk: true until the flow is bulk.
+func (c *lazySpliceConn) WriterPossiblyReplaceable() bool { return !c.bulkDown.Load() }
+
+// Write counts what the chunked copy sends towards the client.
+func (c *lazySpliceConn) Write(b []byte) (int, error) {
+	n, err := c.TCPConn.Write(b)
+	if !c.bulkDown.Load() && (len(b) >= bulkChunk || c.down.Add(int64(n)) >= bulkBytes) {
+		c.bulkDown.Store(true)
+	}
+	return n, err
+}
+
+// Spliced reports whether the remote → client direction has switched to
+// splicing (for tests).
+func (c *lazySpliceConn) Spliced() bool { return c.bulkDown.Load() }

@@ -1,0 +1,146 @@
+package engine
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/metacubex/mihomo/tunnel/statistic"
+)
+
+// pipeFDs counts this process's open pipe descriptors.
+func pipeFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "pipe:") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitPipes waits (bounded) until the process holds want pipe descriptors
+// and returns the last count.
+func waitPipes(t *testing.T, want int) int {
+	t.Helper()
+	n := pipeFDs(t)
+	for deadline := time.Now().Add(3 * time.Second); n != want && time.Now().Before(deadline); n = pipeFDs(t) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	return n
+}
+
+const bulkSize = 8 << 20
+
+// TestLazySplice relays a DIRECT flow that is first idle, then exchanges a
+// few small messages, then downloads in bulk, then uploads many small
+// messages. It checks the flow holds no pipe until it is bulk, that the
+// bulk download is spliced (a pipe pair appears), that many uploads splice
+// the other direction, and that mihomo's statistics count every byte.
+func TestLazySplice(t *testing.T) {
+	srv, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	go func() {
+		c, err := srv.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			switch strings.TrimSpace(line) {
+			case "bulk":
+				c.Write(make([]byte, bulkSize))
+			default:
+				c.Write([]byte("ok\n"))
+			}
+		}
+	}()
+
+	base := pipeFDs(t)
+	client, inbound := tcpPair(t)
+	dst := srv.Addr().(*net.TCPAddr).AddrPort()
+	done := make(chan struct{})
+	go func() {
+		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
+		close(done)
+	}()
+	client.SetDeadline(time.Now().Add(20 * time.Second))
+	br := bufio.NewReader(client)
+	exchange := func(n int) {
+		t.Helper()
+		for range n {
+			if _, err := client.Write([]byte("small\n")); err != nil {
+				t.Fatal(err)
+			}
+			if line, err := br.ReadString('\n'); err != nil || line != "ok\n" {
+				t.Fatalf("reply %q, %v", line, err)
+			}
+		}
+	}
+
+	time.Sleep(300 * time.Millisecond) // idle: mihomo has dialed and waits for data
+	if n := waitPipes(t, base); n != base {
+		t.Fatalf("idle flow holds %d pipe descriptors, want 0", n-base)
+	}
+	exchange(3)
+	if n := waitPipes(t, base); n != base {
+		t.Fatalf("after 3 small exchanges the flow holds %d pipe descriptors, want 0", n-base)
+	}
+
+	if _, err := client.Write([]byte("bulk\n")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.CopyN(io.Discard, br, bulkSize); err != nil {
+		t.Fatal(err)
+	}
+	// The download pipe (2 descriptors) stays for the life of the copy.
+	if n := waitPipes(t, base+2); n != base+2 {
+		t.Fatalf("after a bulk download the flow holds %d pipe descriptors, want 2 (download spliced)", n-base)
+	}
+
+	exchange(12) // sing splices the upload after 10 chunks
+	if n := waitPipes(t, base+4); n != base+4 {
+		t.Fatalf("after 15 uploads the flow holds %d pipe descriptors, want 4 (both directions spliced)", n-base)
+	}
+	exchange(2) // still relays both ways when spliced
+
+	var up, down int64
+	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
+		if info := c.Info(); info.Metadata.DstPort == dst.Port() && info.Metadata.DstIP == dst.Addr() {
+			up, down = info.UploadTotal.Load(), info.DownloadTotal.Load()
+		}
+		return true
+	})
+	wantUp := int64(len("small\n")*17 + len("bulk\n"))
+	wantDown := int64(len("ok\n")*17 + bulkSize)
+	if up != wantUp || down != wantDown {
+		t.Errorf("mihomo statistics: upload %d, download %d; want %d, %d", up, down, wantUp, wantDown)
+	}
+
+	client.Close()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("HandleTCP did not return after the client closed")
+	}
+	if n := waitPipes(t, base); n != base {
+		t.Errorf("after the flow ended %d pipe descriptors are left", n-base)
+	}
+}

@@ -106,3 +106,10 @@ func cacheTTL(r *D.Msg) time.Duration {
 	}
 	return time.Duration(ttl) * time.Second
 }
+
+// flush forgets every reply.
+func (c *replyCache) flush() {
+	c.mu.Lock()
+	clear(c.entries)
+	c.mu.Unlock()
+}

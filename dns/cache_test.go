@@ -69,6 +69,11 @@ func TestReplyCache(t *testing.T) {
 		t.Error("a query with EDNS0 got the reply to one without")
 	}
 
+	c.flush()
+	if c.get(req2, true) != nil {
+		t.Error("hit after flush")
+	}
+	c.put(req, reply, true, time.Second)
 	now = now.Add(maxCacheAge)
 	if c.get(req2, true) != nil {
 		t.Error("hit after maxCacheAge")

@@ -249,6 +249,10 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
+// FlushCache forgets the replies kept for repeated queries (at most a
+// second old): after a reload they may no longer be what the engine says.
+func (s *Server) FlushCache() { s.cache.flush() }
+
 // Stats returns the counters so far.
 func (s *Server) Stats() Stats {
 	return Stats{Queries: s.queries.Load(), Malformed: s.malformed.Load(), Errors: s.errs.Load()}

@@ -70,6 +70,7 @@ type gateway struct {
 	eng       *engine.Engine
 	installed *netcfg.Installed
 	bypass    *dns.Bypass // nil unless tpgw.dns-bypass
+	dns       *dns.Server // nil unless the mihomo dns block is enabled
 	log       *slog.Logger
 }
 
@@ -129,11 +130,13 @@ func runGateway(o cmdOpts) (err error) {
 		bypass = dns.NewBypass(eng, eng, &bypassSet, log)
 		dnsEngine = bypass
 	}
+	var dnsSrv *dns.Server
 	if c.DNS.Enable {
 		srv, err := dns.Listen(c.DNS.Listen, dnsEngine, log)
 		if err != nil {
 			return err
 		}
+		dnsSrv = srv
 		go func() { serveErr <- srv.Serve() }()
 		defer srv.Close()
 		log.Info("dns server", "listen", srv.Addr().String(), "mode", c.DNS.EnhancedMode, "hijack", c.Gateway.DNSHijack)
@@ -178,7 +181,7 @@ func runGateway(o cmdOpts) (err error) {
 	}
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
-	gw := &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, log: log}
+	gw := &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, log: log}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -244,6 +247,9 @@ func (gw *gateway) reload(path string) error {
 		if err := gw.bypass.Flush(); err != nil {
 			gw.log.Warn("reload: emptying the dns-bypass sets", "err", err)
 		}
+	}
+	if gw.dns != nil {
+		gw.dns.FlushCache() // replies of the old rules
 	}
 	gw.cfg = c
 	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)

@@ -90,6 +90,7 @@ func buildFigures(rep *Report, s samples, idleConns int) {
 		}
 		check(k, ratioCheck(fmt.Sprintf("tpgw ≥ %.2f×K", want), m(k, SetupTPGW), m(k, SetupK), want, true))
 		check(k, ratioCheck("tpgw ss ≥ ss-redir", m(k, SetupTPGWSS), m(k, SetupSSRedir), 1, true))
+		check(k, ratioCheck("tpgw dns-bypass ≥ 0.97×K", m(k, SetupBypass), m(k, SetupK), 0.97, true))
 	}
 	check("cpu_per_gb", ratioCheck("tpgw ≤ 0.7×mihomo-tproxy", m("cpu_per_gb", SetupTPGW), m("cpu_per_gb", SetupMihomo), 0.7, false))
 	check("cpu_per_gb", ratioCheck("tpgw ss ≤ ss-redir", m("cpu_per_gb", SetupTPGWSS), m("cpu_per_gb", SetupSSRedir), 1, false))

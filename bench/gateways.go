@@ -35,8 +35,12 @@ type gateway struct {
 
 // config is the tpgw/mihomo config of the bench: rule decides DIRECT or ss.
 // Logs stay at warning so per-flow log lines do not cost CPU in any setup.
-func (r *runner) config(rule string) string {
+func (r *runner) config(rule string, extra ...string) string {
 	state := r.env.TempDir()
+	rules := "  - " + rule
+	for _, x := range extra {
+		rules = "  - " + x + "\n" + rules
+	}
 	return fmt.Sprintf(`mode: rule
 log-level: warning
 ipv6: true
@@ -57,17 +61,18 @@ proxies:
     password: %s
     udp: true
 rules:
-  - %s
+%s
 tpgw:
   state-dir: %s
   forward: true
   dns-hijack: true
-`, tproxyPort, r.tp.UpstreamIP, r.tp.ProxyIP, ssPort, ssMethod, ssPassword, rule, state)
+  dns-bypass: %v
+`, tproxyPort, r.tp.UpstreamIP, r.tp.ProxyIP, ssPort, ssMethod, ssPassword, rules, state, len(extra) > 0)
 }
 
-func (r *runner) writeConfig(rule string) (string, error) {
+func (r *runner) writeConfig(rule string, extra ...string) (string, error) {
 	p := filepath.Join(r.env.TempDir(), "config.yaml")
-	return p, os.WriteFile(p, []byte(r.config(rule)), 0o600)
+	return p, os.WriteFile(p, []byte(r.config(rule, extra...)), 0o600)
 }
 
 // start brings one setup up in the gateway namespace and waits until it serves.
@@ -85,12 +90,17 @@ func (r *runner) start(setup string) (*gateway, error) {
 			}
 		}
 		return g, nil
-	case SetupTPGW, SetupTPGWSS:
+	case SetupTPGW, SetupTPGWSS, SetupBypass:
 		rule := "MATCH,DIRECT"
-		if setup == SetupTPGWSS {
+		var extra []string
+		switch setup {
+		case SetupTPGWSS:
 			rule = "MATCH,ss"
+		case SetupBypass:
+			rule = "MATCH,ss"
+			extra = []string{"DOMAIN-SUFFIX," + bypassDomain + ",DIRECT"}
 		}
-		cfg, err := r.writeConfig(rule)
+		cfg, err := r.writeConfig(rule, extra...)
 		if err != nil {
 			return nil, err
 		}
@@ -101,6 +111,12 @@ func (r *runner) start(setup string) (*gateway, error) {
 			return nil, fmt.Errorf("bench: start %s: %w", setup, err)
 		}
 		g.pid = p.Cmd.Process.Pid
+		if setup == SetupBypass {
+			if err := r.resolveBypassName(); err != nil {
+				g.stop()
+				return nil, err
+			}
+		}
 	case SetupMihomo:
 		cfg, err := r.writeConfig("MATCH,DIRECT")
 		if err != nil {
@@ -166,6 +182,28 @@ func waitOutput(p *testnet.Proc, marker string) error {
 			return fmt.Errorf("no %q within %v:\n%s", marker, startLimit, p.Output())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+// bypassDomain is the name the dns-bypass setup resolves: dnsmasq in the
+// upstream answers it with the iperf3 server's address.
+const bypassDomain = "bench.test"
+
+// bypassName is the record dnsmasq serves.
+const bypassName = "iperf." + bypassDomain
+
+// resolveBypassName asks the hijacked DNS for bypassName from the client, as
+// an application would before connecting, and checks that the answer is the
+// real address (so the address is now in the kernel's bypass set), not a
+// fake IP.
+func (r *runner) resolveBypassName() error {
+	out, err := r.tp.Client.Run(r.env, 10*time.Second, "dig", "+short", "+time=2", "+tries=2", "@"+r.tp.UpstreamIP.String(), bypassName, "A")
+	if err != nil {
+		return fmt.Errorf("bench: resolve %s: %w", bypassName, err)
+	}
+	if got := strings.TrimSpace(out); got != r.tp.UpstreamIP.String() {
+		return fmt.Errorf("bench: %s resolved to %q, want the real %v (dns-bypass)", bypassName, got, r.tp.UpstreamIP)
 	}
 	return nil
 }

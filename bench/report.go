@@ -15,10 +15,14 @@ const (
 	SetupMihomo  = "mihomo-tproxy"
 	SetupTPGWSS  = "tpgw ss"
 	SetupSSRedir = "ss-redir"
+	// SetupBypass is tpgw with tpgw.dns-bypass: the client resolves a name
+	// whose rule is DIRECT, gets its real address, and the flow to it is
+	// forwarded by the kernel (MATCH sends everything else to ss).
+	SetupBypass = "tpgw dns-bypass"
 )
 
 // Setups lists every setup in column order.
-var Setups = []string{SetupK, SetupTPGW, SetupMihomo, SetupTPGWSS, SetupSSRedir}
+var Setups = []string{SetupK, SetupTPGW, SetupMihomo, SetupTPGWSS, SetupSSRedir, SetupBypass}
 
 // Report is one benchmark run.
 type Report struct {
@@ -233,7 +237,7 @@ func (r *Report) SVG(keys []string) string {
 		top, bottom   = 40, 90
 	)
 	colors := map[string]string{
-		SetupK: "#777777", SetupTPGW: "#1f77b4", SetupMihomo: "#ff7f0e", SetupTPGWSS: "#2ca02c", SetupSSRedir: "#d62728",
+		SetupK: "#777777", SetupTPGW: "#1f77b4", SetupMihomo: "#ff7f0e", SetupTPGWSS: "#2ca02c", SetupSSRedir: "#d62728", SetupBypass: "#9467bd",
 	}
 	type bar struct {
 		setup string

@@ -118,6 +118,7 @@ func (r *runner) run() {
 		r.env.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
 	}
 	r.queries = r.writeQueries(1000)
+	tp.StartDNSMasq(r.env, map[string]string{bypassName: tp.UpstreamIP.String()})
 	r.idle = r.startIdleServer()
 
 	perSetup := r.opts.part("tcp") || r.opts.part("http") || r.opts.part("udp") || r.opts.part("dns")

@@ -26,6 +26,7 @@ deps:
 test: deps build lint
 	TPGW_BIN=$(CURDIR)/bin/tpgw $(GO) test -count=1 -run '^$$' ./... >/dev/null # compile every test binary with full parallelism first
 	TPGW_BIN=$(CURDIR)/bin/tpgw TPGW_OPENWRT_ARCHES=all $(GO) test -p 1 -count=1 -timeout $(TEST_TIMEOUT) ./...
+	$(MAKE) router-e2e
 	$(MAKE) fuzz
 
 ## fuzz: run each fuzz target for FUZZTIME executions (parsers of untrusted bytes)
@@ -57,12 +58,17 @@ lint:
 rules: build
 	./bin/tpgw rules -c config.example.yaml
 
-## openwrt: cross-compile for OpenWrt (x86_64, aarch64, arm, mipsle) and write .ipk packages to dist/openwrt; prints binary sizes
+## openwrt: cross-compile the router build (mihomo without what a router does not use, docs/size.md) for OpenWrt (x86_64, aarch64, arm, mipsle) and write .ipk packages to dist/openwrt; prints binary sizes
 OPENWRT_OUT    ?= dist/openwrt
 OPENWRT_ARCHES ?= x86_64,aarch64,arm,mipsle
-.PHONY: openwrt
+.PHONY: openwrt router-e2e
 openwrt:
 	$(GO) run ./packaging/mkopenwrt -out $(OPENWRT_OUT) -arch $(OPENWRT_ARCHES) -version $(VERSION) -commit $(COMMIT)
+
+## router-e2e: the router build's x86_64 binary relays through a real ss-server (e2e TestShadowsocks with it as TPGW_BIN)
+router-e2e:
+	$(GO) run ./packaging/mkopenwrt -out bin/openwrt -arch x86_64 -version $(VERSION) -commit $(COMMIT) >/dev/null
+	TPGW_BIN=$(CURDIR)/bin/openwrt/bin/x86_64/tpgw $(GO) test -count=1 -run '^TestShadowsocks$$' ./e2e/
 
 clean:
 	rm -rf bin dist

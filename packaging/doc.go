@@ -9,9 +9,12 @@
 //	openwrt/tpgw/files/config.yaml shipped config → /etc/tpgw/config.yaml (conffile)
 //	openwrt/ipk/postinst, prerm    opkg maintainer scripts
 //	systemd/tpgw.service           unit for systemd distributions
+//	slim/                          the router build's replacements for mihomo files (slim.go)
 //
 // The .ipk written here and the package the SDK builds from the feed Makefile
-// hold the same files with the same modes; a test keeps them in step.
+// hold the same files with the same modes; a test keeps them in step. The
+// binary in the .ipk is the router build (slim.go): mihomo through
+// `go build -overlay`, without the parts a router does not use.
 //
 // Format (what opkg reads, libopkg/libbb unarchive.c in opkg-lede): an .ipk is
 // a gzip-compressed tar (not an ar archive like a .deb: OpenWrt's opkg only

@@ -68,7 +68,8 @@ func (t Target) Env() []string {
 	return env
 }
 
-// BuildTags are the Go build tags of the OpenWrt build. no_fake_tcp drops
+// BuildTags are the Go build tags of the OpenWrt builds (the feed Makefile's
+// full build; the router build adds RouterBuildTag). no_fake_tcp drops
 // mihomo's faketcp transport (hysteria v1's "faketcp" protocol, raw packets via
 // gopacket), -1.5 MB; every common outbound (ss, vmess, vless, trojan, socks5,
 // http, hysteria2, tuic) stays. See docs/size.md for what was measured.
@@ -92,7 +93,9 @@ type Build struct {
 	Commit  string    // main.commit
 	MTime   time.Time // every archive member's mtime
 	Go      string    // go command, "go" if empty
-	Log     func(format string, args ...any)
+	// Router is the router build's overlay (PrepareRouterBuild); nil builds
+	// the full mihomo, as `make build` does.
+	Router *RouterBuildFiles
 }
 
 // Result is what Build made for one target.
@@ -117,10 +120,14 @@ func (b *Build) Run(t Target) (Result, error) {
 	}
 	res.Binary = filepath.Join(binDir, "tpgw")
 	ldflags := fmt.Sprintf("-s -w -X main.version=%s -X main.commit=%s", b.Version, b.Commit)
-	cmd := exec.Command(goCmd, "build", "-trimpath", "-tags", BuildTags, "-ldflags", ldflags,
-		"-o", res.Binary, "./cmd/tpgw")
+	args := []string{"build", "-trimpath", "-tags", BuildTags}
+	if b.Router != nil {
+		args = append([]string{"build", "-trimpath"}, b.Router.BuildFlags()...)
+	}
+	args = append(args, "-ldflags", ldflags, "-o", res.Binary, "./cmd/tpgw")
+	cmd := exec.Command(goCmd, args...)
 	cmd.Dir = b.RepoDir
-	cmd.Env = append(os.Environ(), t.Env()...)
+	cmd.Env = append(append(os.Environ(), "GOWORK=off"), t.Env()...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return res, fmt.Errorf("go build for %s: %w\n%s", t.Name, err, out)
 	}
@@ -235,10 +242,14 @@ func PackageVersion(v string) string {
 }
 
 // SizeReport is the table `make openwrt` ends with: the stripped binary and
-// the .ipk size per target.
-func SizeReport(results []Result) string {
+// the .ipk size per target. router says whether they are router builds.
+func SizeReport(results []Result, router bool) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "\nstripped binary size (go build -trimpath -tags %s -ldflags \"-s -w\", CGO_ENABLED=0):\n", BuildTags)
+	build, tags := "full build", BuildTags
+	if router {
+		build, tags = "router build, -overlay packaging/slim", RouterBuildTags
+	}
+	fmt.Fprintf(&b, "\nstripped binary size (%s; go build -trimpath -tags %s -ldflags \"-s -w\", CGO_ENABLED=0):\n", build, tags)
 	fmt.Fprintf(&b, "  %-8s %-12s %-10s %s\n", "arch", "binary", "ipk", "OpenWrt arches")
 	for _, r := range results {
 		fmt.Fprintf(&b, "  %-8s %-12s %-10s %s\n", r.Target.Name, MB(r.BinarySize), MB(r.IPKSize),

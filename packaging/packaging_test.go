@@ -529,11 +529,20 @@ func TestOpenWrtBuild(t *testing.T) {
 		}
 		// The size table: "  arm      23.4 MB      9.9 MB     arm_cortex-a7_neon-vfpv4".
 		sizeLine := regexp.MustCompile(`(?m)^  ` + regexp.QuoteMeta(target.Name) + ` +([0-9.]+) MB +([0-9.]+) MB`)
-		m := sizeLine.FindSubmatch(stdout)
-		if m == nil {
+		if sizeLine.FindSubmatch(stdout) == nil {
 			t.Errorf("make openwrt printed no size line for %s", target.Name)
-		} else if mb, _ := strconv.ParseFloat(string(m[1]), 64); target.Name == "x86_64" && mb > 40 {
-			t.Errorf("x86_64 binary is %.1f MB; it was 37.4 MB when measured (docs/size.md)", mb)
+		}
+		// The size of a build is deterministic: the router build's x86_64
+		// binary must stay within the issue's 30 MB (28.3 MB when measured,
+		// docs/size.md).
+		if target.Name == "x86_64" {
+			st, err := os.Stat(filepath.Join(out, "bin", target.Name, "tpgw"))
+			if err != nil {
+				t.Fatal(err)
+			} else if st.Size() > maxX86Size {
+				t.Errorf("x86_64 router build is %s, more than %s (docs/size.md lists what can be left out)",
+					MB(st.Size()), MB(maxX86Size))
+			}
 		}
 		for _, arch := range target.OpenWrtArches {
 			t.Run(arch, func(t *testing.T) {
@@ -547,7 +556,9 @@ func TestOpenWrtBuild(t *testing.T) {
 				checkPackage(t, c, target, arch, PackageVersion(version))
 				if arch == target.OpenWrtArches[0] {
 					if target.Name == "x86_64" {
-						runInstalled(t, c, version, commit)
+						if bin := runInstalled(t, c, version, commit); bin != "" {
+							checkRouterBuild(t, bin)
+						}
 					} else {
 						runEmulated(t, c, target)
 					}
@@ -624,13 +635,17 @@ func checkPackage(t *testing.T, c *ipkContents, target Target, arch, version str
 	}
 }
 
+// maxX86Size is the issue's limit for the stripped x86_64 binary.
+const maxX86Size = 30_000_000
+
 // runInstalled unpacks data.tar.gz into a scratch root, as opkg would into /,
-// and runs the installed binary on the installed config.
-func runInstalled(t *testing.T, c *ipkContents, version, commit string) {
+// and runs the installed binary on the installed config. It returns the
+// installed binary's path ("" when it cannot run here).
+func runInstalled(t *testing.T, c *ipkContents, version, commit string) string {
 	t.Helper()
 	if runtime.GOARCH != "amd64" {
 		t.Logf("not on amd64: the x86_64 binary is not run")
-		return
+		return ""
 	}
 	root := t.TempDir()
 	for path, f := range c.data {
@@ -665,6 +680,65 @@ func runInstalled(t *testing.T, c *ipkContents, version, commit string) {
 	out, err = exec.Command(bin, "check", "-c", cfg).CombinedOutput()
 	if err != nil {
 		t.Errorf("tpgw check -c %s: %v\n%s", cfg, err, out)
+	}
+	if bytes.Contains(out, []byte("WARN")) {
+		t.Errorf("tpgw check -c %s warns about the shipped config:\n%s", cfg, out)
+	}
+	return bin
+}
+
+// checkRouterBuild runs `tpgw check` of the router build (bin) on configs
+// that use what it keeps and what it leaves out.
+func checkRouterBuild(t *testing.T, bin string) {
+	t.Helper()
+	check := func(cfg string) (string, error) {
+		out, err := exec.Command(bin, "check", "-c", cfg).CombinedOutput()
+		return string(out), err
+	}
+
+	// Every kept outbound type, shadowsocks with its kept plugins, smux,
+	// proxy groups and an inline proxy provider: accepted, no warning.
+	if out, err := check("testdata/router-build-proxies.yaml"); err != nil || strings.Contains(out, "WARN") {
+		t.Errorf("router build: tpgw check of every kept outbound type: %v\n%s", err, out)
+	}
+
+	// A dropped outbound type or shadowsocks plugin fails and says why.
+	dir := t.TempDir()
+	for name, c := range map[string]struct{ proxy, want string }{
+		"wireguard": {
+			proxy: `{name: wg, type: wireguard, server: 198.51.100.2, port: 51820, ip: 172.16.0.2, ` +
+				`private-key: eCtXsJZ27+4PbhDkHnB923tkUn2Gj59wZw5wFA75MnU=, public-key: Cr8hWlKvtDt7nrvf+f0brNQQzabAqrjfBvas9pmowjo=}`,
+			want: `proxy "wg": type "wireguard" is not in tpgw's router build (kept: ss, vmess, vless, trojan, socks5, http, hysteria2, tuic, direct, reject, dns); use the full build`,
+		},
+		"kcptun": {
+			proxy: `{name: kcp, type: ss, server: 198.51.100.2, port: 8388, cipher: aes-128-gcm, password: pw, plugin: kcptun}`,
+			want:  `proxy "kcp": shadowsocks plugin "kcptun" is not in tpgw's router build`,
+		},
+	} {
+		cfg := filepath.Join(dir, name+".yaml")
+		yml := "tproxy-port: 7893\nproxies:\n  - " + c.proxy + "\nrules:\n  - MATCH,DIRECT\ntpgw:\n  interfaces: [lo]\n"
+		if err := os.WriteFile(cfg, []byte(yml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := check(cfg)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("router build: tpgw check with a %s proxy: %v, want a failure saying %q; output:\n%s", name, err, c.want, out)
+		}
+	}
+
+	// Inbound keys: http, socks and mixed servers are kept; every other key
+	// loads (no error, existing configs keep working) with a warning naming it.
+	out, err := check("testdata/router-build-inbounds.yaml")
+	if err != nil {
+		t.Fatalf("router build: tpgw check of the inbound keys: %v\n%s", err, out)
+	}
+	var warned []string
+	for _, m := range regexp.MustCompile(`WARN config key ignored: .*? key=("[^"]*"|\S+)`).FindAllStringSubmatch(out, -1) {
+		warned = append(warned, strings.Trim(m[1], `"`))
+	}
+	want := []string{"redir-port", "tun", "tunnels", "listeners[2] vmess-in (type vmess)", "listeners[3] ss-in (type shadowsocks)"}
+	if !slices.Equal(warned, want) {
+		t.Errorf("router build: warnings for keys %q, want %q; output:\n%s", warned, want, out)
 	}
 }
 

@@ -2,6 +2,10 @@
 // common architectures and writes an installable .ipk for each, without the
 // OpenWrt SDK, then prints the stripped binary size per architecture.
 //
+// The binaries are the router build (packaging/slim.go): mihomo without the
+// inbound servers and outbound types a router does not need; -full builds
+// the whole of mihomo instead, as `make build` does.
+//
 //	go run ./packaging/mkopenwrt -out dist/openwrt -arch x86_64,arm -version v1.0.0 -commit abc1234
 package main
 
@@ -11,6 +15,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -32,6 +37,8 @@ func run(args []string, stdout io.Writer) error {
 	version := fs.String("version", "dev", "tpgw version (main.version)")
 	commit := fs.String("commit", "unknown", "commit (main.commit)")
 	repo := fs.String("repo", ".", "tpgw source tree (module root)")
+	full := fs.Bool("full", false, "link all of mihomo (the full build) instead of the router build")
+	work := fs.String("work", "bin/router-build", "router build's work directory (mihomo copy, -modfile, -overlay), relative to -repo")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -51,6 +58,16 @@ func run(args []string, stdout io.Writer) error {
 		return err
 	}
 	b := &packaging.Build{RepoDir: *repo, OutDir: *out, Version: *version, Commit: *commit, MTime: mtime}
+	if !*full {
+		workDir := *work
+		if !filepath.IsAbs(workDir) {
+			workDir = filepath.Join(*repo, workDir)
+		}
+		if b.Router, err = packaging.PrepareRouterBuild(*repo, workDir, ""); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "router build: mihomo %s with the overlay %s\n", packaging.MihomoVersion, b.Router.Overlay)
+	}
 	var results []packaging.Result
 	for _, t := range targets {
 		start := time.Now()
@@ -64,7 +81,7 @@ func run(args []string, stdout io.Writer) error {
 		}
 		results = append(results, r)
 	}
-	fmt.Fprint(stdout, packaging.SizeReport(results))
+	fmt.Fprint(stdout, packaging.SizeReport(results, b.Router != nil))
 	return nil
 }
 

@@ -142,7 +142,7 @@ func sampleReport() *Report {
 		setup string
 		gbps  float64
 		cpu   float64
-	}{{SetupK, 10, math.NaN()}, {SetupTPGW, 9.5, 0.2}, {SetupMihomo, 7, 0.4}, {SetupTPGWSS, 1.5, 2}, {SetupSSRedir, 0.8, 2.5}} {
+	}{{SetupK, 10, math.NaN()}, {SetupTPGW, 9.5, 0.2}, {SetupMihomo, 7, 0.4}, {SetupTPGWSS, 1.5, 2}, {SetupSSRedir, 0.8, 2.5}, {SetupBypass, 9.8, 0}} {
 		for range 2 {
 			for _, k := range TCPKeys {
 				s.add(k, v.setup, v.gbps)
@@ -158,7 +158,8 @@ func sampleReport() *Report {
 func TestFiguresAndChecks(t *testing.T) {
 	rep := sampleReport()
 	f := rep.Figure("tcp1_up")
-	if len(f.Checks) != 2 || !f.Checks[0].Met || f.Checks[0].Actual != "0.95×" || !f.Checks[1].Met {
+	if len(f.Checks) != 3 || !f.Checks[0].Met || f.Checks[0].Actual != "0.95×" || !f.Checks[1].Met ||
+		!f.Checks[2].Met || f.Checks[2].Actual != "0.98×" {
 		t.Fatalf("tcp1_up checks = %+v", f.Checks)
 	}
 	cpu := rep.Figure("cpu_per_gb")
@@ -177,8 +178,8 @@ func TestMarkdown(t *testing.T) {
 	md := sampleReport().Markdown()
 	for _, want := range []string{
 		"kernel 6.18, Test CPU, 2 cores",
-		"| Figure | Unit | K | tpgw | mihomo-tproxy | tpgw ss | ss-redir | Target (measured) | Met |",
-		"| TCP 1 stream, upload | Gbit/s | 10 | 9.50 | 7 | 1.50 | 0.80 | tpgw ≥ 0.90×K (0.95×); tpgw ss ≥ ss-redir (1.88×) | ✓ ✓ |",
+		"| Figure | Unit | K | tpgw | mihomo-tproxy | tpgw ss | ss-redir | tpgw dns-bypass | Target (measured) | Met |",
+		"| TCP 1 stream, upload | Gbit/s | 10 | 9.50 | 7 | 1.50 | 0.80 | 9.80 | tpgw ≥ 0.90×K (0.95×); tpgw ss ≥ ss-redir (1.88×); tpgw dns-bypass ≥ 0.97×K (0.98×) | ✓ ✓ ✓ |",
 		"| Gateway process CPU per GB (the 4 TCP runs) | CPU s/GB | n/a | 0.20 |",
 	} {
 		if !strings.Contains(md, want) {
@@ -209,9 +210,9 @@ func TestSVG(t *testing.T) {
 	if !strings.HasPrefix(svg, "<svg ") || !strings.HasSuffix(svg, "</svg>\n") {
 		t.Fatal("not an SVG document")
 	}
-	// 4 figures × 5 setups bars, plus 5 legend swatches and the background.
-	if n := strings.Count(svg, "<rect "); n != 4*5+5+1 {
-		t.Errorf("%d rects, want %d", n, 4*5+5+1)
+	// 4 figures × 6 setups bars, plus 6 legend swatches and the background.
+	if n := strings.Count(svg, "<rect "); n != 4*6+6+1 {
+		t.Errorf("%d rects, want %d", n, 4*6+6+1)
 	}
 	if !strings.Contains(svg, "<title>tpgw: 0.95</title>") {
 		t.Error("tpgw bar should be 0.95 of K")

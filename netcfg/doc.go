@@ -28,8 +28,9 @@
 //  2. the fake-ip range goes to the TPROXY port (before the bypass: it lies in 198.18.0.0/15);
 //  3. destinations of the gateway itself, then @bypass4/@bypass6 (reserved
 //     ranges plus Options.Bypass), then sources in @bypass_src4/6 return;
-//     with Options.DNSBypass, connections with conntrack label 127 and
-//     destinations in @dns_bypass4/6 (which get the label) return too;
+//     with Options.DNSBypass, destinations in @dns_bypass4/6 return too
+//     and label their connection 127 (prerouting returns labelled
+//     connections at its first rule);
 //  4. packets of connections a transparent socket already owns get the mark;
 //  5. all other TCP and UDP goes with tproxy to the TPROXY port;
 //  6. with on-failure: closed, drop rules follow 1, 2 and 5 (see below).
@@ -106,9 +107,12 @@
 // # DNS-driven bypass (Options.DNSBypass, nftables only)
 //
 // The plan adds two sets, dns_bypass4 and dns_bypass6 (flags timeout, empty
-// in the plan), and in divert (and divert_out) after the bypass returns:
-// "ct label 127 return", then "ip daddr @dns_bypass4 ct label set 127
-// return" (and ip6). The fake-ip DNS server adds the real addresses of names
+// in the plan); in divert (and divert_out) after the bypass returns, "ip
+// daddr @dns_bypass4 ct label set 127 return" (and ip6); and "ct label 127
+// return" as the first rule of prerouting (in divert_out for the gateway's
+// own connections), so that the later packets of a bypassed connection meet
+// one rule (only connections that were neither DNS, nor to a fake IP, nor to
+// the gateway itself can carry the label). The fake-ip DNS server adds the real addresses of names
 // that are DIRECT for certain through Installed.DNSBypassSet, each with its
 // own timeout (see package dns); flows to them are then forwarded by the
 // kernel. The label keeps a connection in the kernel when its address

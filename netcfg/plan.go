@@ -531,11 +531,13 @@ func BuildPlan(o Options) (*Plan, error) {
 	}
 	// dnsBypass adds the dns-bypass returns: connections already labelled,
 	// then new ones to an address of the sets, which get the label.
-	dnsBypass := func(c *Chain) {
+	dnsBypass := func(c *Chain, labelled bool) {
 		if len(dnsBypassSets) == 0 {
 			return
 		}
-		add(c, "flow to a dns-bypass address", ret, MatchCTLabel{Bit: ConnLabelDNSBypass})
+		if labelled {
+			add(c, "flow to a dns-bypass address", ret, MatchCTLabel{Bit: ConnLabelDNSBypass})
+		}
 		for _, s := range dnsBypassSets {
 			add(c, "dns-bypass: DIRECT for certain", Action{SetCTLabel: true, Verdict: VerdictReturn}, MatchAddrSet{Family: s.Family, Set: s.Name})
 		}
@@ -565,6 +567,12 @@ func BuildPlan(o Options) (*Plan, error) {
 
 	// prerouting: which packets may be intercepted at all.
 	pre := Chain{Name: ChainName, Hook: HookPrerouting, Type: "filter", Priority: "mangle"}
+	// Connections dns-bypass handed to the kernel (labelled in divert below):
+	// first, so their packets pay for one rule. Only connections that were
+	// neither DNS, nor to a fake IP, nor to the gateway itself got the label.
+	if len(dnsBypassSets) > 0 {
+		add(&pre, "flow to a dns-bypass address", ret, MatchCTLabel{Bit: ConnLabelDNSBypass})
+	}
 	// lo carries the gateway's own traffic; only what was marked for us (proxy-self) goes on.
 	loopback := len(o.Interfaces) == 0 || o.ProxySelf
 	if loopback {
@@ -624,7 +632,7 @@ func BuildPlan(o Options) (*Plan, error) {
 			add(&div, "bypassed source", ret, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
 		}
 	}
-	dnsBypass(&div)
+	dnsBypass(&div, false)
 	// Packets of connections our transparent sockets already own skip the tproxy lookup.
 	socketRule := []Match{MatchL4Proto{Protos: []uint8{ProtoTCP}}, MatchSocketTransparent{}}
 	if !o.IPv6 {
@@ -668,7 +676,7 @@ func BuildPlan(o Options) (*Plan, error) {
 				add(&divOut, "bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
 			}
 		}
-		dnsBypass(&divOut)
+		dnsBypass(&divOut, true)
 		for _, f := range families {
 			add(&divOut, "gateway's own traffic (proxy-self)", markIt, MatchFamily{Family: f}, tcpUDP)
 		}

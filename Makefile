@@ -43,7 +43,7 @@ fuzz:
 demo: deps build
 	$(GO) run ./cmd/tpgw-demo -bin $(CURDIR)/bin/tpgw -c $(CURDIR)/config.example.yaml
 
-## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~11 min); writes docs/bench.{md,json,svg}
+## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~13 min); writes docs/bench.{md,json,svg}
 bench: build
 	./scripts/install-deps.sh bench
 	$(GO) build -trimpath -o bin/mihomo-tproxy ./bench/cmd/mihomo-tproxy

@@ -123,6 +123,7 @@ func methodNotes(o Options) []string {
 	return []string{
 		fmt.Sprintf("Topology: client ns → gateway ns → upstream ns (iperf3 -s, Go HTTP server), ss-server in the proxy ns behind the upstream; veths only, IPv4. iperf3 -t %d -O 1 (TCP), -t %d (UDP); every setup of a repetition runs in turn, the order rotating between repetitions.", o.Seconds, o.Seconds),
 		"K is kernel forwarding (ip_forward=1, no rules). tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
+		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack and the first rule of tpgw's prerouting chain, which K (no rules, so no conntrack) does not pay.",
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
 		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
 		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
@@ -150,7 +151,7 @@ func spliceNotes(calls map[string]map[string]int64) []string {
 
 func notMeasured() []string {
 	return []string{
-		"DNS-driven kernel bypass (a DIRECT-by-domain flow at ≥ 0.97×K): the feature is not in tpgw yet.",
+		"Flow offload (nf_flow_table) of dns-bypass connections, which would skip conntrack: this kernel has no nf_flow_table.",
 		"IPv6 paths, UDP through the shadowsocks path, and ss-redir's UDP relay.",
 		"Kernel CPU of K (softirq) and the kernel memory of socket buffers.",
 	}

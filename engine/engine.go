@@ -124,6 +124,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("mihomo config: %w", err)
 	}
 	hub.ApplyConfig(cfg)
+	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
 		"mode", tunnel.Mode().String(), "routing_mark", cfg.General.RoutingMark,
@@ -143,6 +144,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		return fmt.Errorf("mihomo config: %w", err)
 	}
 	hub.ApplyConfig(cfg)
+	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	e.log.Info("mihomo reloaded", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()))
 	return nil
@@ -201,7 +203,7 @@ func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 // client, dst the original destination (the accepted socket's local address).
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
 	if tc, ok := conn.(*net.TCPConn); ok {
-		conn = newLazySpliceConn(tc)
+		_, conn = newLazySpliceConn(tc)
 	}
 	tunnel.Tunnel.HandleTCPConn(conn, e.metadata(C.TCP, src, dst))
 }
@@ -239,6 +241,12 @@ func quietMihomoLog() {
 	quietOnce.Do(func() { logrus.SetOutput(io.Discard) })
 }
 
+// logLevel is the running config's log-level, kept here because mihomo's
+// own (log.Level) is a plain variable its ApplyConfig writes unsynchronized.
+var logLevel atomic.Int32
+
+func init() { logLevel.Store(int32(mlog.INFO)) }
+
 func forwardMihomoLog(log *slog.Logger) (stop func()) {
 	quietMihomoLog()
 	sub := mlog.Subscribe()
@@ -254,7 +262,7 @@ func forwardMihomoLog(log *slog.Logger) (stop func()) {
 				if !ok {
 					return
 				}
-				if ev.LogLevel < mlog.Level() {
+				if int32(ev.LogLevel) < logLevel.Load() {
 					continue
 				}
 				log.Log(ctx, slogLevel(ev.LogLevel), strings.TrimSpace(ev.Payload))

@@ -3,6 +3,8 @@ package engine
 import (
 	"net"
 	"sync/atomic"
+
+	N "github.com/metacubex/mihomo/common/net"
 )
 
 // bulkChunk is the size of one chunk from the remote end that marks a flow as
@@ -35,10 +37,37 @@ type lazySpliceConn struct {
 	*net.TCPConn
 	bulkDown atomic.Bool
 	down     atomic.Int64
+	// buffered is the BufferedConn mihomo reads this connection through
+	// (sniffing, the first-byte peek), until the relay starts.
+	buffered *N.BufferedConn
 }
 
-func newLazySpliceConn(c *net.TCPConn) *lazySpliceConn {
-	return &lazySpliceConn{TCPConn: c}
+// newLazySpliceConn wraps c, and returns the mihomo BufferedConn around the
+// wrapper to hand to mihomo's tunnel (which would otherwise make one itself).
+func newLazySpliceConn(c *net.TCPConn) (*lazySpliceConn, *N.BufferedConn) {
+	lc := &lazySpliceConn{TCPConn: c}
+	lc.buffered = N.NewBufferedConn(lc)
+	return lc, lc.buffered
+}
+
+// dropPeekBuffer lets the 4 KiB bufio.Reader of mihomo's BufferedConn go
+// once the relay has started with nothing in it. mihomo drops it itself when
+// the relay starts with peeked bytes left (BufferedConn.ReadCached), but
+// not when it is empty: sing's copy then unwraps the BufferedConn without
+// asking, and the buffer stayed for the life of the connection, a fifth of
+// an idle connection's memory. Called from the client → remote copy, the
+// only reader then; mihomo's peek has finished before its relay starts.
+func (c *lazySpliceConn) dropPeekBuffer() {
+	b := c.buffered
+	if b == nil {
+		return
+	}
+	c.buffered = nil
+	// ReaderReplaceable: no reader any more, or an empty one. (With bytes
+	// left, sing reads them through ReadCached, which drops the reader.)
+	if b.ReaderReplaceable() {
+		b.ReadCached() // nothing cached: returns nil and drops the reader
+	}
 }
 
 // ReaderReplaceable and WriterReplaceable are part of sing's "possibly
@@ -48,8 +77,12 @@ func (c *lazySpliceConn) ReaderReplaceable() bool { return false }
 func (c *lazySpliceConn) WriterReplaceable() bool { return false }
 
 // ReaderPossiblyReplaceable is asked by sing's copy loop (client → remote)
-// before each chunk; it stops asking after 10 chunks and splices.
-func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool { return true }
+// before each chunk; it stops asking after 10 chunks and splices. The first
+// call means the relay has started.
+func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool {
+	c.dropPeekBuffer()
+	return true
+}
 
 // WriterPossiblyReplaceable is asked by sing's copy loop (remote → client)
 // before each chunk: true until the flow is bulk.

@@ -144,3 +144,52 @@ func TestLazySplice(t *testing.T) {
 		t.Errorf("after the flow ended %d pipe descriptors are left", n-base)
 	}
 }
+
+// TestPeekedBytesThenRelay: the client's first bytes are there before
+// mihomo looks (its peek reads them into the BufferedConn's reader, which
+// the relay then drains and drops); the flow must still relay every byte
+// both ways, and the wrapper must not touch the dropped reader.
+func TestPeekedBytesThenRelay(t *testing.T) {
+	srv, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	go func() {
+		c, err := srv.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c) // echo until the client's FIN
+	}()
+	client, inbound := tcpPair(t)
+	first := strings.Repeat("first bytes, sent before the relay starts; ", 20)
+	if _, err := client.Write([]byte(first)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // in inbound's receive queue before mihomo peeks
+	done := make(chan struct{})
+	go func() {
+		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), srv.Addr().(*net.TCPAddr).AddrPort())
+		close(done)
+	}()
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	more := strings.Repeat("x", 64<<10)
+	if _, err := client.Write([]byte(more)); err != nil {
+		t.Fatal(err)
+	}
+	client.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != first+more {
+		t.Fatalf("echo: got %d bytes, want %d", len(got), len(first)+len(more))
+	}
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("HandleTCP did not return")
+	}
+}

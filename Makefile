@@ -41,7 +41,7 @@ fuzz:
 
 ## demo: a demo gateway in throwaway namespaces; never touches the host's network
 demo: deps build
-	$(GO) run ./cmd/tpgw-demo -bin $(CURDIR)/bin/tpgw -c $(CURDIR)/config.example.yaml
+	$(GO) run ./cmd/tpgw-demo -bin $(CURDIR)/bin/tpgw -c $(CURDIR)/config.example.yaml $(DEMO_FLAGS)
 
 ## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~13 min); writes docs/bench.{md,json,svg}
 bench: build

@@ -5,6 +5,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 )
 
@@ -15,6 +19,9 @@ type Env struct {
 	testing.TB // nil: only the methods below are used
 	name       string
 	log        io.Writer
+	mu         sync.Mutex // cleanups and tmp: an interrupt closes from another goroutine
+	once       sync.Once  // Close runs once; a second caller waits for it
+	stopped    atomic.Bool
 	cleanups   []func()
 	tmp        []string
 	failed     bool
@@ -43,20 +50,43 @@ func (e *Env) Do(fn func()) (err error) {
 
 // Close runs the cleanups in reverse order and removes the temp dirs.
 func (e *Env) Close() {
-	for i := len(e.cleanups) - 1; i >= 0; i-- {
-		e.cleanups[i]()
-	}
-	e.cleanups = nil
-	for _, d := range e.tmp {
-		os.RemoveAll(d)
-	}
-	e.tmp = nil
+	e.once.Do(func() {
+		e.mu.Lock()
+		cleanups, tmp := e.cleanups, e.tmp
+		e.cleanups, e.tmp = nil, nil
+		e.mu.Unlock()
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+		for _, d := range tmp {
+			os.RemoveAll(d)
+		}
+	})
+}
+
+// Interrupted reports whether a signal stopped the run; the process then
+// exits from the signal handler, once Close is done.
+func (e *Env) Interrupted() bool { return e.stopped.Load() }
+
+// CloseOnSignal makes SIGINT (Ctrl-C) and SIGTERM run Close (stop every
+// process the run started, delete its namespaces) and exit with status 130,
+// so an interrupted benchmark leaves nothing behind.
+func (e *Env) CloseOnSignal() {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		e.stopped.Store(true)
+		fmt.Fprintf(e.log, "\n%s: %v: stopping and removing the namespaces\n", e.name, s)
+		e.Close()
+		os.Exit(130)
+	}()
 }
 
 func (e *Env) Helper()                 {}
 func (e *Env) Name() string            { return e.name }
 func (e *Env) Failed() bool            { return e.failed }
-func (e *Env) Cleanup(f func())        { e.cleanups = append(e.cleanups, f) }
+func (e *Env) Cleanup(f func())        { e.mu.Lock(); e.cleanups = append(e.cleanups, f); e.mu.Unlock() }
 func (e *Env) Log(a ...any)            { fmt.Fprintln(e.log, a...) }
 func (e *Env) Logf(f string, a ...any) { fmt.Fprintf(e.log, f+"\n", a...) }
 func (e *Env) Error(a ...any) {
@@ -81,6 +111,8 @@ func (e *Env) TempDir() string {
 	if err != nil {
 		e.Fatal(err)
 	}
+	e.mu.Lock()
 	e.tmp = append(e.tmp, d)
+	e.mu.Unlock()
 	return d
 }

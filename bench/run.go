@@ -92,9 +92,14 @@ func Run(opts Options) (*Report, error) {
 		fmt.Fprintf(opts.Log, "note: RLIMIT_NOFILE stays %d (raise: %v)\n", nofileLimit(), err)
 	}
 	env := NewEnv("tpgw-bench", opts.Log)
+	env.CloseOnSignal()
 	defer env.Close()
 	r := &runner{env: env, opts: opts, s: samples{}, splice: map[string]map[string]int64{}, log: opts.Log}
 	err := env.Do(r.run)
+	if env.Interrupted() {
+		env.Close() // waits for the signal handler's Close
+		select {}   // which then exits, with status 130
+	}
 	rep := r.report(started)
 	rep.Load = [2]string{loadStart, loadAverage()}
 	return rep, err

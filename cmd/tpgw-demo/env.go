@@ -3,6 +3,10 @@ package main
 import (
 	"fmt"
 	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 )
 
@@ -10,7 +14,10 @@ import (
 // provides the few testing.TB methods testnet calls, with cleanups run in
 // reverse order at the end and Fatal ending the demo after cleanup.
 type env struct {
-	testing.TB // nil: only the methods below are used
+	testing.TB            // nil: only the methods below are used
+	mu         sync.Mutex // cleanups and tmp: an interrupt cleans up from another goroutine
+	once       sync.Once  // cleanup runs once; a second caller waits for it
+	stopped    atomic.Bool
 	cleanups   []func()
 	failed     bool
 	tmp        []string
@@ -23,7 +30,7 @@ func newEnv() *env { return &env{} }
 func (e *env) Helper()                 {}
 func (e *env) Name() string            { return "tpgw-demo" }
 func (e *env) Failed() bool            { return e.failed }
-func (e *env) Cleanup(f func())        { e.cleanups = append(e.cleanups, f) }
+func (e *env) Cleanup(f func())        { e.mu.Lock(); e.cleanups = append(e.cleanups, f); e.mu.Unlock() }
 func (e *env) Log(a ...any)            { fmt.Fprintln(os.Stderr, a...) }
 func (e *env) Logf(f string, a ...any) { fmt.Fprintf(os.Stderr, f+"\n", a...) }
 func (e *env) Error(a ...any) {
@@ -47,16 +54,42 @@ func (e *env) TempDir() string {
 	if err != nil {
 		e.Fatal(err)
 	}
+	e.mu.Lock()
 	e.tmp = append(e.tmp, d)
+	e.mu.Unlock()
 	return d
 }
 
 func (e *env) cleanup() {
-	for i := len(e.cleanups) - 1; i >= 0; i-- {
-		e.cleanups[i]()
-	}
-	e.cleanups = nil
-	for _, d := range e.tmp {
-		os.RemoveAll(d)
-	}
+	e.once.Do(func() {
+		e.mu.Lock()
+		cleanups, tmp := e.cleanups, e.tmp
+		e.cleanups, e.tmp = nil, nil
+		e.mu.Unlock()
+		for i := len(cleanups) - 1; i >= 0; i-- {
+			cleanups[i]()
+		}
+		for _, d := range tmp {
+			os.RemoveAll(d)
+		}
+	})
+}
+
+// interrupted reports whether a signal stopped the demo; its exit is then
+// the signal handler's.
+func (e *env) interrupted() bool { return e.stopped.Load() }
+
+// cleanupOnSignal makes SIGINT (Ctrl-C) and SIGTERM stop the processes the
+// demo started and delete its namespaces before it exits (status 130), as
+// a normal end does: nothing is left behind.
+func (e *env) cleanupOnSignal() {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sigs
+		e.stopped.Store(true)
+		fmt.Fprintf(os.Stderr, "\ntpgw-demo: %v: stopping and removing the demo namespaces\n", s)
+		e.cleanup()
+		os.Exit(130)
+	}()
 }

@@ -19,8 +19,10 @@ import (
 func main() {
 	bin := flag.String("bin", "bin/tpgw", "tpgw binary")
 	cfgPath := flag.String("c", "config.example.yaml", "config to run (config.example.yaml expects the demo's addresses)")
+	hold := flag.Bool("hold", false, "keep the demo gateway running after the requests, to explore it, until Ctrl-C")
 	flag.Parse()
 	env := newEnv()
+	env.cleanupOnSignal()
 	code := 0
 	func() {
 		defer func() {
@@ -31,9 +33,12 @@ func main() {
 				code = 1
 			}
 		}()
-		run(env, *bin, *cfgPath)
+		run(env, *bin, *cfgPath, *hold)
 	}()
 	env.cleanup()
+	if env.interrupted() {
+		select {} // the signal handler exits, with status 130
+	}
 	if env.failed {
 		code = 1
 	}
@@ -43,7 +48,7 @@ func main() {
 	os.Exit(code)
 }
 
-func run(env *env, bin, cfgPath string) {
+func run(env *env, bin, cfgPath string, hold bool) {
 	abs, err := filepath.Abs(bin)
 	if err != nil {
 		env.Fatal(err)
@@ -104,6 +109,15 @@ func run(env *env, bin, cfgPath string) {
 		if strings.Contains(l, "[TCP]") {
 			fmt.Println("    " + l)
 		}
+	}
+
+	if hold {
+		step("the demo gateway keeps running; try, from another shell:")
+		fmt.Printf("  ip netns exec %s curl http://203.0.113.3:8080/\n", tp.Client.Name)
+		fmt.Printf("  ip netns exec %s nft list table inet tpgw\n", tp.Gateway.Name)
+		fmt.Printf("  ip netns exec %s %s explain -c %s --src 192.168.77.2 --dst 203.0.113.3:8080\n", tp.Gateway.Name, bin, cfgPath)
+		fmt.Println("  press Ctrl-C to stop tpgw and remove the namespaces")
+		select {} // until the signal handler cleans up and exits
 	}
 
 	step("stopping tpgw (SIGTERM): every rule, route and sysctl it changed is removed")

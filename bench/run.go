@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/tpgw/tpgw/internal/tbenv"
 	"github.com/tpgw/tpgw/internal/testnet"
 )
 
@@ -40,7 +41,7 @@ func (o Options) part(name string) bool {
 
 // runner holds one benchmark run.
 type runner struct {
-	env   *Env
+	env   *tbenv.Env
 	opts  Options
 	tp    *testnet.Topology
 	s     samples
@@ -91,7 +92,7 @@ func Run(opts Options) (*Report, error) {
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		fmt.Fprintf(opts.Log, "note: RLIMIT_NOFILE stays %d (raise: %v)\n", nofileLimit(), err)
 	}
-	env := NewEnv("tpgw-bench", opts.Log)
+	env := tbenv.New("tpgw-bench", opts.Log)
 	env.CloseOnSignal()
 	defer env.Close()
 	r := &runner{env: env, opts: opts, s: samples{}, splice: map[string]map[string]int64{}, log: opts.Log}

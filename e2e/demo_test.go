@@ -75,7 +75,7 @@ func TestDemoInterrupted(t *testing.T) {
 	if after := demoNamespaces(t); after != before {
 		t.Fatalf("namespaces left after an interrupted demo:\nbefore: %q\nafter:  %q\n%s", before, after, out.String())
 	}
-	if !strings.Contains(out.String(), "removing the demo namespaces") {
+	if !strings.Contains(out.String(), "stopping and removing the namespaces") {
 		t.Errorf("no cleanup message:\n%s", out.String())
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tpgw/tpgw/internal/tbenv"
 	"github.com/tpgw/tpgw/internal/testnet"
 )
 
@@ -21,34 +22,23 @@ func main() {
 	cfgPath := flag.String("c", "config.example.yaml", "config to run (config.example.yaml expects the demo's addresses)")
 	hold := flag.Bool("hold", false, "keep the demo gateway running after the requests, to explore it, until Ctrl-C")
 	flag.Parse()
-	env := newEnv()
-	env.cleanupOnSignal()
-	code := 0
-	func() {
-		defer func() {
-			if r := recover(); r != nil {
-				if _, ok := r.(demoFailed); !ok {
-					panic(r)
-				}
-				code = 1
-			}
-		}()
-		run(env, *bin, *cfgPath, *hold)
-	}()
-	env.cleanup()
-	if env.interrupted() {
+	env := tbenv.New("tpgw-demo", os.Stderr)
+	env.CloseOnSignal()
+	err := env.Do(func() { run(env, *bin, *cfgPath, *hold) })
+	env.Close()
+	if env.Interrupted() {
 		select {} // the signal handler exits, with status 130
 	}
-	if env.failed {
-		code = 1
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
 	}
-	if code != 0 {
+	if err != nil || env.Failed() {
 		fmt.Println("\ndemo FAILED")
+		os.Exit(1)
 	}
-	os.Exit(code)
 }
 
-func run(env *env, bin, cfgPath string, hold bool) {
+func run(env *tbenv.Env, bin, cfgPath string, hold bool) {
 	abs, err := filepath.Abs(bin)
 	if err != nil {
 		env.Fatal(err)

@@ -1,4 +1,6 @@
-package bench
+// Package tbenv lets a program (the demo, the benchmark) use internal/testnet,
+// which is written for tests, outside `go test`.
+package tbenv
 
 import (
 	"errors"
@@ -30,8 +32,9 @@ type Env struct {
 // fatal is the panic value of Fatal, recovered by Do.
 type fatal struct{ msg string }
 
-// NewEnv returns an Env that logs to log.
-func NewEnv(name string, log io.Writer) *Env { return &Env{name: name, log: log} }
+// New returns an Env named name (also the prefix of its temp dirs) that
+// logs to log.
+func New(name string, log io.Writer) *Env { return &Env{name: name, log: log} }
 
 // Do runs fn and turns a Fatal inside it into an error.
 func (e *Env) Do(fn func()) (err error) {
@@ -70,7 +73,8 @@ func (e *Env) Interrupted() bool { return e.stopped.Load() }
 
 // CloseOnSignal makes SIGINT (Ctrl-C) and SIGTERM run Close (stop every
 // process the run started, delete its namespaces) and exit with status 130,
-// so an interrupted benchmark leaves nothing behind.
+// so an interrupted run leaves nothing behind. A Do that returns meanwhile
+// should check Interrupted and leave the exit to the handler.
 func (e *Env) CloseOnSignal() {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
@@ -107,7 +111,7 @@ func (e *Env) Skipped() bool             { return false }
 
 // TempDir returns a new directory removed by Close.
 func (e *Env) TempDir() string {
-	d, err := os.MkdirTemp("", "tpgw-bench")
+	d, err := os.MkdirTemp("", e.name)
 	if err != nil {
 		e.Fatal(err)
 	}

@@ -50,7 +50,12 @@ func newReplyCache() *replyCache {
 }
 
 // get returns a fresh copy of the cached reply to req with req's ID, or nil.
-func (c *replyCache) get(req []byte, udp bool) []byte {
+func (c *replyCache) get(req []byte, udp bool) []byte { return c.appendReply(nil, req, udp) }
+
+// appendReply appends the cached reply to req, with req's ID, to dst and
+// returns the result, or nil on a miss. With a reused dst a hit allocates
+// nothing (the map lookup converts the key without allocating).
+func (c *replyCache) appendReply(dst, req []byte, udp bool) []byte {
 	if len(req) < headerLen {
 		return nil
 	}
@@ -60,10 +65,10 @@ func (c *replyCache) get(req []byte, udp bool) []byte {
 	if !ok || !c.now().Before(e.expires) {
 		return nil
 	}
-	b := make([]byte, len(e.reply))
-	copy(b, e.reply)
-	b[0], b[1] = req[0], req[1]
-	return b
+	n := len(dst)
+	dst = append(dst, e.reply...)
+	dst[n], dst[n+1] = req[0], req[1]
+	return dst
 }
 
 // put remembers reply (the answer to req) for ttl, capped at maxCacheAge.

@@ -56,6 +56,10 @@ func TestReplyCache(t *testing.T) {
 	if err := m.Unpack(got); err != nil || m.Id != 0xbeef || !m.Response || m.Question[0].Name != "foo.test." {
 		t.Fatalf("cached reply %v (%v), want the reply with ID 0xbeef", &m, err)
 	}
+	buf := make([]byte, 0, maxCachedReply)
+	if allocs := testing.AllocsPerRun(100, func() { c.appendReply(buf, req2, true) }); allocs != 0 {
+		t.Errorf("a hit into a reused buffer allocates %v times", allocs)
+	}
 	if c.get(req2, false) != nil {
 		t.Error("a UDP reply was served over TCP")
 	}

@@ -21,6 +21,7 @@ func (s *Server) serveUDP() error {
 	if err != nil {
 		return fmt.Errorf("dns: udp: %w", err)
 	}
+	scratch := make([]byte, 0, maxCachedReply) // cache hits are sent from it, synchronously
 	for {
 		msgs, err := br.Read()
 		if err != nil {
@@ -33,7 +34,7 @@ func (s *Server) serveUDP() error {
 			continue
 		}
 		for _, m := range msgs {
-			if !s.serveDatagram(m.Data, m.OOB, m.Src) {
+			if !s.serveDatagram(m.Data, m.OOB, m.Src, scratch) {
 				return nil
 			}
 		}
@@ -48,11 +49,12 @@ const udpBatch = 32
 // unpack and is dropped as garbage.
 const maxUDPQuery = 4096
 
-// serveDatagram answers one query datagram (from the cache, or on a new
-// goroutine); false once the server is closing.
-func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort) bool {
+// serveDatagram answers one query datagram (from the cache, built in
+// scratch and sent before it returns, or on a new goroutine); false once the
+// server is closing.
+func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, scratch []byte) bool {
 	origDst, _ := tsock.ParseOrigDst(oob) // invalid when none
-	if reply := s.cache.get(data, true); reply != nil {
+	if reply := s.cache.appendReply(scratch[:0], data, true); reply != nil {
 		s.queries.Add(1)
 		if err := s.replyUDP(reply, client, origDst); err != nil {
 			s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)

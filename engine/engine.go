@@ -203,7 +203,7 @@ func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 // client, dst the original destination (the accepted socket's local address).
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
 	if tc, ok := conn.(*net.TCPConn); ok {
-		_, conn = newLazySpliceConn(tc)
+		conn = lazySplice(tc)
 	}
 	tunnel.Tunnel.HandleTCPConn(conn, e.metadata(C.TCP, src, dst))
 }

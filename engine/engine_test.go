@@ -63,28 +63,12 @@ func TestOnlyOneEngine(t *testing.T) {
 // bytes reach the destination and come back, with half-close: the server
 // answers only after it has read the client's EOF.
 func TestHandleTCPDirect(t *testing.T) {
-	srv, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	go func() {
-		c, err := srv.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	dst := serveOne(t, func(c net.Conn) {
 		b, _ := io.ReadAll(c) // until the client's FIN
 		c.Write([]byte("got " + string(b)))
-	}()
-
+	})
 	client, inbound := tcpPair(t)
-	dst := srv.Addr().(*net.TCPAddr).AddrPort()
-	done := make(chan struct{})
-	go func() {
-		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
-		close(done)
-	}()
+	done := relayAsync(inbound, client, dst)
 	client.Write([]byte("hello"))
 	client.(*net.TCPConn).CloseWrite()
 	client.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -95,6 +79,43 @@ func TestHandleTCPDirect(t *testing.T) {
 	if string(got) != "got hello" {
 		t.Fatalf("got %q", got)
 	}
+	waitDone(t, done)
+}
+
+// serveOne listens on loopback, hands the first connection to handle (and
+// closes it after), and returns the address: the destination of a flow.
+func serveOne(t *testing.T, handle func(net.Conn)) netip.AddrPort {
+	t.Helper()
+	srv, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	go func() {
+		c, err := srv.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		handle(c)
+	}()
+	return srv.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// relayAsync hands inbound (the accepted side of client) to the engine as
+// the relay does, towards dst; the channel closes when HandleTCP returns.
+func relayAsync(inbound, client net.Conn, dst netip.AddrPort) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
+		close(done)
+	}()
+	return done
+}
+
+// waitDone fails the test unless HandleTCP returns within 5 s.
+func waitDone(t *testing.T, done <-chan struct{}) {
+	t.Helper()
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):

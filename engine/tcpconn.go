@@ -42,12 +42,12 @@ type lazySpliceConn struct {
 	buffered *N.BufferedConn
 }
 
-// newLazySpliceConn wraps c, and returns the mihomo BufferedConn around the
-// wrapper to hand to mihomo's tunnel (which would otherwise make one itself).
-func newLazySpliceConn(c *net.TCPConn) (*lazySpliceConn, *N.BufferedConn) {
+// lazySplice wraps c and returns the mihomo BufferedConn around the wrapper,
+// to hand to mihomo's tunnel (which would otherwise make one itself).
+func lazySplice(c *net.TCPConn) *N.BufferedConn {
 	lc := &lazySpliceConn{TCPConn: c}
 	lc.buffered = N.NewBufferedConn(lc)
-	return lc, lc.buffered
+	return lc.buffered
 }
 
 // dropPeekBuffer lets the 4 KiB bufio.Reader of mihomo's BufferedConn go
@@ -96,7 +96,3 @@ func (c *lazySpliceConn) Write(b []byte) (int, error) {
 	}
 	return n, err
 }
-
-// Spliced reports whether the remote → client direction has switched to
-// splicing (for tests).
-func (c *lazySpliceConn) Spliced() bool { return c.bulkDown.Load() }

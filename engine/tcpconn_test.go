@@ -47,17 +47,7 @@ const bulkSize = 8 << 20
 // bulk download is spliced (a pipe pair appears), that many uploads splice
 // the other direction, and that mihomo's statistics count every byte.
 func TestLazySplice(t *testing.T) {
-	srv, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	go func() {
-		c, err := srv.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	dst := serveOne(t, func(c net.Conn) {
 		r := bufio.NewReader(c)
 		for {
 			line, err := r.ReadString('\n')
@@ -71,16 +61,11 @@ func TestLazySplice(t *testing.T) {
 				c.Write([]byte("ok\n"))
 			}
 		}
-	}()
+	})
 
 	base := pipeFDs(t)
 	client, inbound := tcpPair(t)
-	dst := srv.Addr().(*net.TCPAddr).AddrPort()
-	done := make(chan struct{})
-	go func() {
-		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
-		close(done)
-	}()
+	done := relayAsync(inbound, client, dst)
 	client.SetDeadline(time.Now().Add(20 * time.Second))
 	br := bufio.NewReader(client)
 	exchange := func(n int) {
@@ -135,11 +120,7 @@ func TestLazySplice(t *testing.T) {
 	}
 
 	client.Close()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("HandleTCP did not return after the client closed")
-	}
+	waitDone(t, done)
 	if n := waitPipes(t, base); n != base {
 		t.Errorf("after the flow ended %d pipe descriptors are left", n-base)
 	}
@@ -150,30 +131,14 @@ func TestLazySplice(t *testing.T) {
 // the relay then drains and drops); the flow must still relay every byte
 // both ways, and the wrapper must not touch the dropped reader.
 func TestPeekedBytesThenRelay(t *testing.T) {
-	srv, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	go func() {
-		c, err := srv.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c) // echo until the client's FIN
-	}()
+	dst := serveOne(t, func(c net.Conn) { io.Copy(c, c) }) // echo until the client's FIN
 	client, inbound := tcpPair(t)
 	first := strings.Repeat("first bytes, sent before the relay starts; ", 20)
 	if _, err := client.Write([]byte(first)); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(50 * time.Millisecond) // in inbound's receive queue before mihomo peeks
-	done := make(chan struct{})
-	go func() {
-		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), srv.Addr().(*net.TCPAddr).AddrPort())
-		close(done)
-	}()
+	done := relayAsync(inbound, client, dst)
 	client.SetDeadline(time.Now().Add(10 * time.Second))
 	more := strings.Repeat("x", 64<<10)
 	if _, err := client.Write([]byte(more)); err != nil {
@@ -187,9 +152,5 @@ func TestPeekedBytesThenRelay(t *testing.T) {
 	if string(got) != first+more {
 		t.Fatalf("echo: got %d bytes, want %d", len(got), len(first)+len(more))
 	}
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("HandleTCP did not return")
-	}
+	waitDone(t, done)
 }

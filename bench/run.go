@@ -250,6 +250,9 @@ func (r *runner) measureHTTP(g *gateway) {
 	}
 	out, err = r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t1", "-c1", "-d3s", "--latency", url)
 	if res, perr := ParseWrk(out); err != nil || perr != nil || res.P50 == 0 {
+		if err == nil && perr == nil {
+			perr = errors.New("wrk printed no latency percentiles")
+		}
 		r.fail(g.setup+" wrk latency", errors.Join(err, perr))
 		r.s.add("lat_p50", g.setup, math.NaN())
 		r.s.add("lat_p99", g.setup, math.NaN())

@@ -197,15 +197,23 @@ func keepMihomoTProxy(raw []byte, rc *config.RawConfig) error {
 // the inbound address of every flow (IN-PORT rules, dashboard).
 func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 
-// HandleTCP gives a TPROXYed TCP connection to mihomo and blocks until the
-// flow ends: mihomo matches the rules (fake IPs are mapped back to domains
-// first), dials the outbound and copies both ways with half-close. src is the
-// client, dst the original destination (the accepted socket's local address).
+// HandleTCP gives a TPROXYed TCP connection to mihomo: mihomo matches the
+// rules (fake IPs are mapped back to domains first), dials the outbound and
+// the flow is copied both ways with half-close. src is the client, dst the
+// original destination (the accepted socket's local address). HandleTCP owns
+// conn and closes it when the flow ends; it returns then, or earlier for a
+// DIRECT flow, which tpgw relays without a goroutine of its own (park.go).
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
-	if tc, ok := conn.(*net.TCPConn); ok {
+	md := e.metadata(C.TCP, src, dst)
+	tc, ok := conn.(*net.TCPConn)
+	if ok && !sniffing() {
+		e.handleTCP(tc, md)
+		return
+	}
+	if ok {
 		conn = lazySplice(tc)
 	}
-	tunnel.Tunnel.HandleTCPConn(conn, e.metadata(C.TCP, src, dst))
+	tunnel.Tunnel.HandleTCPConn(conn, md)
 }
 
 // metadata describes a TPROXYed flow to mihomo.
@@ -226,6 +234,7 @@ func (e *Engine) metadata(network C.NetWork, src, dst netip.AddrPort) *C.Metadat
 // Close stops mihomo's listeners and persists the fake-ip pool state.
 func (e *Engine) Close() error {
 	e.once.Do(func() {
+		theParker().closeAll()
 		executor.Shutdown()
 		e.logStop()
 		started.Unlock()

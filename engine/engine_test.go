@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/metacubex/mihomo/tunnel/statistic"
 )
 
 // The engine holds mihomo's process-wide state, so the tests in this package
@@ -103,14 +105,33 @@ func serveOne(t *testing.T, handle func(net.Conn)) netip.AddrPort {
 }
 
 // relayAsync hands inbound (the accepted side of client) to the engine as
-// the relay does, towards dst; the channel closes when HandleTCP returns.
+// the relay does, towards dst; the channel closes when the flow has ended:
+// HandleTCP has returned (early for a DIRECT flow, which goes on without
+// it) and the flow has left mihomo's connection statistics.
 func relayAsync(inbound, client net.Conn, dst netip.AddrPort) <-chan struct{} {
 	done := make(chan struct{})
+	src := client.LocalAddr().(*net.TCPAddr).AddrPort()
 	go func() {
-		testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
+		testEngine.HandleTCP(inbound, src, dst)
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if !tracked(src) {
+				break
+			}
+		}
 		close(done)
 	}()
 	return done
+}
+
+// tracked reports whether mihomo's statistics hold a connection from src.
+func tracked(src netip.AddrPort) bool {
+	found := false
+	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
+		md := c.Info().Metadata
+		found = md.SrcPort == src.Port() && md.SrcIP == src.Addr().Unmap()
+		return !found
+	})
+	return found
 }
 
 // waitDone fails the test unless HandleTCP returns within 5 s.

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"bufio"
+	"bytes"
 	"io"
 	"net"
 	"os"
@@ -100,9 +101,19 @@ func TestLazySplice(t *testing.T) {
 		t.Fatalf("after a bulk download the flow holds %d pipe descriptors, want 2 (download spliced)", n-base)
 	}
 
-	exchange(12) // sing splices the upload after 10 chunks
+	exchange(12) // small uploads stay chunked
+	if n := waitPipes(t, base+2); n != base+2 {
+		t.Fatalf("after 15 small uploads the flow holds %d pipe descriptors, want 2 (upload not spliced)", n-base)
+	}
+	// A bulk upload: one line of bulkSize bytes (the server answers "ok").
+	if _, err := client.Write(append(bytes.Repeat([]byte("x"), bulkSize), '\n')); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := br.ReadString('\n'); err != nil || line != "ok\n" {
+		t.Fatalf("reply to the bulk upload %q, %v", line, err)
+	}
 	if n := waitPipes(t, base+4); n != base+4 {
-		t.Fatalf("after 15 uploads the flow holds %d pipe descriptors, want 4 (both directions spliced)", n-base)
+		t.Fatalf("after a bulk upload the flow holds %d pipe descriptors, want 4 (both directions spliced)", n-base)
 	}
 	exchange(2) // still relays both ways when spliced
 
@@ -113,8 +124,8 @@ func TestLazySplice(t *testing.T) {
 		}
 		return true
 	})
-	wantUp := int64(len("small\n")*17 + len("bulk\n"))
-	wantDown := int64(len("ok\n")*17 + bulkSize)
+	wantUp := int64(len("small\n")*17 + len("bulk\n") + bulkSize + 1)
+	wantDown := int64(len("ok\n")*18 + bulkSize)
 	if up != wantUp || down != wantDown {
 		t.Errorf("mihomo statistics: upload %d, download %d; want %d, %d", up, down, wantUp, wantDown)
 	}

@@ -14,7 +14,10 @@ import (
 )
 
 // TCPHandler receives TPROXYed TCP flows. HandleTCP owns conn: it relays the
-// flow and closes conn when done. It may block for the life of the flow.
+// flow and closes conn when the flow ends. It may block for the life of the
+// flow, or return earlier and go on relaying without the caller's goroutine
+// (the engine parks idle DIRECT flows); flows it still blocks on are the ones
+// the listener's Close ends.
 type TCPHandler interface {
 	HandleTCP(conn net.Conn, src, dst netip.AddrPort)
 }
@@ -101,7 +104,6 @@ func (l *TCPListener) handle(c net.Conn) {
 		l.mu.Lock()
 		delete(l.conns, c)
 		l.mu.Unlock()
-		c.Close()
 	}()
 	src := c.RemoteAddr().(*net.TCPAddr).AddrPort()
 	dst := c.LocalAddr().(*net.TCPAddr).AddrPort()
@@ -111,6 +113,7 @@ func (l *TCPListener) handle(c net.Conn) {
 		// A connection to the listener itself (not TPROXYed): relaying it would
 		// loop back here. Nothing to proxy.
 		l.log.Debug("refusing direct connection to the tproxy port", "src", src)
+		c.Close()
 		return
 	}
 	l.handler.HandleTCP(c, src, dst)
@@ -122,7 +125,9 @@ func isLocalListener(dst, ln netip.AddrPort) bool {
 	return dst.Port() == ln.Port() && dst.Addr().IsLoopback()
 }
 
-// Close stops accepting, closes every open flow and waits for handlers.
+// Close stops accepting, closes the flows whose handlers still run and waits
+// for those handlers. (Flows a handler went on relaying without its goroutine
+// are the handler's to end: the engine's Close.)
 func (l *TCPListener) Close() error {
 	l.mu.Lock()
 	if l.closed {

@@ -1,0 +1,344 @@
+package engine
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	C "github.com/metacubex/mihomo/constant"
+	"github.com/metacubex/sing/common/bufio"
+	N "github.com/metacubex/sing/common/network"
+	"golang.org/x/sys/unix"
+)
+
+// A flow whose two ends are plain kernel sockets (DIRECT) is relayed by tpgw
+// instead of mihomo's relay, which holds two goroutines per flow for its whole
+// life (about 12 KiB of stacks, the largest part of an idle connection's
+// memory). Here each direction is pumped by a short-lived goroutine:
+//
+//   - It forwards what is readable in chunks, and waits up to idleAfter for
+//     more. A direction that stays quiet that long is parked: its socket goes
+//     into one epoll set for the whole process (EPOLLONESHOT), the goroutine
+//     ends, and the poller starts a new one when data, a FIN or an error
+//     arrives. An idle flow holds no goroutine and no buffer.
+//   - A direction that turns out to be bulk (a full chunk in one read, or
+//     bulkBytes in total) is handed to sing's copy, which splices between
+//     the two sockets until the end, as mihomo's relay would.
+//
+// mihomo's connection statistics see every byte (the tracker's counters are
+// called for each chunk, and sing's copy calls them when splicing), and a
+// connection closed from the dashboard (the tracker's Close) ends the flow.
+// Half-closes pass through: EOF one way shuts that way's write side, and the
+// flow ends when both ways are done or either fails.
+
+// idleAfter is how long a direction's goroutine waits for more data before
+// it parks. Short flows (a request, its answer and the closes) finish
+// without parking, so they cost no epoll calls.
+const idleAfter = 500 * time.Millisecond
+
+// chunkSize is the read size of a pumping direction; a read that fills it
+// marks the direction as bulk (bulkChunk in tcpconn.go).
+const chunkSize = bulkChunk
+
+var chunkPool = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
+
+const (
+	dirUp   = 0 // client → remote
+	dirDown = 1 // remote → client
+)
+
+// flow is one DIRECT TCP flow relayed by tpgw.
+type flow struct {
+	id      uint32
+	p       *parker
+	client  *net.TCPConn
+	remote  *net.TCPConn // the outbound's kernel socket
+	tracker C.Conn       // mihomo's statistics; its Close ends the flow
+	dirs    [2]direction
+	done    atomic.Int32 // directions finished with EOF
+	closed  atomic.Bool
+}
+
+// direction is one way of a flow. Only its current pump goroutine touches
+// it; the poller starts a new one only after the last one has parked.
+type direction struct {
+	src, dst *net.TCPConn
+	raw      syscall.RawConn
+	// in and out are where sing's copy reads and writes when the direction
+	// splices (the tracker on the remote side, for its counters).
+	in       io.Reader
+	out      io.Writer
+	counters []N.CountFunc // mihomo's byte counters of this direction
+	total    int64
+	armed    bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
+}
+
+func newFlow(client, remote *net.TCPConn) *flow {
+	return &flow{p: theParker(), client: client, remote: remote}
+}
+
+// wrapRemote is the outbound connection as the tracker sees it: closing it
+// (the dashboard, mihomo's "close all") ends the whole flow.
+func (f *flow) wrapRemote(c C.Conn) C.Conn { return &flowRemote{Conn: c, f: f} }
+
+// start relays the flow; it returns at once.
+func (f *flow) start(tracker C.Conn) {
+	f.tracker = tracker
+	_, downCounters := N.UnwrapCountReader(tracker, nil)
+	_, upCounters := N.UnwrapCountWriter(tracker, nil)
+	up, down := &f.dirs[dirUp], &f.dirs[dirDown]
+	*up = direction{src: f.client, dst: f.remote, in: f.client, out: tracker, counters: upCounters}
+	*down = direction{src: f.remote, dst: f.client, in: tracker, out: f.client, counters: downCounters}
+	var err error
+	if up.raw, err = f.client.SyscallConn(); err == nil {
+		down.raw, err = f.remote.SyscallConn()
+	}
+	if err != nil || !f.p.add(f) {
+		f.shutdown()
+		return
+	}
+	go f.pump(dirUp)
+	go f.pump(dirDown)
+}
+
+// pump forwards one direction until it parks, splices, ends or fails.
+func (f *flow) pump(dir int) {
+	d := &f.dirs[dir]
+	for {
+		_ = d.src.SetReadDeadline(time.Now().Add(idleAfter))
+		bp, n, err := d.read()
+		if n > 0 {
+			_, werr := d.dst.Write((*bp)[:n])
+			chunkPool.Put(bp)
+			if werr != nil {
+				f.shutdown()
+				return
+			}
+			for _, count := range d.counters {
+				count(int64(n))
+			}
+			d.total += int64(n)
+			if n == chunkSize || d.total >= bulkBytes {
+				f.splice(dir)
+				return
+			}
+			continue
+		}
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if !f.park(dir) {
+				f.shutdown()
+			}
+			return
+		case err == io.EOF:
+			f.finish(dir)
+			return
+		default:
+			f.shutdown()
+			return
+		}
+	}
+}
+
+// read waits for the source to be readable (up to its deadline) and reads
+// one chunk into a pooled buffer, taken only once there is data.
+func (d *direction) read() (bp *[]byte, n int, err error) {
+	var rerr error
+	werr := d.raw.Read(func(fd uintptr) bool {
+		bp = chunkPool.Get().(*[]byte)
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			chunkPool.Put(bp)
+			bp = nil
+			return false // wait for readiness
+		}
+		return true
+	})
+	switch {
+	case werr != nil:
+		return nil, 0, werr
+	case rerr != nil:
+		chunkPool.Put(bp)
+		return nil, 0, rerr
+	case n == 0:
+		chunkPool.Put(bp)
+		return nil, 0, io.EOF
+	}
+	return bp, n, nil
+}
+
+// splice hands a bulk direction to sing's copy (splice(2) between the two
+// sockets, counting for mihomo) until EOF.
+func (f *flow) splice(dir int) {
+	d := &f.dirs[dir]
+	_ = d.src.SetReadDeadline(time.Time{})
+	if _, err := bufio.Copy(d.out, d.in); err != nil {
+		f.shutdown()
+		return
+	}
+	f.finish(dir)
+}
+
+// finish passes a direction's EOF on (shutting down the write side of its
+// destination) and ends the flow when both directions are done.
+func (f *flow) finish(dir int) {
+	if f.dirs[dir].dst.CloseWrite() != nil || f.done.Add(1) == 2 {
+		f.shutdown()
+	}
+}
+
+// park puts a quiet direction's socket into the epoll set, armed for one
+// event. Control holds the descriptor, so it cannot be closed (and its
+// number reused) meanwhile; a closed flow fails here.
+func (f *flow) park(dir int) bool {
+	d := &f.dirs[dir]
+	if f.closed.Load() {
+		return false
+	}
+	op := unix.EPOLL_CTL_MOD
+	if !d.armed {
+		op = unix.EPOLL_CTL_ADD
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(f.id), Pad: int32(dir)}
+	var err error
+	if cerr := d.raw.Control(func(fd uintptr) { err = unix.EpollCtl(f.p.epfd, op, int(fd), &ev) }); cerr != nil {
+		return false
+	}
+	d.armed = err == nil || d.armed
+	return err == nil
+}
+
+// shutdown ends the flow once: both sockets leave the epoll set and close,
+// and the tracker leaves mihomo's statistics.
+func (f *flow) shutdown() {
+	if !f.closed.CompareAndSwap(false, true) {
+		return
+	}
+	f.p.remove(f)
+	for i := range f.dirs {
+		if raw := f.dirs[i].raw; raw != nil {
+			_ = raw.Control(func(fd uintptr) { _ = unix.EpollCtl(f.p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
+		}
+	}
+	f.client.Close()
+	if f.tracker != nil {
+		f.tracker.Close() // → flowRemote.Close → the outbound's Close
+	} else {
+		f.remote.Close()
+	}
+}
+
+// flowRemote is the outbound connection under the tracker. sing unwraps it
+// (Upstream) to reach the socket when splicing.
+type flowRemote struct {
+	C.Conn
+	f *flow
+}
+
+func (c *flowRemote) Close() error {
+	c.f.shutdown()
+	return c.Conn.Close()
+}
+
+func (c *flowRemote) Upstream() any           { return c.Conn }
+func (c *flowRemote) ReaderReplaceable() bool { return true }
+func (c *flowRemote) WriterReplaceable() bool { return true }
+
+// parker is the process's epoll set of parked directions and its poller.
+type parker struct {
+	epfd  int
+	mu    sync.Mutex
+	flows map[uint32]*flow
+	next  uint32
+}
+
+var theParker = sync.OnceValue(func() *parker {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		// Without epoll (not expected on Linux) flows are never parked:
+		// park fails and the flow ends like one whose socket failed.
+		epfd = -1
+	}
+	p := &parker{epfd: epfd, flows: map[uint32]*flow{}}
+	if epfd >= 0 {
+		go p.poll()
+	}
+	return p
+})
+
+// add gives f an id for its epoll events.
+func (p *parker) add(f *flow) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.epfd < 0 {
+		return false
+	}
+	for {
+		p.next++
+		if _, used := p.flows[p.next]; !used {
+			break
+		}
+	}
+	f.id = p.next
+	p.flows[f.id] = f
+	return true
+}
+
+func (p *parker) remove(f *flow) {
+	p.mu.Lock()
+	if p.flows[f.id] == f {
+		delete(p.flows, f.id)
+	}
+	p.mu.Unlock()
+}
+
+// count is the number of flows relayed by tpgw now.
+func (p *parker) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.flows)
+}
+
+// closeAll ends every flow (engine shutdown).
+func (p *parker) closeAll() {
+	p.mu.Lock()
+	flows := make([]*flow, 0, len(p.flows))
+	for _, f := range p.flows {
+		flows = append(flows, f)
+	}
+	p.mu.Unlock()
+	for _, f := range flows {
+		f.shutdown()
+	}
+}
+
+// poll starts a pump for each direction that became readable (or hung up).
+func (p *parker) poll() {
+	events := make([]unix.EpollEvent, 128)
+	for {
+		n, err := unix.EpollWait(p.epfd, events, -1)
+		if err != nil {
+			if err == unix.EINTR {
+				continue
+			}
+			return
+		}
+		p.mu.Lock()
+		for _, ev := range events[:n] {
+			if f := p.flows[uint32(ev.Fd)]; f != nil && (ev.Pad == dirUp || ev.Pad == dirDown) {
+				go f.pump(int(ev.Pad))
+			}
+		}
+		p.mu.Unlock()
+	}
+}

@@ -1,0 +1,248 @@
+package engine
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/netip"
+	"runtime/pprof"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/metacubex/mihomo/tunnel/statistic"
+)
+
+// relayGoroutines counts goroutines that relay flows: tpgw's pumps and
+// mihomo's relay.
+func relayGoroutines(t *testing.T) int {
+	t.Helper()
+	var b strings.Builder
+	if err := pprof.Lookup("goroutine").WriteTo(&b, 2); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, g := range strings.Split(b.String(), "\n\n") {
+		if strings.Contains(g, "tpgw/engine.(*flow)") || strings.Contains(g, "mihomo/common/net.Relay") {
+			n++
+		}
+	}
+	return n
+}
+
+// echoServer answers each line with "echo: " and the line, for every
+// connection, until the client's FIN; then it says "bye" and closes.
+func echoServer(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						c.Write([]byte("bye\n"))
+						return
+					}
+					c.Write([]byte("echo: " + line))
+				}
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+type testFlow struct {
+	client net.Conn
+	r      *bufio.Reader
+	done   <-chan struct{}
+}
+
+func (f *testFlow) say(t *testing.T, s string) {
+	t.Helper()
+	f.client.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := f.client.Write([]byte(s + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := f.r.ReadString('\n'); err != nil || line != "echo: "+s+"\n" {
+		t.Fatalf("reply %q, %v", line, err)
+	}
+}
+
+// waitParked waits (bounded) until no goroutine relays a flow.
+func waitParked(t *testing.T) {
+	t.Helper()
+	n := 0
+	for deadline := time.Now().Add(idleAfter + 3*time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if n = relayGoroutines(t); n == 0 {
+			return
+		}
+	}
+	t.Fatalf("%d goroutines still relay idle flows %v after their last byte", n, idleAfter+3*time.Second)
+}
+
+// TestIdleFlowsPark opens DIRECT flows, lets them go idle, and checks that
+// none holds a goroutine, that parked flows wake for data both ways, that
+// mihomo's statistics count every byte, and that half-close and the end of
+// the flow pass through a parked flow.
+func TestIdleFlowsPark(t *testing.T) {
+	dst := echoServer(t)
+	const n = 50
+	flows := make([]*testFlow, n)
+	for i := range flows {
+		client, inbound := tcpPair(t)
+		flows[i] = &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
+		flows[i].say(t, "hello")
+	}
+	waitParked(t)
+	if got := theParker().count(); got < n {
+		t.Fatalf("parker holds %d flows, want ≥ %d", got, n)
+	}
+	for round := range 2 { // wake each flow twice from the parked state
+		for _, f := range flows {
+			f.say(t, strings.Repeat("again", round+1))
+		}
+		waitParked(t)
+	}
+
+	src := flows[0].client.LocalAddr().(*net.TCPAddr).AddrPort()
+	var up, down int64
+	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
+		if md := c.Info().Metadata; md.SrcPort == src.Port() {
+			up, down = c.Info().UploadTotal.Load(), c.Info().DownloadTotal.Load()
+		}
+		return true
+	})
+	wantUp := int64(len("hello\nagain\nagainagain\n"))
+	if wantDown := wantUp + 3*int64(len("echo: ")); up != wantUp || down != wantDown {
+		t.Errorf("statistics of a parked flow: upload %d, download %d; want %d, %d", up, down, wantUp, wantDown)
+	}
+
+	// Half-close of a parked flow: the server sees EOF, answers, closes.
+	for _, f := range flows {
+		f.client.(*net.TCPConn).CloseWrite()
+	}
+	for _, f := range flows {
+		f.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(f.r)
+		if err != nil || string(got) != "bye\n" {
+			t.Fatalf("after half-close: %q, %v", got, err)
+		}
+		waitDone(t, f.done)
+	}
+	waitParked(t)
+}
+
+// TestDashboardClosesParkedFlow: closing a parked flow's connection in
+// mihomo's statistics (what the dashboard's close button does) ends it: the
+// client sees EOF, and the flow leaves the parker.
+func TestDashboardClosesParkedFlow(t *testing.T) {
+	dst := echoServer(t)
+	client, inbound := tcpPair(t)
+	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
+	f.say(t, "hello")
+	waitParked(t)
+	before := theParker().count()
+	src := client.LocalAddr().(*net.TCPAddr).AddrPort()
+	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
+		if c.Info().Metadata.SrcPort == src.Port() {
+			c.Close()
+		}
+		return true
+	})
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
+		t.Fatalf("client after the dashboard's close: %q, %v; want EOF", got, err)
+	}
+	waitDone(t, f.done)
+	if after := theParker().count(); after != before-1 {
+		t.Errorf("parker holds %d flows after the close, want %d", after, before-1)
+	}
+}
+
+// TestCloseAllEndsParkedFlows: the engine's Close ends parked flows (the
+// relay no longer holds them).
+func TestCloseAllEndsParkedFlows(t *testing.T) {
+	dst := echoServer(t)
+	client, inbound := tcpPair(t)
+	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
+	f.say(t, "hello")
+	waitParked(t)
+	theParker().closeAll()
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
+		t.Fatalf("client after closeAll: %q, %v; want EOF", got, err)
+	}
+	waitDone(t, f.done)
+	if n := theParker().count(); n != 0 {
+		t.Errorf("parker holds %d flows after closeAll", n)
+	}
+}
+
+// TestSniffingFlowsUseMihomo: with mihomo's sniffer on, a flow goes through
+// mihomo's own handling (the sniffer reads the first bytes before the rule
+// match), so a rule on the sniffed HTTP host decides it; with it off, the
+// same flow is parked by tpgw.
+func TestSniffingFlowsUseMihomo(t *testing.T) {
+	sniffCfg := testConfig + `
+sniffer:
+  enable: true
+  force-dns-mapping: true
+  parse-pure-ip: true
+  sniff:
+    HTTP:
+      ports: [1-65535]
+      override-destination: false
+`
+	sniffCfg = strings.Replace(sniffCfg, "rules:\n", "rules:\n  - DOMAIN,blocked.example,REJECT\n", 1)
+	if err := testEngine.Reload([]byte(sniffCfg), 0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := testEngine.Reload([]byte(testConfig), 0); err != nil {
+			t.Error(err)
+		}
+	})
+	if !sniffing() {
+		t.Fatal("sniffer on, but tunnel.IsSniffing is false")
+	}
+	dst := echoServer(t)
+
+	// The sniffed host matches the REJECT rule: the flow closes unanswered.
+	client, inbound := tcpPair(t)
+	done := relayAsync(inbound, client, dst)
+	client.Write([]byte("GET / HTTP/1.1\r\nHost: blocked.example\r\n\r\n"))
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, _ := io.ReadAll(client); len(got) != 0 {
+		t.Fatalf("a flow to a sniffed REJECT host got %q", got)
+	}
+	waitDone(t, done)
+
+	// Another host goes DIRECT through mihomo's relay, which keeps its
+	// goroutines while idle.
+	client, inbound = tcpPair(t)
+	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
+	client.Write([]byte("GET / HTTP/1.1\r\nHost: fine.example\r\n\r\n"))
+	for range 3 { // the echo server answers each line
+		f.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := f.r.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(idleAfter + 200*time.Millisecond)
+	if n := relayGoroutines(t); n == 0 {
+		t.Error("a sniffed flow holds no relay goroutine: it did not go through mihomo's relay")
+	}
+	client.Close()
+	waitDone(t, f.done)
+}

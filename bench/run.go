@@ -117,6 +117,14 @@ func (r *runner) run() {
 	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway} {
 		ns.SetSysctl(r.env, "net.ipv4.ip_local_port_range", "1024 65000")
 	}
+	// The connection-rate runs open ~100k connections a minute, more than a
+	// port range holds: a later run reuses ports whose last connection is
+	// still in TIME_WAIT on the side that closed first, and its SYNs stall
+	// (1 s retransmits), so each run was slower than the one before and a
+	// late K run could hang. No TIME_WAIT state in the bench's namespaces.
+	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
+		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
+	}
 	tp.StartHTTPServer(r.env, httpPort)
 	tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod)
 	srv := tp.Upstream.Start(r.env, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))

@@ -310,10 +310,10 @@ func (r *runner) measureDNS(g *gateway) {
 		// The first pass over new names: each allocates a fake IP.
 		{"dns_qps_new", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-n", "1", "-c", "1", "-q", "50"}},
 		// Any server's port 53 from the client: hijacked by the rules.
-		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "2"}},
+		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "1"}},
 		// The server itself, from inside the gateway (the input guard keeps
 		// LAN clients off port 1053).
-		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "2"}},
+		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "1"}},
 	} {
 		args := append([]string{"-s", c.server, "-p", c.port, "-d", r.queries, "-t", "2"}, c.extra...)
 		out, err := c.ns.Run(r.env, 60*time.Second, "dnsperf", args...)

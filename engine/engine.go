@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/metacubex/mihomo/component/profile/cachefile"
 	"github.com/metacubex/mihomo/config"
@@ -110,11 +109,13 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		// flushes. Without fsync the data still reaches the page cache at
 		// once, so it survives a crash of tpgw (not a power cut).
 		// Writes also go through bbolt's Batch, which waits MaxBatchDelay
-		// (10 ms) to coalesce: two writes per new name made every first
-		// answer ~20 ms late. A short delay still coalesces bursts.
+		// (10 ms) to coalesce. But mihomo's fake-ip pool writes under its
+		// own lock, one new name at a time (two or three writes each), so
+		// there is never a second write to coalesce with: every wait only
+		// delayed the answer. A batch of one commits at once.
 		if cf := cachefile.Cache(); cf != nil && cf.DB != nil {
 			cf.DB.NoSync = true
-			cf.DB.MaxBatchDelay = 200 * time.Microsecond
+			cf.DB.MaxBatchSize = 1
 		}
 	}
 	cfg, err := config.ParseRawConfig(rc)

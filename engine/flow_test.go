@@ -2,10 +2,12 @@ package engine
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 
+	"github.com/metacubex/mihomo/component/profile/cachefile"
 	C "github.com/metacubex/mihomo/constant"
 	D "github.com/miekg/dns"
 )
@@ -48,6 +50,32 @@ func TestMihomoInternals(t *testing.T) {
 		proxy, rule, err := mihomoResolveMetadata(md)
 		if err != nil || proxy.Name() != want || rule == nil {
 			t.Errorf("resolveMetadata(%s): %v, %v, %v; want %s by a rule", dst, proxy, rule, err, want)
+		}
+	}
+}
+
+// TestFakeIPStoreWritesAtOnce: a new name's fake IP is in cache.db as soon
+// as its answer is out, with no fsync and no batching delay per write
+// (mihomo writes one name at a time under its pool lock; see Start).
+func TestFakeIPStoreWritesAtOnce(t *testing.T) {
+	db := cachefile.Cache().DB
+	if db == nil {
+		t.Fatal("no cache.db: store-fake-ip should be on by default")
+	}
+	if !db.NoSync || db.MaxBatchSize != 1 {
+		t.Errorf("cache.db NoSync %v, MaxBatchSize %d; want true, 1", db.NoSync, db.MaxBatchSize)
+	}
+	for i := range 20 {
+		name := fmt.Sprintf("store%d.example", i)
+		q := new(D.Msg)
+		q.SetQuestion(name+".", D.TypeA)
+		r, err := testEngine.ServeDNS(context.Background(), q)
+		if err != nil || len(r.Answer) != 1 {
+			t.Fatalf("%s: %v, %v", name, r, err)
+		}
+		ip, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A)
+		if got, ok := cachefile.Cache().FakeIpStore().GetByHost(name); !ok || got != ip.Unmap() {
+			t.Fatalf("cache.db has %v, %v for %s right after its answer %v", got, ok, name, ip)
 		}
 	}
 }

@@ -133,6 +133,13 @@ func (r *runner) measureIdle(setup string) {
 	}
 	defer g.stop()
 	start := time.Now()
+	// The connections of the setup before were never accepted: closed by
+	// their clients, they would still fill the accept queue. A new listener
+	// starts empty (closing the old one resets what it held).
+	if err := r.idle.release(); err != nil {
+		r.fail("idle: "+setup+": re-listen", err)
+		return
+	}
 	// Connections of an earlier setup may linger until their closes arrive.
 	for deadline := time.Now().Add(15 * time.Second); r.idle.count(r) > 0 && time.Now().Before(deadline); {
 		time.Sleep(100 * time.Millisecond)
@@ -183,6 +190,9 @@ func (r *runner) measureIdle(setup string) {
 	r.s.add("idle_relayed", setup, float64(got))
 	if got < n {
 		r.fail("idle: "+setup, fmt.Errorf("upstream got %d of %d connections (fd limit %d)", got, n, nofileLimit()))
+		if out, err := r.idle.ns.Run(r.env, 10*time.Second, "ss", "-ltn", "sport", "=", ":"+strconv.Itoa(idlePort)); err == nil {
+			r.logf("  upstream listener (Recv-Q: queued, Send-Q: backlog):\n%s", out)
+		}
 		if len(g.procs) > 0 {
 			out := g.procs[len(g.procs)-1].Output()
 			r.logf("  gateway output (last 2000 bytes):\n%s", out[max(0, len(out)-2000):])

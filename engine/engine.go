@@ -48,6 +48,7 @@ type Engine struct {
 	inAddr  netip.AddrPort
 	once    sync.Once
 	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
+	parker  *parker                 // parked DIRECT flows (park.go)
 }
 
 // started guards mihomo's process-wide state: one Engine per process.
@@ -87,20 +88,27 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if opts.HomeDir != "" {
 		C.SetHomeDir(opts.HomeDir)
 	}
-	e := &Engine{log: log}
-	e.logStop = forwardMihomoLog(log)
-
-	rc, err := rawConfig(raw, opts.RoutingMark)
+	p, err := newParker()
 	if err != nil {
+		started.Unlock()
+		return nil, err
+	}
+	e := &Engine{log: log, parker: p}
+	e.logStop = forwardMihomoLog(log)
+	fail := func(err error) (*Engine, error) {
+		e.parker.close()
 		e.logStop()
 		started.Unlock()
 		return nil, err
 	}
+
+	rc, err := rawConfig(raw, opts.RoutingMark)
+	if err != nil {
+		return fail(err)
+	}
 	if opts.MihomoTProxy {
 		if err := keepMihomoTProxy(raw, rc); err != nil {
-			e.logStop()
-			started.Unlock()
-			return nil, err
+			return fail(err)
 		}
 	}
 	if rc.Profile.StoreFakeIP || rc.Profile.StoreSelected {
@@ -120,9 +128,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
-		e.logStop()
-		started.Unlock()
-		return nil, fmt.Errorf("mihomo config: %w", err)
+		return fail(fmt.Errorf("mihomo config: %w", err))
 	}
 	hub.ApplyConfig(cfg)
 	logLevel.Store(int32(cfg.General.LogLevel))
@@ -232,10 +238,11 @@ func (e *Engine) metadata(network C.NetWork, src, dst netip.AddrPort) *C.Metadat
 	}
 }
 
-// Close stops mihomo's listeners and persists the fake-ip pool state.
+// Close ends the DIRECT flows tpgw relays, stops mihomo's listeners and
+// persists the fake-ip pool state.
 func (e *Engine) Close() error {
 	e.once.Do(func() {
-		theParker().closeAll()
+		e.parker.close()
 		executor.Shutdown()
 		e.logStop()
 		started.Unlock()

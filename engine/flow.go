@@ -106,7 +106,7 @@ func (e *Engine) handleTCP(conn *net.TCPConn, md *C.Metadata) {
 	mihomoLogMetadata(md, rule, remote)
 
 	if raw, ok := plainSocket(remote); ok && (buffered == nil || buffered.Buffered() == 0) {
-		f := newFlow(conn, raw)
+		f := newFlow(e.parker, conn, raw)
 		tracker := statistic.NewTCPTracker(f.wrapRemote(remote), statistic.DefaultManager, md, rule, int64(sent), 0, true)
 		f.start(tracker)
 		return

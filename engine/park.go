@@ -2,6 +2,7 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -78,8 +79,8 @@ type direction struct {
 	armed    bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
 }
 
-func newFlow(client, remote *net.TCPConn) *flow {
-	return &flow{p: theParker(), client: client, remote: remote}
+func newFlow(p *parker, client, remote *net.TCPConn) *flow {
+	return &flow{p: p, client: client, remote: remote}
 }
 
 // wrapRemote is the outbound connection as the tracker sees it: closing it
@@ -208,14 +209,14 @@ func (f *flow) park(dir int) bool {
 	op := unix.EPOLL_CTL_MOD
 	if !d.armed {
 		op = unix.EPOLL_CTL_ADD
+		d.armed = true // a failed ADD ends the flow
 	}
+	// Nothing of d may be touched once the socket is armed: its event may
+	// start the next pump of this direction at once.
 	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT, Fd: int32(f.id), Pad: int32(dir)}
 	var err error
-	if cerr := d.raw.Control(func(fd uintptr) { err = unix.EpollCtl(f.p.epfd, op, int(fd), &ev) }); cerr != nil {
-		return false
-	}
-	d.armed = err == nil || d.armed
-	return err == nil
+	cerr := d.raw.Control(func(fd uintptr) { err = unix.EpollCtl(f.p.epfd, op, int(fd), &ev) })
+	return cerr == nil && err == nil
 }
 
 // shutdown ends the flow once: both sockets leave the epoll set and close,
@@ -254,35 +255,55 @@ func (c *flowRemote) Upstream() any           { return c.Conn }
 func (c *flowRemote) ReaderReplaceable() bool { return true }
 func (c *flowRemote) WriterReplaceable() bool { return true }
 
-// parker is the process's epoll set of parked directions and its poller.
+// parker is the engine's epoll set of parked directions and its poller.
 type parker struct {
 	epfd  int
+	wake  int // eventfd: stops the poller
 	mu    sync.Mutex
 	flows map[uint32]*flow
 	next  uint32
+	done  chan struct{}
 }
 
-var theParker = sync.OnceValue(func() *parker {
+// dirStop marks the eventfd's event (the directions are dirUp and dirDown).
+const dirStop = 2
+
+func newParker() (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
-		// Without epoll (not expected on Linux) flows are never parked:
-		// park fails and the flow ends like one whose socket failed.
-		epfd = -1
+		return nil, fmt.Errorf("engine: epoll: %w", err)
 	}
-	p := &parker{epfd: epfd, flows: map[uint32]*flow{}}
-	if epfd >= 0 {
-		go p.poll()
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err == nil {
+		err = unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Pad: dirStop})
 	}
-	return p
-})
+	if err != nil {
+		unix.Close(epfd)
+		if wake > 0 {
+			unix.Close(wake)
+		}
+		return nil, fmt.Errorf("engine: epoll eventfd: %w", err)
+	}
+	p := &parker{epfd: epfd, wake: wake, flows: map[uint32]*flow{}, done: make(chan struct{})}
+	go p.poll()
+	return p, nil
+}
+
+// close ends every flow, stops the poller and closes the epoll set.
+func (p *parker) close() {
+	p.closeAll()
+	var one [8]byte
+	one[0] = 1 // eventfd counters are host-endian; 1 in any byte order wakes it
+	_, _ = unix.Write(p.wake, one[:])
+	<-p.done
+	unix.Close(p.epfd)
+	unix.Close(p.wake)
+}
 
 // add gives f an id for its epoll events.
 func (p *parker) add(f *flow) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.epfd < 0 {
-		return false
-	}
 	for {
 		p.next++
 		if _, used := p.flows[p.next]; !used {
@@ -324,6 +345,7 @@ func (p *parker) closeAll() {
 
 // poll starts a pump for each direction that became readable (or hung up).
 func (p *parker) poll() {
+	defer close(p.done)
 	events := make([]unix.EpollEvent, 128)
 	for {
 		n, err := unix.EpollWait(p.epfd, events, -1)
@@ -335,6 +357,10 @@ func (p *parker) poll() {
 		}
 		p.mu.Lock()
 		for _, ev := range events[:n] {
+			if ev.Pad == dirStop {
+				p.mu.Unlock()
+				return
+			}
 			if f := p.flows[uint32(ev.Fd)]; f != nil && (ev.Pad == dirUp || ev.Pad == dirDown) {
 				go f.pump(int(ev.Pad))
 			}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"runtime/pprof"
 	"strings"
 	"testing"
@@ -105,7 +106,7 @@ func TestIdleFlowsPark(t *testing.T) {
 		flows[i].say(t, "hello")
 	}
 	waitParked(t)
-	if got := theParker().count(); got < n {
+	if got := testEngine.parker.count(); got < n {
 		t.Fatalf("parker holds %d flows, want ≥ %d", got, n)
 	}
 	for round := range 2 { // wake each flow twice from the parked state
@@ -152,7 +153,7 @@ func TestDashboardClosesParkedFlow(t *testing.T) {
 	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
 	f.say(t, "hello")
 	waitParked(t)
-	before := theParker().count()
+	before := testEngine.parker.count()
 	src := client.LocalAddr().(*net.TCPAddr).AddrPort()
 	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
 		if c.Info().Metadata.SrcPort == src.Port() {
@@ -165,7 +166,7 @@ func TestDashboardClosesParkedFlow(t *testing.T) {
 		t.Fatalf("client after the dashboard's close: %q, %v; want EOF", got, err)
 	}
 	waitDone(t, f.done)
-	if after := theParker().count(); after != before-1 {
+	if after := testEngine.parker.count(); after != before-1 {
 		t.Errorf("parker holds %d flows after the close, want %d", after, before-1)
 	}
 }
@@ -178,13 +179,13 @@ func TestCloseAllEndsParkedFlows(t *testing.T) {
 	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
 	f.say(t, "hello")
 	waitParked(t)
-	theParker().closeAll()
+	testEngine.parker.closeAll()
 	client.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
 		t.Fatalf("client after closeAll: %q, %v; want EOF", got, err)
 	}
 	waitDone(t, f.done)
-	if n := theParker().count(); n != 0 {
+	if n := testEngine.parker.count(); n != 0 {
 		t.Errorf("parker holds %d flows after closeAll", n)
 	}
 }
@@ -245,4 +246,33 @@ sniffer:
 	}
 	client.Close()
 	waitDone(t, f.done)
+}
+
+// TestParkerClose: closing a parker stops its poller (no goroutine left
+// behind) and closes its epoll and eventfd descriptors.
+func TestParkerClose(t *testing.T) {
+	openFDs := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	before := openFDs()
+	p, err := newParker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := openFDs(); n != before+2 {
+		t.Errorf("a parker opened %d descriptors, want 2 (epoll, eventfd)", n-before)
+	}
+	p.close()
+	select {
+	case <-p.done:
+	default:
+		t.Fatal("poller still running after close")
+	}
+	if n := openFDs(); n != before {
+		t.Errorf("%d descriptors left after close", n-before)
+	}
 }

@@ -144,6 +144,7 @@ func parseWrkDuration(s string) (time.Duration, error) {
 type DNSPerfResult struct {
 	QPS         float64
 	LostPercent float64
+	Completed   int64 // queries answered
 }
 
 // ParseDNSPerf reads dnsperf's statistics.
@@ -159,6 +160,12 @@ func ParseDNSPerf(out string) (DNSPerfResult, error) {
 				return r, fmt.Errorf("bench: dnsperf qps %q: %w", v, err)
 			}
 			r.QPS, found = q, true
+		}
+		// Queries completed:    3881 (99.69%)
+		if v, ok := strings.CutPrefix(line, "Queries completed:"); ok {
+			if f := strings.Fields(v); len(f) > 0 {
+				r.Completed, _ = strconv.ParseInt(f[0], 10, 64)
+			}
 		}
 		// Queries lost:         12 (0.01%)
 		if v, ok := strings.CutPrefix(line, "Queries lost:"); ok {

@@ -175,15 +175,20 @@ func TestCheck(t *testing.T) {
 	}
 }
 
-// tcpPair returns the two ends of a loopback TCP connection.
+// tcpPair returns the two ends of a loopback TCP connection: a client on
+// 127.0.0.2, so that no client port is taken for the local end of one of
+// mihomo's outbound connections (all from 127.0.0.1 here), which mihomo's
+// loopback detector would reject as a loop. (LAN clients never share the
+// gateway's addresses.)
 func tcpPair(t *testing.T) (client, server net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	client, err = net.Dial("tcp", ln.Addr().String())
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+	client, err = d.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -52,7 +52,40 @@ func TestDirect(t *testing.T) {
 	if conns == "" {
 		t.Error("external-controller /connections does not list the open flow through tpgw")
 	}
+
+	// The flow idles past the engine's half second: tpgw parks it (no
+	// goroutine). Data and the client's FIN still wake it, and the answer
+	// comes back.
+	time.Sleep(time.Second)
+	open.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := open.Write([]byte("after idle")); err != nil {
+		t.Fatal(err)
+	}
+	open.(*net.TCPConn).CloseWrite()
+	if b, err := io.ReadAll(open); err != nil || string(b) != "read 10 bytes" {
+		t.Errorf("a parked flow woken by data and half-close: got %q, %v; want \"read 10 bytes\"", b, err)
+	}
 	open.Close()
+
+	// Closing a parked flow from the dashboard (DELETE /connections) ends it
+	// at once: the client sees the close long before the server's 20 s.
+	var idle net.Conn
+	if err := tp.Client.Do(func() (err error) { idle, err = net.DialTimeout("tcp", "203.0.113.2:9000", 5*time.Second); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	waitFor(t, 5*time.Second, func() (string, bool) {
+		out, err := tp.Gateway.Run(t, 5*time.Second, "curl", "-sS", "--max-time", "3", "http://127.0.0.1:9090/connections")
+		return out, err == nil && strings.Contains(out, `"destinationPort":"9000"`)
+	})
+	time.Sleep(time.Second) // parked
+	if _, err := tp.Gateway.Run(t, 5*time.Second, "curl", "-sS", "--max-time", "3", "-X", "DELETE", "http://127.0.0.1:9090/connections"); err != nil {
+		t.Fatalf("DELETE /connections: %v", err)
+	}
+	idle.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(idle); err != nil || len(b) != 0 {
+		t.Errorf("client of a parked flow closed from the dashboard: got %q, %v; want EOF", b, err)
+	}
 
 	if !strings.Contains(p.Output(), "match Match using DIRECT") && !strings.Contains(p.Output(), "using DIRECT") {
 		t.Errorf("tpgw log does not show the flow's rule decision:\n%s", p.Output())

@@ -180,7 +180,7 @@ func TestCheck(t *testing.T) {
 // mihomo's outbound connections (all from 127.0.0.1 here), which mihomo's
 // loopback detector would reject as a loop. (LAN clients never share the
 // gateway's addresses.)
-func tcpPair(t *testing.T) (client, server net.Conn) {
+func tcpPair(t testing.TB) (client, server net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {

@@ -77,6 +77,11 @@ type direction struct {
 	counters []N.CountFunc // mihomo's byte counters of this direction
 	total    int64
 	armed    bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
+	// The state of one read (read, readOnce).
+	readFn func(fd uintptr) bool
+	buf    *[]byte
+	n      int
+	err    error
 }
 
 func newFlow(p *parker, client, remote *net.TCPConn) *flow {
@@ -95,6 +100,7 @@ func (f *flow) start(tracker C.Conn) {
 	up, down := &f.dirs[dirUp], &f.dirs[dirDown]
 	*up = direction{src: f.client, dst: f.remote, in: f.client, out: tracker, counters: upCounters}
 	*down = direction{src: f.remote, dst: f.client, in: tracker, out: f.client, counters: downCounters}
+	up.readFn, down.readFn = up.readOnce, down.readOnce
 	var err error
 	if up.raw, err = f.client.SyscallConn(); err == nil {
 		down.raw, err = f.remote.SyscallConn()
@@ -147,35 +153,43 @@ func (f *flow) pump(dir int) {
 }
 
 // read waits for the source to be readable (up to its deadline) and reads
-// one chunk into a pooled buffer, taken only once there is data.
+// one chunk into a pooled buffer, taken only once there is data. It
+// allocates nothing: the state of the read lives in d, and the function
+// handed to RawConn.Read is made once per direction.
 func (d *direction) read() (bp *[]byte, n int, err error) {
-	var rerr error
-	werr := d.raw.Read(func(fd uintptr) bool {
-		bp = chunkPool.Get().(*[]byte)
-		for {
-			n, rerr = unix.Read(int(fd), *bp)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		if rerr == unix.EAGAIN {
-			chunkPool.Put(bp)
-			bp = nil
-			return false // wait for readiness
-		}
-		return true
-	})
-	switch {
-	case werr != nil:
+	d.buf, d.n, d.err = nil, 0, nil
+	if werr := d.raw.Read(d.readFn); werr != nil {
 		return nil, 0, werr
-	case rerr != nil:
+	}
+	bp, n, err = d.buf, d.n, d.err
+	d.buf = nil
+	switch {
+	case err != nil:
 		chunkPool.Put(bp)
-		return nil, 0, rerr
+		return nil, 0, err
 	case n == 0:
 		chunkPool.Put(bp)
 		return nil, 0, io.EOF
 	}
 	return bp, n, nil
+}
+
+// readOnce is d's RawConn.Read function: false (wait) while the socket is
+// empty.
+func (d *direction) readOnce(fd uintptr) bool {
+	d.buf = chunkPool.Get().(*[]byte)
+	for {
+		d.n, d.err = unix.Read(int(fd), *d.buf)
+		if d.err != unix.EINTR {
+			break
+		}
+	}
+	if d.err == unix.EAGAIN {
+		chunkPool.Put(d.buf)
+		d.buf = nil
+		return false
+	}
+	return true
 }
 
 // splice hands a bulk direction to sing's copy (splice(2) between the two

@@ -8,6 +8,15 @@
 // small TCPHandler interface declared here, so the relay can be tested
 // without mihomo.
 //
+// # TCP
+//
+// Each accepted connection goes to the engine on its own goroutine. The
+// engine owns it from then on: it relays the flow and closes the connection
+// when the flow ends. It may return before that: a DIRECT flow is copied by
+// the engine without a goroutine of its own while it is idle (engine/park.go),
+// so the listener's Close ends only the flows whose handler still runs, and
+// the engine's Close ends the rest.
+//
 // # UDP
 //
 // UDP has no accepted socket per flow: every diverted datagram arrives on the

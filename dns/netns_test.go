@@ -41,9 +41,10 @@ func TestHijackedQueries(t *testing.T) {
 		}
 	})
 
+	eng := &countingEngine{}
 	var s *Server
 	if err := tp.Gateway.Do(func() (err error) {
-		s, err = Listen(netip.MustParseAddrPort("0.0.0.0:1053"), fakeEngine{}, testLogger(t))
+		s, err = Listen(netip.MustParseAddrPort("0.0.0.0:1053"), eng, testLogger(t))
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -59,20 +60,30 @@ func TestHijackedQueries(t *testing.T) {
 		name   string
 		qtype  string
 		tcp    bool
+		// twice: asked twice (without a DNS cookie, so the second query is
+		// the same bytes): the second answer comes from the reply cache,
+		// sent with sendmmsg from the listener or the cached reply socket.
+		twice bool
 	}{
-		{"203.0.113.2", 53, "foo.test", "A", false},
-		{"203.0.113.2", 53, "foo.test", "A", true},
-		{"2001:db8:1::2", 53, "six.test", "AAAA", false},
-		{"2001:db8:1::2", 53, "six.test", "AAAA", true},
+		{"203.0.113.2", 53, "foo.test", "A", false, false},
+		{"203.0.113.2", 53, "foo.test", "A", true, false},
+		{"2001:db8:1::2", 53, "six.test", "AAAA", false, false},
+		{"2001:db8:1::2", 53, "six.test", "AAAA", true, false},
 		// The gateway's own LAN address is hijacked too (the reply socket is
 		// then bound to a local address).
-		{"192.168.77.1", 53, "gw.test", "A", false},
-		{"fd77::1", 53, "gw6.test", "A", false},
+		{"192.168.77.1", 53, "gw.test", "A", false, false},
+		{"fd77::1", 53, "gw6.test", "A", false, false},
 		// The server's own port: not hijacked, answered from the listener.
-		{"192.168.77.1", 1053, "direct.test", "A", false},
-		{"fd77::1", 1053, "direct6.test", "A", false},
-		{"192.168.77.1", 1053, "direct.test", "A", true},
+		{"192.168.77.1", 1053, "direct.test", "A", false, false},
+		{"fd77::1", 1053, "direct6.test", "A", false, false},
+		{"192.168.77.1", 1053, "direct.test", "A", true, false},
+		{"203.0.113.2", 53, "again.test", "A", false, true},
+		{"2001:db8:1::2", 53, "again6.test", "AAAA", false, true},
+		{"192.168.77.1", 53, "againgw.test", "A", false, true},
+		{"192.168.77.1", 1053, "againdirect.test", "A", false, true},
+		{"fd77::1", 1053, "againdirect6.test", "A", false, true},
 	}
+	queries := 0
 	for _, tc := range tests {
 		proto := "udp"
 		if tc.tcp {
@@ -83,25 +94,43 @@ func TestHijackedQueries(t *testing.T) {
 			if tc.tcp {
 				args = append(args, "+tcp")
 			}
-			// dig prints its warnings to stdout or stderr depending on the
-			// version: capture both.
-			out, err := tp.Client.Run(t, 10*time.Second, "sh", "-c", "dig "+strings.Join(args, " ")+" 2>&1")
-			if err != nil {
-				t.Fatalf("dig %v: %v\n%s", args, err, out)
+			runs := 1
+			if tc.twice {
+				args, runs = append(args, "+nocookie"), 2
 			}
-			if strings.Contains(out, "unexpected source") {
-				t.Fatalf("reply came from another address than the one asked:\n%s", out)
-			}
-			want := fakeIP(D.Fqdn(tc.name)).String()
-			if tc.qtype == "AAAA" {
-				want = netip.AddrFrom16([16]byte{0: 0xfc, 15: fakeIP(D.Fqdn(tc.name)).As4()[3]}).String()
-			}
-			if !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, want) {
-				t.Fatalf("dig %v: want NOERROR and %s, got:\n%s", args, want, out)
+			calls := eng.calls.Load()
+			for run := range runs {
+				queries++
+				// dig prints its warnings to stdout or stderr depending on the
+				// version: capture both.
+				out, err := tp.Client.Run(t, 10*time.Second, "sh", "-c", "dig "+strings.Join(args, " ")+" 2>&1")
+				if err != nil {
+					t.Fatalf("dig %v: %v\n%s", args, err, out)
+				}
+				checkDig(t, args, out, tc.name, tc.qtype)
+				if run == 1 && eng.calls.Load() != calls+1 {
+					t.Errorf("the second query reached the engine: %d calls, want 1", eng.calls.Load()-calls)
+				}
 			}
 		})
 	}
-	if st := s.Stats(); st.Queries != uint64(len(tests)) || st.Malformed != 0 {
-		t.Errorf("Stats = %+v, want %d queries", st, len(tests))
+	if st := s.Stats(); st.Queries != uint64(queries) || st.Malformed != 0 {
+		t.Errorf("Stats = %+v, want %d queries", st, queries)
+	}
+}
+
+// checkDig checks dig's output: the answer came from the address asked,
+// with the fake IP of name.
+func checkDig(t *testing.T, args []string, out, name, qtype string) {
+	t.Helper()
+	if strings.Contains(out, "unexpected source") {
+		t.Fatalf("reply came from another address than the one asked:\n%s", out)
+	}
+	want := fakeIP(D.Fqdn(name)).String()
+	if qtype == "AAAA" {
+		want = netip.AddrFrom16([16]byte{0: 0xfc, 15: fakeIP(D.Fqdn(name)).As4()[3]}).String()
+	}
+	if !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, want) {
+		t.Fatalf("dig %v: want NOERROR and %s, got:\n%s", args, want, out)
 	}
 }

@@ -2,6 +2,7 @@ package dns
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -132,6 +133,43 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 // takes the socket another sender cached meanwhile (closing conn). When the
 // cache is full of busy sockets conn is used uncached; put closes it. It
 // returns nil once closed.
+// sendBatch sends the replies of pending that leave from `from` with one
+// sendmmsg on its cached socket. Without a cached socket (the first reply
+// from that address, or an address of this host) they go one by one
+// through send, which makes the socket.
+func (r *replySockets) sendBatch(w *tsock.BatchWriter, from netip.AddrPort, pending []pendingReply) error {
+	r.mu.Lock()
+	rs := r.socks[from]
+	if rs != nil && !r.closed {
+		rs.users++
+	} else {
+		rs = nil
+	}
+	r.mu.Unlock()
+	if rs == nil {
+		var errs []error
+		for _, p := range pending {
+			if p.origDst == from {
+				if err := r.send(p.reply, p.client, from); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+		return errors.Join(errs...)
+	}
+	defer r.put(from, rs)
+	rc, err := rs.conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	for _, p := range pending {
+		if p.origDst == from {
+			w.Add(p.reply, p.client, nil, from.Addr().Is6())
+		}
+	}
+	return w.Flush(rc)
+}
+
 func (r *replySockets) adopt(from netip.AddrPort, conn *net.UDPConn) *replySocket {
 	r.mu.Lock()
 	defer r.mu.Unlock()

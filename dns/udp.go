@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -14,14 +16,18 @@ import (
 
 // serveUDP reads queries until the socket is closed. One goroutine reads,
 // a burst at a time (recvmmsg): repeated queries are answered from the
-// reply cache right there; the others are answered each on its own
-// goroutine, at most maxInFlight at once.
+// reply cache right there, the answers of one burst sent together
+// (sendmmsg); the others are answered each on its own goroutine, at most
+// maxInFlight at once.
 func (s *Server) serveUDP() error {
 	br, err := tsock.NewBatchReader(s.udp, udpBatch, maxUDPQuery, 128)
 	if err != nil {
 		return fmt.Errorf("dns: udp: %w", err)
 	}
-	scratch := make([]byte, 0, maxCachedReply) // cache hits are sent from it, synchronously
+	rb, err := s.newReplyBatch()
+	if err != nil {
+		return fmt.Errorf("dns: udp: %w", err)
+	}
 	for {
 		msgs, err := br.Read()
 		if err != nil {
@@ -34,10 +40,11 @@ func (s *Server) serveUDP() error {
 			continue
 		}
 		for _, m := range msgs {
-			if !s.serveDatagram(m.Data, m.OOB, m.Src, scratch) {
+			if !s.serveDatagram(m.Data, m.OOB, m.Src, rb) {
 				return nil
 			}
 		}
+		s.flushReplies(rb)
 	}
 }
 
@@ -49,16 +56,14 @@ const udpBatch = 32
 // unpack and is dropped as garbage.
 const maxUDPQuery = 4096
 
-// serveDatagram answers one query datagram (from the cache, built in
-// scratch and sent before it returns, or on a new goroutine); false once the
-// server is closing.
-func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, scratch []byte) bool {
+// serveDatagram answers one query datagram (from the cache, queued in rb
+// and sent with the rest of the burst, or on a new goroutine); false once
+// the server is closing.
+func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *replyBatch) bool {
 	origDst, _ := tsock.ParseOrigDst(oob) // invalid when none
-	if reply := s.cache.appendReply(scratch[:0], data, true); reply != nil {
+	if reply := s.cache.appendReply(rb.slot(), data, true); reply != nil {
 		s.queries.Add(1)
-		if err := s.replyUDP(reply, client, origDst); err != nil {
-			s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
-		}
+		rb.add(reply, client, origDst)
 		return true
 	}
 	if !s.acquire() {
@@ -77,6 +82,81 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, scratch 
 		}
 	}()
 	return true
+}
+
+// replyBatch holds the cached answers of one burst of queries until they
+// are sent together.
+type replyBatch struct {
+	bufs    [udpBatch][maxCachedReply]byte
+	pending []pendingReply
+	w       *tsock.BatchWriter
+	rc      syscall.RawConn // the listening socket's
+	v6      bool            // the listening socket is AF_INET6 (dual-stack)
+	groups  []netip.AddrPort
+}
+
+type pendingReply struct {
+	reply           []byte
+	client, origDst netip.AddrPort
+}
+
+func (s *Server) newReplyBatch() (*replyBatch, error) {
+	rc, err := s.udp.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	rb := &replyBatch{w: tsock.NewBatchWriter(udpBatch, 64), rc: rc}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		var sa unix.Sockaddr
+		if sa, serr = unix.Getsockname(int(fd)); serr == nil {
+			_, rb.v6 = sa.(*unix.SockaddrInet6)
+		}
+	}); err != nil {
+		return nil, err
+	}
+	return rb, serr
+}
+
+// slot is an empty buffer for the next cached answer.
+func (rb *replyBatch) slot() []byte { return rb.bufs[len(rb.pending)][:0] }
+
+func (rb *replyBatch) add(reply []byte, client, origDst netip.AddrPort) {
+	rb.pending = append(rb.pending, pendingReply{reply, client, origDst})
+}
+
+// flushReplies sends the queued answers: those that leave from the
+// listening socket in one sendmmsg, and those that leave from a reply
+// socket (TPROXYed queries) in one per socket.
+func (s *Server) flushReplies(rb *replyBatch) {
+	if len(rb.pending) == 0 {
+		return
+	}
+	rb.groups = rb.groups[:0]
+	for _, p := range rb.pending {
+		switch {
+		case !p.origDst.IsValid():
+			rb.w.Add(p.reply, p.client, nil, rb.v6)
+		case p.origDst.Port() == s.addr.Port():
+			rb.w.Add(p.reply, p.client, sourceCmsg(p.origDst.Addr()), rb.v6)
+		case !slices.Contains(rb.groups, p.origDst):
+			rb.groups = append(rb.groups, p.origDst)
+		}
+	}
+	if err := rb.w.Flush(rb.rc); err != nil {
+		s.log.Debug("udp replies", "err", err)
+	}
+	for _, from := range rb.groups {
+		if !s.transparent {
+			s.log.Debug("udp reply", "from", from, "err", "query to a foreign address on a non-transparent socket")
+			continue
+		}
+		if err := s.replies.sendBatch(rb.w, from, rb.pending); err != nil {
+			s.log.Debug("udp replies", "from", from, "err", err)
+		}
+	}
+	clear(rb.pending) // drop the references to the slots
+	rb.pending = rb.pending[:0]
 }
 
 // replyUDP sends reply to client so that it comes from origDst, the address

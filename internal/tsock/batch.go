@@ -147,3 +147,123 @@ func sockaddrAddrPort(sa *unix.RawSockaddrInet6, n uint32) (netip.AddrPort, bool
 	}
 	return netip.AddrPort{}, false
 }
+
+// BatchWriter sends many datagrams with one sendmmsg(2) system call, each to
+// its own destination and with its own control message. It allocates
+// nothing per call. One goroutine may use it at a time.
+type BatchWriter struct {
+	hdrs  []mmsghdr
+	iovs  []unix.Iovec
+	names []unix.RawSockaddrInet6 // large enough for sockaddr_in too
+	oobs  [][]byte
+	n     int // datagrams queued
+	// State of one Flush, for the function handed to RawConn.Write.
+	write func(fd uintptr) bool
+	off   int
+	err   error
+}
+
+// NewBatchWriter prepares to send up to batch datagrams per call, each with
+// at most oobSize bytes of control message.
+func NewBatchWriter(batch, oobSize int) *BatchWriter {
+	w := &BatchWriter{
+		hdrs:  make([]mmsghdr, batch),
+		iovs:  make([]unix.Iovec, batch),
+		names: make([]unix.RawSockaddrInet6, batch),
+		oobs:  make([][]byte, batch),
+	}
+	oob := make([]byte, batch*oobSize)
+	for i := range batch {
+		w.oobs[i] = oob[i*oobSize : i*oobSize : (i+1)*oobSize]
+	}
+	w.write = w.sendmmsg
+	return w
+}
+
+// Len is the number of datagrams queued.
+func (w *BatchWriter) Len() int { return w.n }
+
+// Add queues b for dst, with oob (nil for none; copied) as its control
+// message; false when the batch is full or oob does not fit. b is not
+// copied: it must not change until Flush. v6 says the socket the batch goes
+// out on is AF_INET6, where IPv4 destinations are written v4-mapped.
+func (w *BatchWriter) Add(b []byte, dst netip.AddrPort, oob []byte, v6 bool) bool {
+	if w.n == len(w.hdrs) || len(oob) > cap(w.oobs[w.n]) || len(b) == 0 {
+		return false
+	}
+	i := w.n
+	sa := &w.names[i]
+	var namelen uint32
+	if v6 {
+		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: dst.Addr().As16(), Scope_id: ZoneID(dst.Addr())}
+		putPort(&sa.Port, dst.Port())
+		namelen = unix.SizeofSockaddrInet6
+	} else {
+		if !dst.Addr().Unmap().Is4() {
+			return false
+		}
+		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+		*sa4 = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: dst.Addr().Unmap().As4()}
+		putPort(&sa4.Port, dst.Port())
+		namelen = unix.SizeofSockaddrInet4
+	}
+	w.iovs[i].Base = &b[0]
+	w.iovs[i].SetLen(len(b))
+	w.oobs[i] = append(w.oobs[i][:0], oob...)
+	h := &w.hdrs[i].hdr
+	*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(sa)), Namelen: namelen, Iov: &w.iovs[i]}
+	h.SetIovlen(1)
+	if len(oob) > 0 {
+		h.Control = &w.oobs[i][0]
+		h.SetControllen(len(oob))
+	}
+	w.n++
+	return true
+}
+
+// putPort writes a port in network byte order into a sockaddr's port field.
+func putPort(field *uint16, port uint16) {
+	binary.BigEndian.PutUint16(unsafe.Slice((*byte)(unsafe.Pointer(field)), 2), port)
+}
+
+// Flush sends the queued datagrams on rc, waiting while the socket's send
+// buffer is full, and empties the batch. A datagram the kernel refuses is
+// skipped, the others are still sent; the error is the first refusal, or the
+// socket's (net.ErrClosed after Close).
+func (w *BatchWriter) Flush(rc syscall.RawConn) error {
+	if w.n == 0 {
+		return nil
+	}
+	w.off, w.err = 0, nil
+	err := rc.Write(w.write)
+	for i := range w.n {
+		w.iovs[i].Base = nil // do not keep the callers' buffers alive
+	}
+	w.n = 0
+	if err != nil {
+		return err
+	}
+	return w.err
+}
+
+func (w *BatchWriter) sendmmsg(fd uintptr) bool {
+	for w.off < w.n {
+		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off),
+			unix.MSG_DONTWAIT, 0, 0)
+		switch {
+		case errno == unix.EAGAIN || errno == unix.EWOULDBLOCK:
+			return false // wait until writable
+		case errno == unix.EINTR:
+		case errno != 0:
+			// The datagram at off was refused (say, EPERM from a firewall
+			// or an unreachable destination); go on with the next.
+			if w.err == nil {
+				w.err = errno
+			}
+			w.off++
+		default:
+			w.off += int(n)
+		}
+	}
+	return true
+}

@@ -22,6 +22,8 @@ import (
 // life (about 12 KiB of stacks, the largest part of an idle connection's
 // memory). Here each direction is pumped by a short-lived goroutine:
 //
+//   - A new flow's direction with nothing to read yet is parked at once
+//     (below); one with data starts a pump.
 //   - It forwards what is readable in chunks, and waits up to idleAfter for
 //     more. A direction that stays quiet that long is parked: its socket goes
 //     into one epoll set for the whole process (EPOLLONESHOT), the goroutine
@@ -76,7 +78,7 @@ type direction struct {
 	out      io.Writer
 	counters []N.CountFunc // mihomo's byte counters of this direction
 	total    int64
-	armed    bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
+	armed    atomic.Bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
 	// The state of one read (read, readOnce).
 	readFn func(fd uintptr) bool
 	buf    *[]byte
@@ -109,8 +111,27 @@ func (f *flow) start(tracker C.Conn) {
 		f.shutdown()
 		return
 	}
-	go f.pump(dirUp)
-	go f.pump(dirDown)
+	f.kick(dirUp)
+	f.kick(dirDown)
+}
+
+// kick starts a new flow's direction: a pump if its source has something to
+// read already (say, a client's request), else it is parked at once. A flow
+// that is idle from the start (a keep-alive connection, a server that
+// speaks when asked) then never holds a goroutine.
+func (f *flow) kick(dir int) {
+	d := &f.dirs[dir]
+	readable := true // on doubt, let the pump find out
+	var buf [1]byte
+	_ = d.raw.Control(func(fd uintptr) {
+		_, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		readable = err != unix.EAGAIN
+	})
+	if readable {
+		go f.pump(dir)
+	} else if !f.park(dir) {
+		f.shutdown()
+	}
 }
 
 // pump forwards one direction until it parks, splices, ends or fails.
@@ -221,9 +242,9 @@ func (f *flow) park(dir int) bool {
 		return false
 	}
 	op := unix.EPOLL_CTL_MOD
-	if !d.armed {
+	if !d.armed.Load() {
 		op = unix.EPOLL_CTL_ADD
-		d.armed = true // a failed ADD ends the flow
+		d.armed.Store(true) // a failed ADD ends the flow
 	}
 	// Nothing of d may be touched once the socket is armed: its event may
 	// start the next pump of this direction at once.
@@ -241,7 +262,7 @@ func (f *flow) shutdown() {
 	}
 	f.p.remove(f)
 	for i := range f.dirs {
-		if raw := f.dirs[i].raw; raw != nil {
+		if raw := f.dirs[i].raw; raw != nil && f.dirs[i].armed.Load() {
 			_ = raw.Control(func(fd uintptr) { _ = unix.EpollCtl(f.p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
 		}
 	}

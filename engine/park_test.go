@@ -338,3 +338,19 @@ func TestFlowChunksAllocateNothing(t *testing.T) {
 		t.Errorf("%.2f allocations per round trip through a DIRECT flow, want 0", n)
 	}
 }
+
+// TestIdleFromStartHoldsNoGoroutine: a flow with nothing to read when it
+// starts is parked at once; no pump runs once HandleTCP has returned, and
+// the flow still wakes for the first bytes.
+func TestIdleFromStartHoldsNoGoroutine(t *testing.T) {
+	dst := echoServer(t)
+	waitParked(t) // flows of earlier tests
+	client, inbound := tcpPair(t)
+	testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
+	if n := relayGoroutines(t); n != 0 {
+		t.Fatalf("%d relay goroutines right after a new idle flow started, want 0", n)
+	}
+	f := &testFlow{client: client, r: bufio.NewReader(client)}
+	f.say(t, "first words")
+	client.Close()
+}

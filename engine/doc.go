@@ -19,7 +19,8 @@
 // sockets (DIRECT): mihomo's relay holds two goroutines per flow for its
 // whole life, about 12 KiB of stacks that an idle connection pays for
 // nothing. tpgw pumps each direction with a short-lived goroutine instead,
-// parks a direction that is quiet for half a second in one epoll set, and
+// parks a direction that has nothing to read when the flow starts, or that
+// is quiet for half a second, in one epoll set, and
 // hands a direction that turns bulk to sing's copy, which splices (park.go).
 // An idle DIRECT flow then holds two descriptors and about 3.5 KiB of heap.
 // Flows through other outbounds (shadowsocks, vmess, ...), and every flow

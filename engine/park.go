@@ -26,7 +26,7 @@ import (
 //     (below); one with data starts a pump.
 //   - It forwards what is readable in chunks, and waits up to idleAfter for
 //     more. A direction that stays quiet that long is parked: its socket goes
-//     into one epoll set for the whole process (EPOLLONESHOT), the goroutine
+//     into the engine's epoll set (EPOLLONESHOT), the goroutine
 //     ends, and the poller starts a new one when data, a FIN or an error
 //     arrives. An idle flow holds no goroutine and no buffer.
 //   - A direction that turns out to be bulk (a full chunk in one read, or
@@ -40,8 +40,8 @@ import (
 // flow ends when both ways are done or either fails.
 
 // idleAfter is how long a direction's goroutine waits for more data before
-// it parks. Short flows (a request, its answer and the closes) finish
-// without parking, so they cost no epoll calls.
+// it parks: a direction that has started talking (a request, its answer and
+// the closes) usually finishes without another trip through epoll.
 const idleAfter = 500 * time.Millisecond
 
 // chunkSize is the read size of a pumping direction; a read that fills it

@@ -80,6 +80,29 @@ func (f *testFlow) say(t *testing.T, s string) {
 	}
 }
 
+// parkedFlow is a DIRECT flow to an echo server that has said hello and
+// gone idle (parked).
+func parkedFlow(t *testing.T) *testFlow {
+	t.Helper()
+	dst := echoServer(t)
+	client, inbound := tcpPair(t)
+	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
+	f.say(t, "hello")
+	waitParked(t)
+	return f
+}
+
+// wantEOF checks that the client sees the flow end (EOF, no bytes) and
+// that the flow has left mihomo's statistics.
+func (f *testFlow) wantEOF(t *testing.T, when string) {
+	t.Helper()
+	f.client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
+		t.Fatalf("client %s: %q, %v; want EOF", when, got, err)
+	}
+	waitDone(t, f.done)
+}
+
 // waitParked waits (bounded) until no goroutine relays a flow.
 func waitParked(t *testing.T) {
 	t.Helper()
@@ -148,24 +171,16 @@ func TestIdleFlowsPark(t *testing.T) {
 // mihomo's statistics (what the dashboard's close button does) ends it: the
 // client sees EOF, and the flow leaves the parker.
 func TestDashboardClosesParkedFlow(t *testing.T) {
-	dst := echoServer(t)
-	client, inbound := tcpPair(t)
-	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
-	f.say(t, "hello")
-	waitParked(t)
+	f := parkedFlow(t)
 	before := testEngine.parker.count()
-	src := client.LocalAddr().(*net.TCPAddr).AddrPort()
+	src := f.client.LocalAddr().(*net.TCPAddr).AddrPort()
 	statistic.DefaultManager.Range(func(c statistic.Tracker) bool {
 		if c.Info().Metadata.SrcPort == src.Port() {
 			c.Close()
 		}
 		return true
 	})
-	client.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
-		t.Fatalf("client after the dashboard's close: %q, %v; want EOF", got, err)
-	}
-	waitDone(t, f.done)
+	f.wantEOF(t, "after the dashboard's close")
 	if after := testEngine.parker.count(); after != before-1 {
 		t.Errorf("parker holds %d flows after the close, want %d", after, before-1)
 	}
@@ -174,17 +189,9 @@ func TestDashboardClosesParkedFlow(t *testing.T) {
 // TestCloseAllEndsParkedFlows: the engine's Close ends parked flows (the
 // relay no longer holds them).
 func TestCloseAllEndsParkedFlows(t *testing.T) {
-	dst := echoServer(t)
-	client, inbound := tcpPair(t)
-	f := &testFlow{client: client, r: bufio.NewReader(client), done: relayAsync(inbound, client, dst)}
-	f.say(t, "hello")
-	waitParked(t)
+	f := parkedFlow(t)
 	testEngine.parker.closeAll()
-	client.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if got, err := io.ReadAll(f.r); err != nil || len(got) != 0 {
-		t.Fatalf("client after closeAll: %q, %v; want EOF", got, err)
-	}
-	waitDone(t, f.done)
+	f.wantEOF(t, "after closeAll")
 	if n := testEngine.parker.count(); n != 0 {
 		t.Errorf("parker holds %d flows after closeAll", n)
 	}
@@ -307,22 +314,11 @@ func TestFlowChunksAllocateNothing(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts: the race detector makes sync.Pool drop items on purpose")
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
+	dst := serveOne(t, func(c net.Conn) {
 		io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 1024))
-	}()
+	})
 	client, inbound := tcpPair(t)
-	src := client.LocalAddr().(*net.TCPAddr).AddrPort()
-	go testEngine.HandleTCP(inbound, src, ln.Addr().(*net.TCPAddr).AddrPort())
+	go testEngine.HandleTCP(inbound, client.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
 	client.SetDeadline(time.Now().Add(20 * time.Second))
 	msg, reply := []byte("ping"), make([]byte, 4)
 	roundTrip := func() {

@@ -213,7 +213,9 @@ func (e *Engine) SetInboundAddr(a netip.AddrPort) { e.inAddr = a }
 func (e *Engine) HandleTCP(conn net.Conn, src, dst netip.AddrPort) {
 	md := e.metadata(C.TCP, src, dst)
 	tc, ok := conn.(*net.TCPConn)
-	if ok && !sniffing() {
+	// With mihomo's sniffer on, mihomo handles the flow itself (the sniffer
+	// reads the first bytes before the rule match).
+	if ok && !tunnel.IsSniffing() {
 		e.handleTCP(tc, md)
 		return
 	}

@@ -11,7 +11,6 @@ import (
 	"github.com/metacubex/mihomo/component/slowdown"
 	C "github.com/metacubex/mihomo/constant"
 	mlog "github.com/metacubex/mihomo/log"
-	"github.com/metacubex/mihomo/tunnel"
 	"github.com/metacubex/mihomo/tunnel/statistic"
 	SN "github.com/metacubex/sing/common/network"
 )
@@ -180,7 +179,3 @@ func plainSocket(remote C.Conn) (*net.TCPConn, bool) {
 	wt, ok2 := w.(*net.TCPConn)
 	return rt, ok1 && ok2 && rt == wt
 }
-
-// sniffing reports whether mihomo's sniffer is on: then mihomo handles the
-// flow itself (the sniffer reads the first bytes before the rule match).
-func sniffing() bool { return tunnel.IsSniffing() }

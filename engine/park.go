@@ -23,7 +23,7 @@ import (
 // memory). Here each direction is pumped by a short-lived goroutine:
 //
 //   - A new flow's direction with nothing to read yet is parked at once
-//     (below); one with data starts a pump.
+//     (start); one with data starts a pump.
 //   - It forwards what is readable in chunks, and waits up to idleAfter for
 //     more. A direction that stays quiet that long is parked: its socket goes
 //     into the engine's epoll set (EPOLLONESHOT), the goroutine
@@ -111,27 +111,33 @@ func (f *flow) start(tracker C.Conn) {
 		f.shutdown()
 		return
 	}
-	f.kick(dirUp)
-	f.kick(dirDown)
+	// The client usually speaks first: if its bytes are there, pump them at
+	// once. A remote that was just dialed rarely has any; its socket is
+	// parked straight away (adding a readable socket to epoll reports it at
+	// once, so nothing waits). A flow that is idle from the start (a
+	// keep-alive connection, a server that speaks when asked) then never
+	// holds a goroutine.
+	if f.readable(dirUp) {
+		go f.pump(dirUp)
+	} else if !f.park(dirUp) {
+		f.shutdown()
+		return
+	}
+	if !f.park(dirDown) {
+		f.shutdown()
+	}
 }
 
-// kick starts a new flow's direction: a pump if its source has something to
-// read already (say, a client's request), else it is parked at once. A flow
-// that is idle from the start (a keep-alive connection, a server that
-// speaks when asked) then never holds a goroutine.
-func (f *flow) kick(dir int) {
-	d := &f.dirs[dir]
+// readable reports whether a direction's source has something to read (or
+// an EOF or error to report), without waiting or taking it.
+func (f *flow) readable(dir int) bool {
 	readable := true // on doubt, let the pump find out
 	var buf [1]byte
-	_ = d.raw.Control(func(fd uintptr) {
+	_ = f.dirs[dir].raw.Control(func(fd uintptr) {
 		_, _, err := unix.Recvfrom(int(fd), buf[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		readable = err != unix.EAGAIN
 	})
-	if readable {
-		go f.pump(dir)
-	} else if !f.park(dir) {
-		f.shutdown()
-	}
+	return readable
 }
 
 // pump forwards one direction until it parks, splices, ends or fails.
@@ -356,13 +362,6 @@ func (p *parker) remove(f *flow) {
 		delete(p.flows, f.id)
 	}
 	p.mu.Unlock()
-}
-
-// count is the number of flows relayed by tpgw now.
-func (p *parker) count() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.flows)
 }
 
 // closeAll ends every flow (engine shutdown).

@@ -11,8 +11,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metacubex/mihomo/tunnel"
 	"github.com/metacubex/mihomo/tunnel/statistic"
 )
+
+// count is the number of flows the parker relays now.
+func (p *parker) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.flows)
+}
 
 // relayGoroutines counts goroutines that relay flows: tpgw's pumps and
 // mihomo's relay.
@@ -221,7 +229,7 @@ sniffer:
 			t.Error(err)
 		}
 	})
-	if !sniffing() {
+	if !tunnel.IsSniffing() {
 		t.Fatal("sniffer on, but tunnel.IsSniffing is false")
 	}
 	dst := echoServer(t)

@@ -102,12 +102,7 @@ func ReCreateSocks(port int, tunnel C.Tunnel) {
 		if err != nil {
 			return nil, nil, err
 		}
-		u, err := socks.NewUDP(addr, tunnel)
-		if err != nil {
-			l.Close()
-			return nil, nil, err
-		}
-		return l, u, nil
+		return withSocksUDP(l, addr, tunnel)
 	})
 }
 
@@ -117,13 +112,20 @@ func ReCreateMixed(port int, tunnel C.Tunnel) {
 		if err != nil {
 			return nil, nil, err
 		}
-		u, err := socks.NewUDP(addr, tunnel)
-		if err != nil {
-			l.Close()
-			return nil, nil, err
-		}
-		return l, u, nil
+		return withSocksUDP(l, addr, tunnel)
 	})
+}
+
+// withSocksUDP adds the SOCKS5 UDP listener on addr to the TCP listener l
+// (socks-port and mixed-port both serve UDP ASSOCIATE); l is closed if it
+// cannot be opened.
+func withSocksUDP(l addrListener, addr string, tunnel C.Tunnel) (addrListener, addrListener, error) {
+	u, err := socks.NewUDP(addr, tunnel)
+	if err != nil {
+		l.Close()
+		return nil, nil, err
+	}
+	return l, u, nil
 }
 
 func ReCreateTProxy(port int, tunnel C.Tunnel) {

@@ -52,6 +52,23 @@ func TestParseStatCPU(t *testing.T) {
 	}
 }
 
+func TestParseHostBusy(t *testing.T) {
+	// user nice system idle iowait irq softirq steal guest guest_nice
+	stat := "cpu  100 5 40 9000 30 2 8 700 0 0\ncpu0 50 0 20 4500 15 1 4 350 0 0\nintr 1 2 3\n"
+	got, err := parseHostBusy(stat)
+	if err != nil || got != 155 {
+		t.Fatalf("parseHostBusy = %d, %v; want 155 (idle, iowait and steal left out)", got, err)
+	}
+	for _, bad := range []string{"cpu0 1 2 3 4 5 6 7\n", "cpu  1 2 3\n", "cpu  1 x 3 4 5 6 7\n"} {
+		if _, err := parseHostBusy(bad); err == nil {
+			t.Errorf("parseHostBusy(%q): want an error", bad)
+		}
+	}
+	if v, err := HostBusySeconds(); err != nil || v <= 0 {
+		t.Errorf("HostBusySeconds() = %v, %v; want a positive time", v, err)
+	}
+}
+
 func TestParseVmRSS(t *testing.T) {
 	got, err := parseVmRSS(strings.NewReader("Name:\ttpgw\nVmPeak:\t  1 kB\nVmRSS:\t   54336 kB\nThreads: 9\n"))
 	if err != nil || got != 54336 {
@@ -148,6 +165,7 @@ func sampleReport() *Report {
 				s.add(k, v.setup, v.gbps)
 			}
 			s.add("cpu_per_gb", v.setup, v.cpu)
+			s.add("host_cpu_per_gb", v.setup, 0.5+v.gbps/10)
 		}
 	}
 	rep := &Report{Machine: Machine{Kernel: "6.18", CPU: "Test CPU", Cores: 2}, Reps: 2}
@@ -165,6 +183,12 @@ func TestFiguresAndChecks(t *testing.T) {
 	cpu := rep.Figure("cpu_per_gb")
 	if !cpu.Checks[0].Met || cpu.Checks[0].Actual != "0.50×" {
 		t.Fatalf("cpu checks = %+v", cpu.Checks)
+	}
+	if got := rep.Figure("host_cpu_added").Median(SetupTPGW); math.Abs(got-(-0.05)) > 1e-9 {
+		t.Fatalf("host_cpu_added of tpgw = %v, want its whole-machine figure minus K's (-0.05)", got)
+	}
+	if v := rep.Figure("host_cpu_added").Values[SetupK]; v != nil {
+		t.Fatalf("host_cpu_added has a K value %v", v.Median)
 	}
 	if c := rep.Figure("dns_qps_hijack").Checks[0]; c.Met || c.Actual != "not measured" {
 		t.Fatalf("unmeasured DNS check = %+v, want not met and not measured", c)

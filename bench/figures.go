@@ -12,6 +12,8 @@ var figureDefs = []struct{ key, name, unit string }{
 	{"tcp4_up", "TCP 4 streams, upload", "Gbit/s"},
 	{"tcp4_down", "TCP 4 streams, download (-R)", "Gbit/s"},
 	{"cpu_per_gb", "Gateway process CPU per GB (the 4 TCP runs)", "CPU s/GB"},
+	{"host_cpu_per_gb", "Whole-machine CPU per GB, same runs (iperf3 and servers included)", "CPU s/GB"},
+	{"host_cpu_added", "Whole-machine CPU per GB over K's", "CPU s/GB"},
 	{"conn_rate", "Short connections (wrk -c32, Connection: close)", "req/s"},
 	{"lat_p50", "Request latency p50 (wrk -c1, keep-alive)", "µs"},
 	{"lat_p99", "Request latency p99 (wrk -c1, keep-alive)", "µs"},
@@ -69,8 +71,8 @@ func buildFigures(rep *Report, s samples, idleConns int) {
 		}
 		rep.Figures = append(rep.Figures, f)
 	}
-	// Added latency: a setup's median minus K's.
-	for _, p := range []struct{ added, abs string }{{"lat_added_p50", "lat_p50"}, {"lat_added_p99", "lat_p99"}} {
+	// Added latency and CPU: a setup's median minus K's.
+	for _, p := range []struct{ added, abs string }{{"lat_added_p50", "lat_p50"}, {"lat_added_p99", "lat_p99"}, {"host_cpu_added", "host_cpu_per_gb"}} {
 		abs, added := rep.Figure(p.abs), rep.Figure(p.added)
 		k := abs.Median(SetupK)
 		for setup := range abs.Values {
@@ -126,6 +128,7 @@ func methodNotes(o Options) []string {
 		"K is kernel forwarding (ip_forward=1, no rules). tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
 		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack and the first rule of tpgw's prerouting chain, which K (no rules, so no conntrack) does not pay.",
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
+		"Whole-machine CPU per GB: busy time of all CPUs (/proc/stat: user, nice, system, irq, softirq; not idle, iowait or steal) over the same runs, divided by the same payload. It counts what the process figure cannot: softirq work (K's forwarding, the TCP receive path that runs in the sender's context) and the client and server, which cost the same per GB in every setup; the row below subtracts K's, leaving what the gateway path costs beyond forwarding. Other work on the machine adds to both.",
 		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
 		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
 		"DNS: dnsperf over 1000 distinct A names. First one pass over the new names (-n 1 -q 50: each allocates a fake IP), then -c 4 -T 1 -q 500 -l 5 over the same, now known, names (500 queries outstanding: with fewer, a loaded 2-core host measures round-trip latency, not the server; one dnsperf thread, so that on 2 cores client and server each get one instead of fighting over both): hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053).",
@@ -154,6 +157,6 @@ func notMeasured() []string {
 	return []string{
 		"Flow offload (nf_flow_table) of dns-bypass connections, which would skip conntrack: this kernel has no nf_flow_table.",
 		"IPv6 paths, UDP through the shadowsocks path, and ss-redir's UDP relay.",
-		"Kernel CPU of K (softirq) and the kernel memory of socket buffers.",
+		"The kernel memory of socket buffers.",
 	}
 }

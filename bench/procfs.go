@@ -52,6 +52,47 @@ func parseStatCPU(stat string) (utime, stime uint64, err error) {
 	return utime, stime, nil
 }
 
+// HostBusySeconds returns the CPU time all CPUs of the machine spent on
+// work since boot, from the "cpu" line of /proc/stat: user, nice, system,
+// irq and softirq. Idle, iowait and steal (time the hypervisor gave to other
+// guests) are left out; guest time is already part of user.
+func HostBusySeconds() (float64, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, fmt.Errorf("bench: host cpu: %w", err)
+	}
+	ticks, err := parseHostBusy(string(b))
+	if err != nil {
+		return 0, fmt.Errorf("bench: host cpu: %w", err)
+	}
+	return float64(ticks) / clockTicks, nil
+}
+
+// parseHostBusy sums user, nice, system, irq and softirq (fields 1-3, 6 and
+// 7) of the aggregate "cpu " line of /proc/stat.
+func parseHostBusy(stat string) (uint64, error) {
+	for line := range strings.Lines(stat) {
+		rest, ok := strings.CutPrefix(line, "cpu ")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest)
+		if len(f) < 7 {
+			return 0, fmt.Errorf("malformed cpu line: %d fields", len(f))
+		}
+		var sum uint64
+		for _, i := range []int{0, 1, 2, 5, 6} {
+			v, err := strconv.ParseUint(f[i], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("malformed cpu field %d %q", i+1, f[i])
+			}
+			sum += v
+		}
+		return sum, nil
+	}
+	return 0, errors.New("no aggregate cpu line")
+}
+
 // ProcRSSKiB returns VmRSS of pid in KiB.
 func ProcRSSKiB(pid int) (int64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))

@@ -226,12 +226,12 @@ func (g *gateway) cpu() float64 {
 }
 
 func (r *runner) measureTCP(g *gateway) {
-	var cpu float64
+	var cpu, host float64
 	var bytes int64
 	for _, c := range tcpCases {
-		before := g.cpu()
+		before, hostBefore := g.cpu(), hostBusy()
 		res, err := r.iperf(append([]string{"-O", "1"}, c.args...)...)
-		after := g.cpu()
+		after, hostAfter := g.cpu(), hostBusy()
 		if err != nil {
 			r.fail(fmt.Sprintf("%s %s", g.setup, c.name), err)
 			r.s.add(c.key, g.setup, math.NaN())
@@ -239,11 +239,22 @@ func (r *runner) measureTCP(g *gateway) {
 		}
 		r.s.add(c.key, g.setup, res.BitsPerSec/1e9)
 		cpu += after - before
+		host += hostAfter - hostBefore
 		bytes += res.Bytes
-		r.logf("  %-28s %6.2f Gbit/s  cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before)
+		r.logf("  %-28s %6.2f Gbit/s  cpu %.2fs  host cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before, hostAfter-hostBefore)
 	}
 	// K: NaN, shown as n/a (its forwarding runs in softirq, in no process).
 	r.s.add("cpu_per_gb", g.setup, CPUPerGB(cpu, bytes))
+	r.s.add("host_cpu_per_gb", g.setup, CPUPerGB(host, bytes))
+}
+
+// hostBusy is HostBusySeconds, NaN (no figure) when /proc/stat cannot be read.
+func hostBusy() float64 {
+	v, err := HostBusySeconds()
+	if err != nil {
+		return math.NaN()
+	}
+	return v
 }
 
 func (r *runner) measureHTTP(g *gateway) {

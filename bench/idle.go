@@ -154,6 +154,15 @@ func (r *runner) measureIdle(setup string) {
 		base, _ = ProcFDs(g.pid)
 	}
 	conns, err := r.openIdle(probe)
+	// The connections must stay open until the measurement ends: a net.Conn
+	// no longer referenced is closed by its finalizer when the GC runs, and
+	// the gateway then passes the FIN on (the upstream's queue held 3248
+	// connections in CLOSE-WAIT and the count found none).
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
 	if err == nil && g.pid != 0 && n > probe {
 		r.waitIdle(probe)
 		time.Sleep(500 * time.Millisecond)

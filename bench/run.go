@@ -356,39 +356,14 @@ func (r *runner) measureSplice(setup string) {
 		return
 	}
 	defer g.stop()
-	out := filepath.Join(r.env.TempDir(), "strace.txt")
-	cmd := exec.Command("strace", "-f", "-c", "-o", out,
-		"-e", "trace=splice,read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg", "-p", strconv.Itoa(g.pid))
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	// Pdeathsig follows the thread that forks: keep it for the child's life.
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	if err := cmd.Start(); err != nil {
-		r.fail("splice check: strace", err)
-		return
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	time.Sleep(time.Second) // attach to every thread
-	_, ierr := r.iperf("-t", "3")
-	_ = cmd.Process.Signal(syscall.SIGINT)
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
-	}
+	var ierr error
+	calls, err := CountSyscalls(g.pid, RelaySyscalls, r.env.TempDir(), func() error {
+		_, ierr = r.iperf("-t", "3")
+		return nil
+	})
 	if ierr != nil {
 		r.fail("splice check: iperf3 "+setup, ierr)
 	}
-	b, err := os.ReadFile(out)
-	if err != nil {
-		r.fail("splice check: strace output "+setup, fmt.Errorf("%w; %s", err, stderr.String()))
-		return
-	}
-	calls, err := ParseStraceSummary(string(b))
 	if err != nil {
 		r.fail("splice check: "+setup, err)
 		return

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tpgw/tpgw/bench"
+	"github.com/tpgw/tpgw/internal/testenv"
 	"github.com/tpgw/tpgw/internal/testnet"
 )
 
@@ -95,6 +97,55 @@ func TestDirect(t *testing.T) {
 	// With tpgw gone and ip_forward restored to 0, the client cannot reach the upstream.
 	if _, err := tp.Curl(t, "http://203.0.113.2:8080/", "--max-time", "2"); err == nil {
 		t.Error("client still reaches the upstream after tpgw stopped (ip_forward not restored?)")
+	}
+}
+
+// TestDirectSplices: bulk DIRECT flows through the real binary move with
+// splice(2), both ways. strace counts tpgw's system calls during an iperf3
+// upload and download: splices carry the data, and the few reads and writes
+// are the first bytes of each flow (pumped until it turns bulk) and iperf3's
+// control connection.
+func TestDirectSplices(t *testing.T) {
+	requirePeers(t)
+	testenv.RequireTools(t, "iperf3", "strace")
+	tp := testnet.New(t)
+	srv := tp.Upstream.Start(t, "iperf3", "-s", "-p", "5201")
+	if err := testnet.WaitTCP(tp.Upstream, "127.0.0.1:5201", 10*time.Second); err != nil {
+		t.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
+	}
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+	for _, dir := range []struct{ name, flag string }{{"upload", ""}, {"download", "-R"}} {
+		args := []string{"-c", "203.0.113.2", "-p", "5201", "-t", "2", "-J"}
+		if dir.flag != "" {
+			args = append(args, dir.flag)
+		}
+		var moved float64
+		calls, err := bench.CountSyscalls(p.Cmd.Process.Pid, bench.RelaySyscalls, t.TempDir(), func() error {
+			out, err := tp.Client.Run(t, 30*time.Second, "iperf3", args...)
+			if err != nil {
+				return fmt.Errorf("iperf3: %w\n%s", err, out)
+			}
+			res, err := bench.ParseIperf([]byte(out), false)
+			moved = float64(res.Bytes)
+			return err
+		})
+		if err != nil {
+			t.Fatalf("%s: %v", dir.name, err)
+		}
+		var rw int64
+		for name, n := range calls {
+			if name != "splice" {
+				rw += n
+			}
+		}
+		t.Logf("%s: %.0f MB through tpgw: %d splice, %d read/write-family calls", dir.name, moved/1e6, calls["splice"], rw)
+		if moved < 10e6 {
+			t.Fatalf("%s moved only %.0f bytes", dir.name, moved)
+		}
+		if calls["splice"] < 20 || calls["splice"] < 4*rw {
+			t.Errorf("%s: %d splice and %d read/write-family calls; want the data spliced (at least 20 splices, 4 per other call)", dir.name, calls["splice"], rw)
+		}
 	}
 }
 

@@ -17,10 +17,10 @@ check dnsmasq dnsmasq-base
 check ss-server shadowsocks-libev
 check ss-redir shadowsocks-libev
 check gcc gcc
+check strace strace
 if [ "${1:-}" = bench ]; then # make bench only
 	check wrk wrk
 	check dnsperf dnsperf
-	check strace strace
 fi
 if [ -n "$need" ]; then
 	if [ "$(id -u)" != 0 ]; then

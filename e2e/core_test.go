@@ -106,14 +106,8 @@ func TestDirect(t *testing.T) {
 // are the first bytes of each flow (pumped until it turns bulk) and iperf3's
 // control connection.
 func TestDirectSplices(t *testing.T) {
-	requirePeers(t)
-	testenv.RequireTools(t, "iperf3", "strace")
-	tp := testnet.New(t)
-	srv := tp.Upstream.Start(t, "iperf3", "-s", "-p", "5201")
-	if err := testnet.WaitTCP(tp.Upstream, "127.0.0.1:5201", 10*time.Second); err != nil {
-		t.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
-	}
-	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	testenv.RequireTools(t, "strace")
+	tp, p := startIperfDirect(t)
 	defer stopTPGW(t, p, syscall.SIGTERM)
 	for _, dir := range []struct{ name, flag string }{{"upload", ""}, {"download", "-R"}} {
 		args := []string{"-c", "203.0.113.2", "-p", "5201", "-t", "2", "-J"}

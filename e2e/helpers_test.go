@@ -199,6 +199,20 @@ func requirePeers(t testing.TB) {
 	testenv.RequireTools(t, "ip", "nft", "curl", "ss-server")
 }
 
+// startIperfDirect builds a topology with iperf3 -s on the upstream's port
+// 5201 and starts tpgw with MATCH,DIRECT; the caller stops tpgw.
+func startIperfDirect(t testing.TB) (*testnet.Topology, *testnet.Proc) {
+	t.Helper()
+	requirePeers(t)
+	testenv.RequireTools(t, "iperf3")
+	tp := testnet.New(t)
+	srv := tp.Upstream.Start(t, "iperf3", "-s", "-p", "5201")
+	if err := testnet.WaitTCP(tp.Upstream, "127.0.0.1:5201", 10*time.Second); err != nil {
+		t.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
+	}
+	return tp, startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+}
+
 // sameKernelState fails the test when the gateway's kernel state (nft
 // ruleset, iptables-save, ip rules, routes, forwarding sysctls) is not what
 // it was before tpgw started.

@@ -199,14 +199,7 @@ func udpEcho(t testing.TB, ns *testnet.NS, dst netip.AddrPort, n int) int {
 
 // TestIperfUDP: iperf3 UDP at a fixed rate through tpgw DIRECT.
 func TestIperfUDP(t *testing.T) {
-	requirePeers(t)
-	testenv.RequireTools(t, "iperf3")
-	tp := testnet.New(t)
-	srv := tp.Upstream.Start(t, "iperf3", "-s", "-p", "5201")
-	if err := testnet.WaitTCP(tp.Upstream, "127.0.0.1:5201", 10*time.Second); err != nil {
-		t.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
-	}
-	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "")))
+	tp, p := startIperfDirect(t)
 	defer stopTPGW(t, p, syscall.SIGTERM)
 	// Loss at a fixed rate depends on CPU left over on the machine; a busy
 	// neighbour can cost a run, so the best of three counts (all are logged).

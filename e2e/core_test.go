@@ -13,6 +13,7 @@ import (
 	"github.com/tpgw/tpgw/bench"
 	"github.com/tpgw/tpgw/internal/testenv"
 	"github.com/tpgw/tpgw/internal/testnet"
+	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
 // TestDirect: with MATCH,DIRECT the upstream sees the gateway's WAN address
@@ -322,20 +323,11 @@ func startHalfCloseServer(t testing.TB, tp *testnet.Topology, port int) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				n, _ := io.Copy(io.Discard, c)
-				fmt.Fprintf(c, "read %d bytes", n)
-			}()
-		}
-	}()
+	testsrv.ServeEach(ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "read %d bytes", n)
+	})
 }
 
 func halfCloseRoundTrip(t testing.TB, tp *testnet.Topology, addr, msg string) string {

@@ -13,6 +13,8 @@ import (
 
 	"github.com/metacubex/mihomo/tunnel"
 	"github.com/metacubex/mihomo/tunnel/statistic"
+
+	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
 // count is the number of flows the parker relays now.
@@ -48,26 +50,17 @@ func echoServer(t testing.TB) netip.AddrPort {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
+	testsrv.ServeEach(ln, func(c net.Conn) {
+		r := bufio.NewReader(c)
 		for {
-			c, err := ln.Accept()
+			line, err := r.ReadString('\n')
 			if err != nil {
+				c.Write([]byte("bye\n"))
 				return
 			}
-			go func() {
-				defer c.Close()
-				r := bufio.NewReader(c)
-				for {
-					line, err := r.ReadString('\n')
-					if err != nil {
-						c.Write([]byte("bye\n"))
-						return
-					}
-					c.Write([]byte("echo: " + line))
-				}
-			}()
+			c.Write([]byte("echo: " + line))
 		}
-	}()
+	})
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
 // link connects namespaces a and b with a veth pair and addresses them.
@@ -26,16 +28,7 @@ func link(t *testing.T, a *testNS, aIf, aAddr string, b *testNS, bIf, bAddr stri
 
 // serve accepts on ln and answers each connection with reply(conn) until ln closes.
 func serve(ln net.Listener, reply func(net.Conn) string) {
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			io.WriteString(c, reply(c))
-			c.Close()
-		}
-	}()
+	testsrv.ServeEach(ln, func(c net.Conn) { io.WriteString(c, reply(c)) })
 }
 
 // gwEnv is client ns ─ gateway ns ─ upstream ns, with an HTTP-less "server"
@@ -374,25 +367,16 @@ func TestUpdate(t *testing.T) {
 			t.Fatalf("Apply A: %v", err)
 		}
 		ln := transparentListen(t, e.gw, "tcp4", a.TProxyPort)
-		go func() { // echo lines, prefixed with the original destination
+		testsrv.ServeEach(ln, func(c net.Conn) { // echo lines, prefixed with the original destination
+			r := bufio.NewReader(c)
 			for {
-				c, err := ln.Accept()
+				line, err := r.ReadString('\n')
 				if err != nil {
 					return
 				}
-				go func() {
-					defer c.Close()
-					r := bufio.NewReader(c)
-					for {
-						line, err := r.ReadString('\n')
-						if err != nil {
-							return
-						}
-						fmt.Fprintf(c, "tpgw %s %s", c.LocalAddr(), line)
-					}
-				}()
+				fmt.Fprintf(c, "tpgw %s %s", c.LocalAddr(), line)
 			}
-		}()
+		})
 		bypassed := "203.0.113.3:8080"
 		if got := fetchFrom(t, e.client, "tcp4", bypassed, okTimeout, nil); got != "upstream" {
 			t.Fatalf("A bypasses %s: got %q", bypassed, got)

@@ -129,10 +129,6 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 	return err
 }
 
-// adopt caches conn as the socket for from and takes it for one send, or
-// takes the socket another sender cached meanwhile (closing conn). When the
-// cache is full of busy sockets conn is used uncached; put closes it. It
-// returns nil once closed.
 // sendBatch sends the replies of pending that leave from `from` with one
 // sendmmsg on its cached socket. Without a cached socket (the first reply
 // from that address, or an address of this host) they go one by one
@@ -170,6 +166,10 @@ func (r *replySockets) sendBatch(w *tsock.BatchWriter, from netip.AddrPort, pend
 	return w.Flush(rc)
 }
 
+// adopt caches conn as the socket for from and takes it for one send, or
+// takes the socket another sender cached meanwhile (closing conn). When the
+// cache is full of busy sockets conn is used uncached; put closes it. It
+// returns nil once closed.
 func (r *replySockets) adopt(from netip.AddrPort, conn *net.UDPConn) *replySocket {
 	r.mu.Lock()
 	defer r.mu.Unlock()

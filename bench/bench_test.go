@@ -126,7 +126,7 @@ func TestParseWrk(t *testing.T) {
 func TestParseDNSPerf(t *testing.T) {
 	out := "Statistics:\n\n  Queries sent:         3893\n  Queries completed:    3881 (99.69%)\n  Queries lost:         12 (0.31%)\n\n  Queries per second:   1297.557672\n"
 	r, err := ParseDNSPerf(out)
-	if err != nil || r.QPS != 1297.557672 || r.LostPercent != 0.31 || r.Completed != 3881 {
+	if err != nil || r.QPS != 1297.557672 || r.LostPercent != 0.31 || r.Completed != 3881 || r.Lost != 12 {
 		t.Fatalf("ParseDNSPerf = %+v, %v", r, err)
 	}
 }

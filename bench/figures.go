@@ -25,6 +25,7 @@ var figureDefs = []struct{ key, name, unit string }{
 	{"dns_qps_new", "Fake-ip DNS, 1000 new names once (hijacked, -q 50)", "qps"},
 	{"dns_qps_hijack", "Fake-ip DNS, client → any server:53 (hijacked)", "qps"},
 	{"dns_qps_direct", "Fake-ip DNS, gateway → 127.0.0.1:1053", "qps"},
+	{"dns_lost_hijack", "Fake-ip DNS, hijacked: queries lost (no answer within dnsperf's 2 s)", "queries"},
 	{"dns_per_core", "Fake-ip DNS, hijacked: queries per CPU-second of the gateway process", "qps/core"},
 	{"idle_relayed", "Idle connections relayed to the upstream, of N", "count"},
 	{"idle_rss", "RSS with those idle connections open", "MiB"},

@@ -145,6 +145,7 @@ type DNSPerfResult struct {
 	QPS         float64
 	LostPercent float64
 	Completed   int64 // queries answered
+	Lost        int64 // queries not answered within dnsperf's timeout
 }
 
 // ParseDNSPerf reads dnsperf's statistics.
@@ -169,6 +170,9 @@ func ParseDNSPerf(out string) (DNSPerfResult, error) {
 		}
 		// Queries lost:         12 (0.01%)
 		if v, ok := strings.CutPrefix(line, "Queries lost:"); ok {
+			if f := strings.Fields(v); len(f) > 0 {
+				r.Lost, _ = strconv.ParseInt(f[0], 10, 64)
+			}
 			if i, j := strings.IndexByte(v, '('), strings.IndexByte(v, '%'); i >= 0 && j > i {
 				r.LostPercent, _ = strconv.ParseFloat(v[i+1:j], 64)
 			}

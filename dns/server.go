@@ -173,7 +173,15 @@ func (s *Server) listenConfig(extra func(fd int) error) *net.ListenConfig {
 }
 
 func (s *Server) listenUDP(addr netip.AddrPort) (*net.UDPConn, error) {
-	pc, err := s.listenConfig(tsock.SetRecvOrigDst).ListenPacket(context.Background(), "udp", addr.String())
+	// Every client's queries queue in this one socket; a burst (a client
+	// with hundreds in flight, or many clients at once) must not overflow it.
+	extra := func(fd int) error {
+		if err := tsock.SetRecvOrigDst(fd); err != nil {
+			return err
+		}
+		return tsock.RaiseRcvBuf(fd)
+	}
+	pc, err := s.listenConfig(extra).ListenPacket(context.Background(), "udp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dns: listen udp %s: %w", addr, err)
 	}

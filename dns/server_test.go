@@ -14,6 +14,9 @@ import (
 	"time"
 
 	D "github.com/miekg/dns"
+
+	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // fakeEngine answers like a fake-ip engine: A queries get 198.18.0.x (x from
@@ -393,4 +396,57 @@ func TestTCPConnectionLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantA(t, r, "held.test")
+}
+
+// A burst of queries that arrives while the reader is busy (here: before it
+// starts) waits in the listening socket, whose buffer is raised past the
+// default's ~270 small datagrams; none is dropped, each gets its answer.
+func TestQueryBurstNotDropped(t *testing.T) {
+	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
+	const n = 2000
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), fakeEngine{}, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)} // the client keeps every reply
+	pc, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	to := net.UDPAddrFromAddrPort(s.Addr())
+	for i := range n {
+		q := query(fmt.Sprintf("burst%d.test", i), D.TypeA)
+		q.Id = uint16(i)
+		b, err := q.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pc.WriteTo(b, to); err != nil {
+			t.Fatal(err)
+		}
+	}
+	serveUntilCleanup(t, s)
+	seen := make([]bool, n)
+	got := 0
+	buf := make([]byte, 512)
+	if err := pc.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for got < n {
+		k, _, err := pc.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("after %d of %d answers: %v (server: %+v)", got, n, err, s.Stats())
+		}
+		r := new(D.Msg)
+		if err := r.Unpack(buf[:k]); err != nil {
+			t.Fatal(err)
+		}
+		if int(r.Id) >= n || seen[r.Id] {
+			t.Fatalf("unexpected or repeated answer id %d", r.Id)
+		}
+		seen[r.Id] = true
+		wantA(t, r, fmt.Sprintf("burst%d.test", r.Id))
+		got++
+	}
 }

@@ -116,7 +116,7 @@ func ListenUDP(addr string, h UDPHandler, opts UDPOptions, log *slog.Logger) (*U
 	// destination comes with it: TPROXY delivers without rewriting the
 	// packet, and IP(V6)_RECVORIGDSTADDR hands the destination the client
 	// used (address and port) to recvmsg.
-	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent, tsock.SetRecvOrigDst, setListenerRcvBuf)}
+	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent, tsock.SetRecvOrigDst, tsock.RaiseRcvBuf)}
 	pc, err := lc.ListenPacket(context.Background(), "udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("relay: listen udp %s: %w", addr, err)
@@ -385,20 +385,4 @@ func (l *UDPListener) getDatagram(n int) *datagram {
 		return l.small.Get().(*datagram)
 	}
 	return l.large.Get().(*datagram)
-}
-
-// listenerRcvBuf is the receive buffer of the UDP listener: every client's
-// datagrams queue in this one socket, and the default (~208 KiB, about 150
-// full-size datagrams) overflows within a millisecond at a few hundred
-// Mbit/s whenever the reader goroutine is not scheduled at once.
-const listenerRcvBuf = 4 << 20
-
-// setListenerRcvBuf raises the buffer past net.core.rmem_max when allowed
-// (SO_RCVBUFFORCE needs CAP_NET_ADMIN, which the transparent socket needs
-// anyway), else as far as rmem_max permits.
-func setListenerRcvBuf(fd int) error {
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, listenerRcvBuf); err != nil {
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, listenerRcvBuf)
-	}
-	return nil
 }

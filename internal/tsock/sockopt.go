@@ -64,3 +64,22 @@ func Control(fns ...func(fd int) error) func(network, address string, c syscall.
 		return serr
 	}
 }
+
+// ListenerRcvBuf is the receive buffer RaiseRcvBuf gives a UDP listener that
+// every client shares (the relay's, the DNS server's). The default (about
+// 208 KiB: some 150 full-size datagrams, or some 270 small queries, each
+// charged its whole skb) overflows within a millisecond whenever the reading
+// goroutine is not scheduled at once, and the kernel drops what does not fit.
+// The memory is taken only while datagrams wait.
+const ListenerRcvBuf = 4 << 20
+
+// RaiseRcvBuf sets the socket's receive buffer to ListenerRcvBuf, past
+// net.core.rmem_max where allowed (SO_RCVBUFFORCE needs CAP_NET_ADMIN, which
+// a transparent socket needs anyway), else as far as rmem_max permits. It
+// never fails: a smaller buffer only drops sooner under load.
+func RaiseRcvBuf(fd int) error {
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, ListenerRcvBuf); err != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, ListenerRcvBuf)
+	}
+	return nil
+}

@@ -35,4 +35,11 @@
 // process lives in one namespace and this costs one stat(2); it matters to
 // tests, which open listeners on a thread locked inside a throwaway namespace
 // (testnet's NS.Do) while replies are sent from threads still in the host's.
+//
+// # One listener for every client
+//
+// The relay's and the DNS server's UDP listeners each take every client's
+// datagrams. RaiseRcvBuf gives them a 4 MiB receive buffer instead of the
+// default of about 208 KiB, which the kernel fills within a millisecond of
+// the reader not being scheduled, and then drops what arrives.
 package tsock

@@ -337,11 +337,12 @@ func (r *runner) measureDNS(g *gateway) {
 			continue
 		}
 		r.s.add(c.key, g.setup, res.QPS)
-		if c.key == "dns_qps_hijack" {
-			r.s.add("dns_lost_hijack", g.setup, float64(res.Lost))
-		}
 		r.logf("  %s %.0f qps (%d lost, %.2f%%), gateway cpu %.2fs", c.key, res.QPS, res.Lost, res.LostPercent, cpu)
-		if c.key == "dns_qps_hijack" && cpu > 0 && res.Completed > 0 {
+		if c.key != "dns_qps_hijack" {
+			continue
+		}
+		r.s.add("dns_lost_hijack", g.setup, float64(res.Lost))
+		if cpu > 0 && res.Completed > 0 {
 			// What the server could answer with a whole core: the figure
 			// above is bounded by dnsperf, which shares the 2 cores.
 			r.s.add("dns_per_core", g.setup, float64(res.Completed)/cpu)

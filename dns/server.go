@@ -149,23 +149,23 @@ func (s *Server) listen(addr netip.AddrPort) error {
 }
 
 // listenConfig makes transparent sockets, or plain ones (with a warning, once)
-// when the process lacks CAP_NET_ADMIN. extra runs after that, before bind.
-func (s *Server) listenConfig(extra func(fd int) error) *net.ListenConfig {
-	lc := &net.ListenConfig{Control: tsock.Control(func(fd int) error {
-		if s.transparent {
-			if err := tsock.SetTransparent(fd); err != nil {
-				if !errors.Is(err, tsock.ErrNotPermitted) {
-					return err
-				}
-				s.transparent = false
-				s.log.Warn("no CAP_NET_ADMIN: plain sockets; queries hijacked by tproxy will not reach this server", "err", err)
-			}
+// when the process lacks CAP_NET_ADMIN. extra runs after that, in order,
+// before bind.
+func (s *Server) listenConfig(extra ...func(fd int) error) *net.ListenConfig {
+	transparent := func(fd int) error {
+		if !s.transparent {
+			return nil
 		}
-		if extra != nil {
-			return extra(fd)
+		if err := tsock.SetTransparent(fd); err != nil {
+			if !errors.Is(err, tsock.ErrNotPermitted) {
+				return err
+			}
+			s.transparent = false
+			s.log.Warn("no CAP_NET_ADMIN: plain sockets; queries hijacked by tproxy will not reach this server", "err", err)
 		}
 		return nil
-	})}
+	}
+	lc := &net.ListenConfig{Control: tsock.Control(append([]func(int) error{transparent}, extra...)...)}
 	// Go ≥ 1.24 listens with MPTCP by default; tproxy does not hand MPTCP
 	// to the listener reliably and DNS has no use for it.
 	lc.SetMultipathTCP(false)
@@ -175,13 +175,7 @@ func (s *Server) listenConfig(extra func(fd int) error) *net.ListenConfig {
 func (s *Server) listenUDP(addr netip.AddrPort) (*net.UDPConn, error) {
 	// Every client's queries queue in this one socket; a burst (a client
 	// with hundreds in flight, or many clients at once) must not overflow it.
-	extra := func(fd int) error {
-		if err := tsock.SetRecvOrigDst(fd); err != nil {
-			return err
-		}
-		return tsock.RaiseRcvBuf(fd)
-	}
-	pc, err := s.listenConfig(extra).ListenPacket(context.Background(), "udp", addr.String())
+	pc, err := s.listenConfig(tsock.SetRecvOrigDst, tsock.RaiseRcvBuf).ListenPacket(context.Background(), "udp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dns: listen udp %s: %w", addr, err)
 	}
@@ -189,7 +183,7 @@ func (s *Server) listenUDP(addr netip.AddrPort) (*net.UDPConn, error) {
 }
 
 func (s *Server) listenTCP(addr netip.AddrPort) (*net.TCPListener, error) {
-	ln, err := s.listenConfig(nil).Listen(context.Background(), "tcp", addr.String())
+	ln, err := s.listenConfig().Listen(context.Background(), "tcp", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dns: listen tcp %s: %w", addr, err)
 	}

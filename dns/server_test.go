@@ -398,43 +398,34 @@ func TestTCPConnectionLimit(t *testing.T) {
 	wantA(t, r, "held.test")
 }
 
-// A burst of queries that arrives while the reader is busy (here: before it
-// starts) waits in the listening socket, whose buffer is raised past the
-// default's ~270 small datagrams; none is dropped, each gets its answer.
-func TestQueryBurstNotDropped(t *testing.T) {
-	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
-	const n = 2000
-	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), fakeEngine{}, testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)} // the client keeps every reply
-	pc, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	to := net.UDPAddrFromAddrPort(s.Addr())
+// sendQueries writes n A queries from c to to, query i with ID i for
+// name(i), reading no answer.
+func sendQueries(t *testing.T, c net.PacketConn, to netip.AddrPort, n int, name func(int) string) {
+	t.Helper()
 	for i := range n {
-		q := query(fmt.Sprintf("burst%d.test", i), D.TypeA)
+		q := query(name(i), D.TypeA)
 		q.Id = uint16(i)
 		b, err := q.Pack()
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := pc.WriteTo(b, to); err != nil {
+		if _, err := c.WriteTo(b, net.UDPAddrFromAddrPort(to)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	serveUntilCleanup(t, s)
+}
+
+// wantAnswers reads until each query of sendQueries has had its answer,
+// once, with the fake IP of its name; 10 s at most.
+func wantAnswers(t *testing.T, c net.PacketConn, s *Server, n int, name func(int) string) {
+	t.Helper()
 	seen := make([]bool, n)
-	got := 0
 	buf := make([]byte, 512)
-	if err := pc.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	for got < n {
-		k, _, err := pc.ReadFrom(buf)
+	for got := 0; got < n; got++ {
+		k, _, err := c.ReadFrom(buf)
 		if err != nil {
 			t.Fatalf("after %d of %d answers: %v (server: %+v)", got, n, err, s.Stats())
 		}
@@ -446,7 +437,28 @@ func TestQueryBurstNotDropped(t *testing.T) {
 			t.Fatalf("unexpected or repeated answer id %d", r.Id)
 		}
 		seen[r.Id] = true
-		wantA(t, r, fmt.Sprintf("burst%d.test", r.Id))
-		got++
+		wantA(t, r, name(int(r.Id)))
 	}
+}
+
+// A burst of queries that arrives while the reader is busy (here: before it
+// starts) waits in the listening socket, whose buffer is raised past the
+// default's ~270 small datagrams; none is dropped, each gets its answer.
+func TestQueryBurstNotDropped(t *testing.T) {
+	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
+	const n = 2000
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), fakeEngine{}, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)} // the client keeps every reply
+	c, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	name := func(i int) string { return fmt.Sprintf("burst%d.test", i) }
+	sendQueries(t, c, s.Addr(), n, name)
+	serveUntilCleanup(t, s)
+	wantAnswers(t, c, s, n, name)
 }

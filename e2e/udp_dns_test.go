@@ -265,6 +265,70 @@ func TestFakeIPSurvivesRestart(t *testing.T) {
 	wantSeen(t, tp, "http://"+fake2.String()+":8080/", "198.51.100.2", "fake IP from before kill -9 still means second.test → ss")
 }
 
+// TestFakeIPNeverHandedTwice: a fake IP keeps meaning its name across a kill
+// -9 and a reload, and a name first asked after either gets an address of its
+// own. The first run is killed before any clean stop, so the pool's position
+// was never saved by a shutdown.
+func TestFakeIPNeverHandedTwice(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"one.test": "203.0.113.2", "two.test": "203.0.113.2"})
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+
+	handed := map[string]netip.Addr{}
+	ask := func(name string) {
+		t.Helper()
+		ip := digOne(t, tp, name)
+		if !fakeRange.Contains(ip) {
+			t.Fatalf("%s = %s, not a fake IP", name, ip)
+		}
+		for other, o := range handed {
+			if other != name && o == ip {
+				t.Fatalf("%s got %s, which was handed to %s before", name, ip, other)
+			}
+		}
+		if before, ok := handed[name]; ok && before != ip {
+			t.Fatalf("%s = %s now, %s before", name, ip, before)
+		}
+		handed[name] = ip
+	}
+	p := startTPGW(t, tp, cfg)
+	ask("one.test")
+	p.Kill()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+
+	p = startTPGW(t, tp, cfg)
+	defer func() { stopTPGW(t, p, syscall.SIGTERM) }()
+	wantSeen(t, tp, "http://"+handed["one.test"].String()+":8080/", "198.51.100.2", "fake IP from before kill -9 still means one.test → ss")
+	ask("two.test")
+	ask("three.test")
+	ask("one.test")
+	p.Kill()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+
+	p = startTPGW(t, tp, cfg)
+	ask("four.test")
+	ask("two.test")
+	ask("three.test")
+	if err := p.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitLog(p, "msg=reloaded", 10*time.Second, 20*time.Millisecond); err != nil {
+		t.Fatalf("reload: %v\n%s", err, p.Output())
+	}
+	ask("five.test")
+	for _, name := range []string{"one.test", "two.test", "three.test", "four.test"} {
+		ask(name)
+	}
+	wantSeen(t, tp, "http://"+handed["two.test"].String()+":8080/", "198.51.100.2", "fake IP from before the reload still means two.test → ss")
+}
+
 // TestDNSGarbage: 10,000 random and malformed datagrams to the hijacked DNS
 // port, then a valid query is still answered.
 func TestDNSGarbage(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/metacubex/mihomo/component/fakeip"
 	"github.com/metacubex/mihomo/component/profile/cachefile"
 	"github.com/metacubex/mihomo/config"
 	C "github.com/metacubex/mihomo/constant"
@@ -49,6 +50,7 @@ type Engine struct {
 	once    sync.Once
 	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
 	parker  *parker                 // parked DIRECT flows (park.go)
+	fakeIPs *fakeIPKeeper           // saved fake-ip pool positions (fakeip.go); nil without store-fake-ip
 }
 
 // started guards mihomo's process-wide state: one Engine per process.
@@ -130,6 +132,9 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if err != nil {
 		return fail(fmt.Errorf("mihomo config: %w", err))
 	}
+	if e.fakeIPs, err = startFakeIPKeeper(cfg, log); err != nil {
+		return fail(err)
+	}
 	hub.ApplyConfig(cfg)
 	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
@@ -146,11 +151,21 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	if err != nil {
 		return err
 	}
+	// The new config's pools restore the positions saved here.
+	var oldPools []*fakeip.Pool
+	if e.fakeIPs != nil {
+		oldPools = e.fakeIPs.beforeReload()
+	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
 		return fmt.Errorf("mihomo config: %w", err)
 	}
 	hub.ApplyConfig(cfg)
+	if e.fakeIPs != nil {
+		e.fakeIPs.afterReload(oldPools, cfg)
+	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.log); err != nil {
+		e.log.Warn("fake-ip pool position is saved only at a clean stop", "err", err)
+	}
 	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	e.log.Info("mihomo reloaded", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()))
@@ -244,8 +259,16 @@ func (e *Engine) metadata(network C.NetWork, src, dst netip.AddrPort) *C.Metadat
 // persists the fake-ip pool state.
 func (e *Engine) Close() error {
 	e.once.Do(func() {
+		if e.fakeIPs != nil {
+			e.fakeIPs.close()
+		}
 		e.parker.close()
-		executor.Shutdown()
+		executor.Shutdown() // saves the fake-ip pool positions
+		if e.fakeIPs != nil {
+			if err := e.fakeIPs.unmark(); err != nil {
+				e.log.Warn("fake-ip pool: clean stop not recorded; the next start will recover the position", "err", err)
+			}
+		}
 		e.logStop()
 		started.Unlock()
 	})

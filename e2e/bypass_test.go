@@ -34,7 +34,7 @@ external-controller: 127.0.0.1:9090
 // timeout, and its flows reach the upstream with the client's own address
 // without entering tpgw; a proxied name still gets a fake IP and goes via
 // ss. A connection outlives its address's removal from the set, SIGHUP
-// empties the sets, and stop leaves the kernel as it was.
+// and a mode switch from a dashboard empty the sets, and stop leaves the kernel as it was.
 func TestDNSBypass(t *testing.T) {
 	requireDNSPeers(t)
 	tp := testnet.New(t)
@@ -123,6 +123,22 @@ func TestDNSBypass(t *testing.T) {
 	}
 	if a := digOne(t, tp, "direct.test", "A"); a != netip.MustParseAddr("203.0.113.2") || !strings.Contains(listSet("dns_bypass4"), "203.0.113.2 timeout") {
 		t.Fatalf("after reload: dig direct.test = %s and the set is\n%s", a, listSet("dns_bypass4"))
+	}
+
+	// A dashboard switching the mode (PATCH /configs) empties them too: in
+	// global mode every flow must reach tpgw, so names get fake IPs.
+	wantCtl(t, tp, "PATCH", "/configs", `{"mode":"global"}`, 204, "")
+	for _, set := range []string{"dns_bypass4", "dns_bypass6"} {
+		if out := listSet(set); strings.Contains(out, "elements") {
+			t.Fatalf("set %s not empty after the switch to global mode:\n%s", set, out)
+		}
+	}
+	if a := digOne(t, tp, "direct.test", "A"); !fakeRange.Contains(a) {
+		t.Fatalf("global mode: dig direct.test = %s, want a fake IP", a)
+	}
+	wantCtl(t, tp, "PATCH", "/configs", `{"mode":"rule"}`, 204, "")
+	if a := digOne(t, tp, "direct.test", "A"); a != netip.MustParseAddr("203.0.113.2") {
+		t.Fatalf("back in rule mode: dig direct.test = %s, want the real 203.0.113.2", a)
 	}
 
 	direct.Close()

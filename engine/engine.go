@@ -40,6 +40,9 @@ type Options struct {
 	// MihomoTProxy keeps mihomo's own tproxy inbound on tproxy-port instead
 	// of tpgw's relay. Only for benchmarks that compare the two.
 	MihomoTProxy bool
+	// Controller answers the external-controller requests tpgw takes over
+	// from mihomo (controller.go).
+	Controller ControllerHooks
 }
 
 // Engine is a running mihomo core.
@@ -51,6 +54,9 @@ type Engine struct {
 	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
 	parker  *parker                 // parked DIRECT flows (park.go)
 	fakeIPs *fakeIPKeeper           // saved fake-ip pool positions (fakeip.go); nil without store-fake-ip
+	// controller is what the running external-controller server was built
+	// from (Reload keeps the server when it is unchanged).
+	controller string
 }
 
 // started guards mihomo's process-wide state: one Engine per process.
@@ -108,6 +114,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if err != nil {
 		return fail(err)
 	}
+	takeOverController(opts.Controller)
 	if opts.MihomoTProxy {
 		if err := keepMihomoTProxy(raw, rc); err != nil {
 			return fail(err)
@@ -136,6 +143,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return fail(err)
 	}
 	hub.ApplyConfig(cfg)
+	e.controller = controllerSettings(cfg)
 	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
@@ -160,7 +168,15 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	if err != nil {
 		return fmt.Errorf("mihomo config: %w", err)
 	}
-	hub.ApplyConfig(cfg)
+	// A reload keeps the external-controller's server unless its settings
+	// changed: restarting it would cut the dashboard request that asked for
+	// the reload (PUT /configs) and every dashboard's live streams.
+	if controllerSettings(cfg) == e.controller {
+		executor.ApplyConfig(cfg, true)
+	} else {
+		hub.ApplyConfig(cfg)
+	}
+	e.controller = controllerSettings(cfg)
 	if e.fakeIPs != nil {
 		e.fakeIPs.afterReload(oldPools, cfg)
 	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.log); err != nil {

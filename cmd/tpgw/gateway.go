@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/tpgw/tpgw/config"
 	"github.com/tpgw/tpgw/dns"
@@ -100,7 +102,35 @@ func runGateway(o cmdOpts) (err error) {
 
 	// Start-up order: engine, listeners, then kernel rules, so that a failure
 	// before the last step has installed nothing; shutdown is the reverse.
-	eng, err := engine.Start(c.Raw, engine.Options{HomeDir: c.Dir(), RoutingMark: c.RoutingMark, Logger: log})
+	// The external-controller's reload and mode switches run on the main
+	// loop below, like SIGHUP, once the gateway is running.
+	requests := make(chan func())
+	onLoop := func(fn func()) error {
+		done := make(chan struct{})
+		select {
+		case requests <- func() { fn(); close(done) }:
+		case <-time.After(10 * time.Second):
+			return errors.New("tpgw is starting or stopping")
+		}
+		<-done
+		return nil
+	}
+	var gw *gateway
+	hooks := engine.ControllerHooks{
+		Reload: func() error {
+			var rerr error
+			if err := onLoop(func() { rerr = gw.reloadLogged(o.configPath, "external-controller") }); err != nil {
+				return err
+			}
+			return rerr
+		},
+		DecisionsChanged: func() {
+			if err := onLoop(func() { gw.decisionsChanged("external-controller: mode or sniffing changed") }); err != nil {
+				log.Warn("external-controller: mode or sniffing changed while tpgw is not running", "err", err)
+			}
+		},
+	}
+	eng, err := engine.Start(c.Raw, engine.Options{HomeDir: c.Dir(), RoutingMark: c.RoutingMark, Logger: log, Controller: hooks})
 	if err != nil {
 		return err
 	}
@@ -181,7 +211,7 @@ func runGateway(o cmdOpts) (err error) {
 	}
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
-	gw := &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, log: log}
+	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, log: log}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -189,17 +219,41 @@ func runGateway(o cmdOpts) (err error) {
 		select {
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
-				if err := gw.reload(o.configPath); err != nil {
-					log.Error("reload failed; still running with the previous config", "err", err)
-				}
+				_ = gw.reloadLogged(o.configPath, "SIGHUP")
 				continue
 			}
 			log.Info("stopping", "signal", s.String())
 			return nil
+		case fn := <-requests:
+			fn()
 		case err := <-serveErr:
 			return err
 		}
 	}
+}
+
+// reloadLogged reloads and logs a failure.
+func (gw *gateway) reloadLogged(path, by string) error {
+	err := gw.reload(path)
+	if err != nil {
+		gw.log.Error("reload failed; still running with the previous config", "by", by, "err", err)
+	}
+	return err
+}
+
+// decisionsChanged drops what was decided under the old rules, mode or
+// sniffing: the dns-bypass sets (their flows would skip the new decision)
+// and the DNS reply cache.
+func (gw *gateway) decisionsChanged(why string) {
+	if gw.bypass != nil {
+		if err := gw.bypass.Flush(); err != nil {
+			gw.log.Warn("emptying the dns-bypass sets", "why", why, "err", err)
+		}
+	}
+	if gw.dns != nil {
+		gw.dns.FlushCache()
+	}
+	gw.log.Info("decisions changed: dns-bypass sets and DNS reply cache emptied", "why", why)
 }
 
 func failureMeaning(policy string) string {
@@ -240,17 +294,10 @@ func (gw *gateway) reload(path string) error {
 	if err := gw.installed.Update(plan); err != nil {
 		return fmt.Errorf("reload: kernel rules: %w", err)
 	}
-	if gw.bypass != nil {
-		// The new rules may send some of the bypassed names elsewhere. The
-		// new table's sets start empty; Flush also makes answers decided
-		// before now stay out of them.
-		if err := gw.bypass.Flush(); err != nil {
-			gw.log.Warn("reload: emptying the dns-bypass sets", "err", err)
-		}
-	}
-	if gw.dns != nil {
-		gw.dns.FlushCache() // replies of the old rules
-	}
+	// The new rules may send some of the bypassed names elsewhere. The new
+	// table's sets start empty; Flush also makes answers decided before now
+	// stay out of them.
+	gw.decisionsChanged("reload")
 	gw.cfg = c
 	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)
 	return nil

@@ -1,0 +1,187 @@
+package engine
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/metacubex/chi"
+	"github.com/metacubex/http"
+	"github.com/metacubex/mihomo/config"
+	"github.com/metacubex/mihomo/hub/route"
+	mlog "github.com/metacubex/mihomo/log"
+	"github.com/metacubex/mihomo/tunnel"
+)
+
+// mihomo's external-controller (the API dashboards use) stays on, but the
+// requests that would undo tpgw are tpgw's to answer. In mihomo they would:
+//   - PUT /configs: apply a config without tpgw's changes to it, so mihomo
+//     binds its own tproxy and DNS listeners and iptables, and drops tpgw's
+//     routing-mark (loop prevention);
+//   - PATCH /configs: open listeners and a TUN device beside tpgw's rules;
+//   - POST /restart: exec tpgw again without removing its kernel rules;
+//   - POST /upgrade: replace the tpgw binary with a mihomo binary.
+// mihomo's embed mode takes those routes out (and PATCH /rules/disable and
+// the geodata updates, which stay out). tpgw adds back:
+//   - PATCH /configs for mode, log-level and sniffing (what dashboards
+//     switch); any other key is refused by name;
+//   - PUT /configs without a payload: tpgw's own reload of its config file
+//     (as SIGHUP), which dashboards call "reload config";
+//   - POST /restart and POST /upgrade: refused, saying why.
+
+// ControllerHooks connect the external-controller's requests to the gateway.
+type ControllerHooks struct {
+	// Reload reloads tpgw's config file, as SIGHUP does.
+	Reload func() error
+	// DecisionsChanged is called after the mode or sniffing changed: flows
+	// are decided differently from now on (dns-bypass empties its sets).
+	DecisionsChanged func()
+}
+
+var (
+	controllerHooks atomic.Pointer[ControllerHooks]
+	registerOnce    sync.Once
+)
+
+// patchableKeys are the PATCH /configs keys tpgw applies.
+var patchableKeys = []string{"log-level", "mode", "sniffing"}
+
+// takeOverController puts mihomo's external-controller in embed mode and
+// adds tpgw's routes. It must run before mihomo starts the controller.
+func takeOverController(h ControllerHooks) {
+	controllerHooks.Store(&h)
+	registerOnce.Do(func() {
+		route.SetEmbedMode(true)
+		route.Register(func(r chi.Router) {
+			for _, p := range []string{"/configs", "/configs/"} {
+				r.Patch(p, patchConfigs)
+				r.Put(p, putConfigs)
+			}
+			r.Post("/restart", refuse("tpgw: restart tpgw with its service manager (systemctl restart tpgw; /etc/init.d/tpgw restart): "+
+				"a restart from here would skip removing its kernel rules"))
+			r.Post("/upgrade", refuse("tpgw: mihomo is built into tpgw; upgrade the tpgw package "+
+				"(an upgrade from here would replace the tpgw binary with a mihomo binary)"))
+		})
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"message": msg})
+}
+
+func refuse(msg string) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) { writeError(w, http.StatusForbidden, msg) }
+}
+
+func patchConfigs(w http.ResponseWriter, r *http.Request) {
+	var body map[string]json.RawMessage
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+		writeError(w, http.StatusBadRequest, "tpgw: body is not a JSON object: "+err.Error())
+		return
+	}
+	var refused []string
+	for k := range body {
+		if !slices.Contains(patchableKeys, k) {
+			refused = append(refused, k)
+		}
+	}
+	if len(refused) > 0 {
+		sort.Strings(refused)
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("tpgw: %s cannot be changed from here (tpgw owns the listeners, "+
+			"interception and routing); this accepts %s; change the config file and reload",
+			strings.Join(refused, ", "), strings.Join(patchableKeys, ", ")))
+		return
+	}
+	var (
+		mode     *tunnel.TunnelMode
+		level    *mlog.LogLevel
+		sniffing *bool
+	)
+	for k, v := range body {
+		var err error
+		switch k {
+		case "mode":
+			mode = new(tunnel.TunnelMode)
+			err = json.Unmarshal(v, mode)
+		case "log-level":
+			level = new(mlog.LogLevel)
+			err = json.Unmarshal(v, level)
+		case "sniffing":
+			sniffing = new(bool)
+			err = json.Unmarshal(v, sniffing)
+		}
+		if err != nil {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("tpgw: %s: %v", k, err))
+			return
+		}
+	}
+	if level != nil {
+		mlog.SetLevel(*level)
+		logLevel.Store(int32(*level))
+	}
+	changed := false
+	if mode != nil && *mode != tunnel.Mode() {
+		tunnel.SetMode(*mode)
+		changed = true
+	}
+	if sniffing != nil && *sniffing != tunnel.IsSniffing() {
+		tunnel.SetSniffing(*sniffing)
+		changed = true
+	}
+	if h := controllerHooks.Load(); changed && h != nil && h.DecisionsChanged != nil {
+		h.DecisionsChanged()
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func putConfigs(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Path    string `json:"path"`
+		Payload string `json:"payload"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil && !errors.Is(err, io.EOF) {
+		writeError(w, http.StatusBadRequest, "tpgw: body is not a JSON object: "+err.Error())
+		return
+	}
+	if req.Path != "" || req.Payload != "" {
+		writeError(w, http.StatusBadRequest, "tpgw: only tpgw's own config file can be applied; "+
+			"change it, then reload (this request with no path and no payload, or SIGHUP)")
+		return
+	}
+	h := controllerHooks.Load()
+	if h == nil || h.Reload == nil {
+		writeError(w, http.StatusServiceUnavailable, "tpgw: reload is not available")
+		return
+	}
+	if err := h.Reload(); err != nil {
+		writeError(w, http.StatusBadRequest, "tpgw: reload failed; still running with the previous config: "+err.Error())
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// controllerSettings is everything mihomo builds its external-controller
+// server from (hub.ApplyConfig), as one comparable value.
+func controllerSettings(cfg *config.Config) string {
+	b, err := json.Marshal(struct {
+		Controller *config.Controller
+		TLS        *config.TLS
+		Debug      bool
+	}{cfg.Controller, cfg.TLS, cfg.General.LogLevel == mlog.DEBUG})
+	if err != nil {
+		return "unknown: " + err.Error() // never equal to a marshalled value: the server is rebuilt
+	}
+	return string(b)
+}

@@ -232,15 +232,26 @@ func TestIperfUDP(t *testing.T) {
 	}
 }
 
-// TestFakeIPSurvivesRestart: a fake IP handed out before a restart still maps
-// to the same name after it.
-func TestFakeIPSurvivesRestart(t *testing.T) {
+// fakeIPViaSS builds a topology with ss-server and dnsmasq (names resolve to
+// the upstream) and a config whose *.test names get fake IPs and go via ss.
+func fakeIPViaSS(t *testing.T, names ...string) (*testnet.Topology, string) {
+	t.Helper()
 	requireDNSPeers(t)
 	tp := testnet.New(t)
 	tp.StartHTTPServer(t, httpPort)
-	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2", "second.test": "203.0.113.2"})
+	records := map[string]string{}
+	for _, n := range names {
+		records[n] = "203.0.113.2"
+	}
+	tp.StartDNSMasq(t, records)
 	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
-	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+	return tp, writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+}
+
+// TestFakeIPSurvivesRestart: a fake IP handed out before a restart still maps
+// to the same name after it.
+func TestFakeIPSurvivesRestart(t *testing.T) {
+	tp, cfg := fakeIPViaSS(t, "web.test", "second.test")
 
 	p := startTPGW(t, tp, cfg)
 	fake := digOne(t, tp, "web.test")
@@ -270,12 +281,7 @@ func TestFakeIPSurvivesRestart(t *testing.T) {
 // own. The first run is killed before any clean stop, so the pool's position
 // was never saved by a shutdown.
 func TestFakeIPNeverHandedTwice(t *testing.T) {
-	requireDNSPeers(t)
-	tp := testnet.New(t)
-	tp.StartHTTPServer(t, httpPort)
-	tp.StartDNSMasq(t, map[string]string{"one.test": "203.0.113.2", "two.test": "203.0.113.2"})
-	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
-	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+	tp, cfg := fakeIPViaSS(t, "one.test", "two.test")
 
 	handed := map[string]netip.Addr{}
 	ask := func(name string) {

@@ -110,6 +110,9 @@ func patchConfigs(w http.ResponseWriter, r *http.Request) {
 		sniffing *bool
 	)
 	for k, v := range body {
+		if string(v) == "null" {
+			continue // unset, as in mihomo's own PATCH
+		}
 		var err error
 		switch k {
 		case "mode":

@@ -46,5 +46,14 @@
 // either: 13.3–15.2 Gbit/s against 13.1–16.2 for the plain splice loop,
 // at the same whole-machine CPU.
 //
+// # What else tpgw changes in mihomo
+//
+// mihomo's external-controller runs in mihomo's embed mode, with the
+// requests dashboards need added back by tpgw and the ones that would undo
+// tpgw refused (controller.go). The persisted fake-ip pool's position is
+// saved while it moves and recovered after a crash, and handed from the old
+// pool to the new one on a reload, so that no fake IP goes to a second name
+// while clients may hold it (fakeip.go).
+//
 // mihomo keeps its state in package variables, so a process runs one Engine.
 package engine

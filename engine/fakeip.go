@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -135,7 +134,6 @@ func fakeIPPools(cfg *config.Config) []*fakeip.Pool {
 // fakeIPKeeper keeps the positions of the running config's persisted pools
 // saved while tpgw runs.
 type fakeIPKeeper struct {
-	log   *slog.Logger
 	db    *bbolt.DB
 	mu    sync.Mutex // pools, saved
 	pools []*fakeip.Pool
@@ -158,7 +156,7 @@ func startFakeIPKeeper(cfg *config.Config, log *slog.Logger) (*fakeIPKeeper, err
 		}
 		return nil, nil
 	}
-	k := &fakeIPKeeper{log: log, db: cf.DB, saved: map[*fakeip.Pool]position{},
+	k := &fakeIPKeeper{db: cf.DB, saved: map[*fakeip.Pool]position{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	unclean, err := k.marked()
 	if err != nil {
@@ -281,9 +279,12 @@ func (k *fakeIPKeeper) afterReload(old []*fakeip.Pool, cfg *config.Config) {
 			if op == np || op.IPNet() != np.IPNet() {
 				continue
 			}
+			restored := k.savedPosition(op)
 			oldPos := lockedPool{op}.position()
 			lockedPool{np}.with(func(pos *position, _, _ netip.Addr) {
-				if pos.offset.Less(oldPos.offset) {
+				// Unless the new pool handed out addresses in the moment since
+				// the switch too, it is where the old one was saved.
+				if pos.offset == restored.offset || pos.offset.Less(oldPos.offset) {
 					pos.offset = oldPos.offset
 				}
 				pos.cycle = pos.cycle || oldPos.cycle
@@ -298,6 +299,12 @@ func (k *fakeIPKeeper) afterReload(old []*fakeip.Pool, cfg *config.Config) {
 		saved[p] = lockedPool{p}.save()
 	}
 	k.saved = saved
+}
+
+func (k *fakeIPKeeper) savedPosition(p *fakeip.Pool) position {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.saved[p]
 }
 
 // close stops the saving. The caller stops mihomo next (its Shutdown saves
@@ -338,7 +345,7 @@ func (k *fakeIPKeeper) marked() (bool, error) {
 		return nil
 	})
 	if err != nil {
-		return false, errors.Join(fmt.Errorf("cache.db %s", k.db.Path()), err)
+		return false, fmt.Errorf("cache.db %s: %w", k.db.Path(), err)
 	}
 	return found, nil
 }

@@ -234,7 +234,7 @@ func TestIperfUDP(t *testing.T) {
 
 // fakeIPViaSS builds a topology with ss-server and dnsmasq (names resolve to
 // the upstream) and a config whose *.test names get fake IPs and go via ss.
-func fakeIPViaSS(t *testing.T, names ...string) (*testnet.Topology, string) {
+func fakeIPViaSS(t *testing.T, extra string, names ...string) (*testnet.Topology, string) {
 	t.Helper()
 	requireDNSPeers(t)
 	tp := testnet.New(t)
@@ -245,13 +245,42 @@ func fakeIPViaSS(t *testing.T, names ...string) (*testnet.Topology, string) {
 	}
 	tp.StartDNSMasq(t, records)
 	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
-	return tp, writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig))
+	return tp, writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,test,ss", "MATCH,DIRECT"}, dnsConfig+extra))
+}
+
+// handedOut records the fake IP each name got, and fails the test when a
+// name gets an address handed to another name before or its own changes.
+type handedOut struct {
+	t   *testing.T
+	tp  *testnet.Topology
+	ips map[string]netip.Addr
+}
+
+func newHandedOut(t *testing.T, tp *testnet.Topology) *handedOut {
+	return &handedOut{t: t, tp: tp, ips: map[string]netip.Addr{}}
+}
+
+func (h *handedOut) ask(name string) {
+	h.t.Helper()
+	ip := digOne(h.t, h.tp, name)
+	if !fakeRange.Contains(ip) {
+		h.t.Fatalf("%s = %s, not a fake IP", name, ip)
+	}
+	for other, o := range h.ips {
+		if other != name && o == ip {
+			h.t.Fatalf("%s got %s, which was handed to %s before", name, ip, other)
+		}
+	}
+	if before, ok := h.ips[name]; ok && before != ip {
+		h.t.Fatalf("%s = %s now, %s before", name, ip, before)
+	}
+	h.ips[name] = ip
 }
 
 // TestFakeIPSurvivesRestart: a fake IP handed out before a restart still maps
 // to the same name after it.
 func TestFakeIPSurvivesRestart(t *testing.T) {
-	tp, cfg := fakeIPViaSS(t, "web.test", "second.test")
+	tp, cfg := fakeIPViaSS(t, "", "web.test", "second.test")
 
 	p := startTPGW(t, tp, cfg)
 	fake := digOne(t, tp, "web.test")
@@ -281,25 +310,10 @@ func TestFakeIPSurvivesRestart(t *testing.T) {
 // own. The first run is killed before any clean stop, so the pool's position
 // was never saved by a shutdown.
 func TestFakeIPNeverHandedTwice(t *testing.T) {
-	tp, cfg := fakeIPViaSS(t, "one.test", "two.test")
+	tp, cfg := fakeIPViaSS(t, "", "one.test", "two.test")
 
-	handed := map[string]netip.Addr{}
-	ask := func(name string) {
-		t.Helper()
-		ip := digOne(t, tp, name)
-		if !fakeRange.Contains(ip) {
-			t.Fatalf("%s = %s, not a fake IP", name, ip)
-		}
-		for other, o := range handed {
-			if other != name && o == ip {
-				t.Fatalf("%s got %s, which was handed to %s before", name, ip, other)
-			}
-		}
-		if before, ok := handed[name]; ok && before != ip {
-			t.Fatalf("%s = %s now, %s before", name, ip, before)
-		}
-		handed[name] = ip
-	}
+	h := newHandedOut(t, tp)
+	ask, handed := h.ask, h.ips
 	p := startTPGW(t, tp, cfg)
 	ask("one.test")
 	p.Kill()
@@ -333,6 +347,34 @@ func TestFakeIPNeverHandedTwice(t *testing.T) {
 		ask(name)
 	}
 	wantSeen(t, tp, "http://"+handed["two.test"].String()+":8080/", "198.51.100.2", "fake IP from before the reload still means two.test → ss")
+}
+
+// TestFakeIPReloadWithoutStore: with store-fake-ip off (the OpenWrt
+// package's default, which spares the flash), a reload keeps the mappings
+// (mihomo copies them to the new pool) and the new pool goes on after the
+// last address handed out instead of from the start of the range.
+func TestFakeIPReloadWithoutStore(t *testing.T) {
+	tp, cfg := fakeIPViaSS(t, "profile:\n  store-fake-ip: false\n", "one.test", "two.test")
+	p := startTPGW(t, tp, cfg)
+	defer func() { stopTPGW(t, p, syscall.SIGTERM) }()
+	h := newHandedOut(t, tp)
+	h.ask("one.test")
+	h.ask("two.test")
+	for i := range 2 {
+		if err := p.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		if waitFor(t, 10*time.Second, func() (string, bool) {
+			return "reloaded", strings.Count(p.Output(), "msg=reloaded") > i
+		}) == "" {
+			t.Fatalf("reload %d not in the log:\n%s", i+1, p.Output())
+		}
+		h.ask(fmt.Sprintf("new%d.test", len(h.ips)))
+		for _, name := range []string{"one.test", "two.test"} {
+			h.ask(name)
+		}
+	}
+	wantSeen(t, tp, "http://"+h.ips["one.test"].String()+":8080/", "198.51.100.2", "fake IP from before the reloads still means one.test → ss")
 }
 
 // TestDNSGarbage: 10,000 random and malformed datagrams to the hijacked DNS

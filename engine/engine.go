@@ -54,6 +54,7 @@ type Engine struct {
 	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
 	parker  *parker                 // parked DIRECT flows (park.go)
 	fakeIPs *fakeIPKeeper           // saved fake-ip pool positions (fakeip.go); nil without store-fake-ip
+	pools   []*fakeip.Pool          // the running config's fake-ip pools (Reload hands their positions over)
 	// controller is what the running external-controller server was built
 	// from (Reload keeps the server when it is unchanged).
 	controller string
@@ -144,6 +145,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	}
 	hub.ApplyConfig(cfg)
 	e.controller = controllerSettings(cfg)
+	e.pools = fakeIPPools(cfg)
 	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
@@ -159,15 +161,15 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	if err != nil {
 		return err
 	}
-	// The new config's pools restore the positions saved here.
-	var oldPools []*fakeip.Pool
+	// The new config's persisted pools start from the positions saved here.
 	if e.fakeIPs != nil {
-		oldPools = e.fakeIPs.beforeReload()
+		e.fakeIPs.beforeReload()
 	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
 		return fmt.Errorf("mihomo config: %w", err)
 	}
+	built := positions(fakeIPPools(cfg))
 	// A reload keeps the external-controller's server unless its settings
 	// changed: restarting it would cut the dashboard request that asked for
 	// the reload (PUT /configs) and every dashboard's live streams.
@@ -177,8 +179,11 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		hub.ApplyConfig(cfg)
 	}
 	e.controller = controllerSettings(cfg)
+	// No fake IP handed out so far goes to a new name now (fakeip.go).
+	handOver(e.pools, built)
+	e.pools = fakeIPPools(cfg)
 	if e.fakeIPs != nil {
-		e.fakeIPs.afterReload(oldPools, cfg)
+		e.fakeIPs.afterReload(cfg)
 	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.log); err != nil {
 		e.log.Warn("fake-ip pool position is saved only at a clean stop", "err", err)
 	}

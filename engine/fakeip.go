@@ -18,22 +18,22 @@ import (
 // A fake IP must keep meaning the name it was handed out for while clients
 // may still hold it, across crashes and reloads too.
 //
-// mihomo's persisted fake-ip pool (store-fake-ip, on by default in tpgw)
-// writes every mapping to cache.db at once, but its position in the range,
-// the last address it handed out, only when it stops cleanly
-// (executor.Shutdown). A pool built later restores that position. After a
-// crash it is stale: the next new names get the addresses handed out since,
-// deleting those names' mappings, so a client that cached one reaches
-// another site. With no clean stop ever, the restored pool finds no position
-// and empties the whole table. A reload builds a new pool the same way, from
-// the same stale position.
+// A mihomo fake-ip pool hands out the addresses of its range in order, and a
+// pool built later starts where its store says. A persisted pool
+// (store-fake-ip, on by default in tpgw) writes every mapping to cache.db at
+// once but its position only when it stops cleanly (executor.Shutdown);
+// after a crash the position restored is stale, and with no clean stop ever
+// there is none and the whole table is emptied. A pool kept in memory
+// (store-fake-ip: false, the OpenWrt package's default) starts each reload at
+// the beginning of its range, although mihomo copies the mappings over. Either
+// way the next new names got addresses handed out before, deleting those
+// names' mappings, so a client that cached one reached another site.
 //
-// tpgw therefore keeps the position current: it saves it whenever it moved,
-// every positionSaveEvery, and marks cache.db while it runs. A start that
-// finds the mark (the last run did not stop cleanly) moves the position past
-// every address handed out since the last save. A reload saves the position
-// before mihomo builds the new pool and hands the new pool the old one's
-// position after the switch.
+// tpgw therefore hands the running pool's position to the new one on every
+// reload (handOver). For a persisted pool it also saves the position whenever
+// it moved, every positionSaveEvery, and marks cache.db while it runs; a
+// start that finds the mark (the last run did not stop cleanly) moves the
+// position past every address handed out since the last save.
 
 // positionSaveEvery bounds how far the saved position can lag behind.
 const positionSaveEvery = 200 * time.Millisecond
@@ -117,9 +117,10 @@ func (lp lockedPool) save() position {
 	return pos
 }
 
-// fakeIPPools returns the fake-ip pools of cfg that persist to cache.db.
+// fakeIPPools returns the fake-ip pools of cfg (nil when tpgw cannot reach
+// their positions).
 func fakeIPPools(cfg *config.Config) []*fakeip.Pool {
-	if cfg == nil || cfg.DNS == nil || !cfg.Profile.StoreFakeIP || !poolLayout.ok {
+	if cfg == nil || cfg.DNS == nil || !poolLayout.ok {
 		return nil
 	}
 	var pools []*fakeip.Pool
@@ -129,6 +130,49 @@ func fakeIPPools(cfg *config.Config) []*fakeip.Pool {
 		}
 	}
 	return pools
+}
+
+// persistedPools returns the fake-ip pools of cfg that persist to cache.db.
+func persistedPools(cfg *config.Config) []*fakeip.Pool {
+	if cfg == nil || !cfg.Profile.StoreFakeIP {
+		return nil
+	}
+	return fakeIPPools(cfg)
+}
+
+// positions returns where each pool stands.
+func positions(pools []*fakeip.Pool) map[*fakeip.Pool]position {
+	m := make(map[*fakeip.Pool]position, len(pools))
+	for _, p := range pools {
+		m[p] = lockedPool{p}.position()
+	}
+	return m
+}
+
+// handOver moves each pool of a reloaded config that covers the range of a
+// pool of the running one to where the running one stands. A pool mihomo
+// builds starts where its store says: the position saved in cache.db
+// (persisted; beforeReload saved it), or the start of the range (in memory,
+// although mihomo copies the mappings over). built holds the new pools'
+// positions from before the switch; DNS is answered throughout, so the old
+// pool may have handed out more since.
+func handOver(old []*fakeip.Pool, built map[*fakeip.Pool]position) {
+	for np, start := range built {
+		for _, op := range old {
+			if op == np || op.IPNet() != np.IPNet() {
+				continue
+			}
+			oldPos := lockedPool{op}.position()
+			lockedPool{np}.with(func(pos *position, _, _ netip.Addr) {
+				// Unless the new pool handed out addresses in the moment
+				// since the switch too, it takes the old one's position.
+				if pos.offset == start.offset || pos.offset.Less(oldPos.offset) {
+					pos.offset = oldPos.offset
+				}
+				pos.cycle = pos.cycle || oldPos.cycle
+			})
+		}
+	}
 }
 
 // fakeIPKeeper keeps the positions of the running config's persisted pools
@@ -148,7 +192,7 @@ type fakeIPKeeper struct {
 // position and marks cache.db as in use before it returns. It returns nil
 // when no pool persists.
 func startFakeIPKeeper(cfg *config.Config, log *slog.Logger) (*fakeIPKeeper, error) {
-	pools := fakeIPPools(cfg)
+	pools := persistedPools(cfg)
 	cf := cachefile.Cache()
 	if len(pools) == 0 || cf == nil || cf.DB == nil {
 		if cfg != nil && cfg.Profile.StoreFakeIP && !poolLayout.ok {
@@ -257,54 +301,27 @@ func (k *fakeIPKeeper) saveMoved() {
 	}
 }
 
-// beforeReload saves the positions, so that the pools mihomo builds for the
-// new config restore them, and returns the running pools.
-func (k *fakeIPKeeper) beforeReload() []*fakeip.Pool {
+// beforeReload saves the positions, so that the persisted pools mihomo
+// builds for the new config start from them.
+func (k *fakeIPKeeper) beforeReload() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	for _, p := range k.pools {
 		k.saved[p] = lockedPool{p}.save()
 	}
-	return k.pools
 }
 
-// afterReload takes over the pools of the applied config. A new pool over
-// the same range as an old one continues from the old one's position if the
-// old one handed out more addresses during the reload (DNS is answered
-// throughout).
-func (k *fakeIPKeeper) afterReload(old []*fakeip.Pool, cfg *config.Config) {
-	pools := fakeIPPools(cfg)
-	for _, np := range pools {
-		for _, op := range old {
-			if op == np || op.IPNet() != np.IPNet() {
-				continue
-			}
-			restored := k.savedPosition(op)
-			oldPos := lockedPool{op}.position()
-			lockedPool{np}.with(func(pos *position, _, _ netip.Addr) {
-				// Unless the new pool handed out addresses in the moment since
-				// the switch too, it is where the old one was saved.
-				if pos.offset == restored.offset || pos.offset.Less(oldPos.offset) {
-					pos.offset = oldPos.offset
-				}
-				pos.cycle = pos.cycle || oldPos.cycle
-			})
-		}
-	}
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.pools = pools
+// afterReload takes over the persisted pools of the applied config (after
+// handOver) and saves their positions.
+func (k *fakeIPKeeper) afterReload(cfg *config.Config) {
+	pools := persistedPools(cfg)
 	saved := map[*fakeip.Pool]position{}
 	for _, p := range pools {
 		saved[p] = lockedPool{p}.save()
 	}
-	k.saved = saved
-}
-
-func (k *fakeIPKeeper) savedPosition(p *fakeip.Pool) position {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return k.saved[p]
+	k.pools, k.saved = pools, saved
 }
 
 // close stops the saving. The caller stops mihomo next (its Shutdown saves

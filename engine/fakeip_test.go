@@ -122,3 +122,32 @@ func TestFakeIPPositionSavedWhileRunning(t *testing.T) {
 		t.Errorf("cache.db running mark: %v, %v", running, err)
 	}
 }
+
+// TestHandOver: a reloaded config's pool goes on from the running pool of
+// the same range; one over another range keeps its own position.
+func TestHandOver(t *testing.T) {
+	old := memoryPool(t, "10.99.0.0/24")
+	for _, n := range []string{"a", "b", "c"} {
+		old.Lookup(n + ".example")
+	}
+	fresh, moved, other := memoryPool(t, "10.99.0.0/24"), memoryPool(t, "10.99.0.0/24"), memoryPool(t, "10.98.0.0/24")
+	built := positions([]*fakeip.Pool{fresh, moved, other})
+	// moved handed out addresses itself after the switch, past the old pool's.
+	for _, n := range []string{"d", "e", "f", "g"} {
+		moved.Lookup(n + ".example")
+	}
+	handOver([]*fakeip.Pool{old}, built)
+	cases := []struct {
+		name string
+		p    *fakeip.Pool
+		want string
+	}{{"fresh", fresh, "10.99.0.6"}, {"moved", moved, "10.99.0.7"}, {"other range", other, "10.98.0.3"}}
+	for _, c := range cases {
+		if got := (lockedPool{c.p}).position().offset; got != ip(c.want) {
+			t.Errorf("%s pool at %v after the hand-over, want %s", c.name, got, c.want)
+		}
+	}
+	if next := fresh.Lookup("h.example"); next != ip("10.99.0.7") {
+		t.Errorf("the next new name in the fresh pool got %v, want 10.99.0.7", next)
+	}
+}

@@ -377,6 +377,34 @@ func TestFakeIPReloadWithoutStore(t *testing.T) {
 	wantSeen(t, tp, "http://"+h.ips["one.test"].String()+":8080/", "198.51.100.2", "fake IP from before the reloads still means one.test → ss")
 }
 
+// TestFakeIPRestartWithoutStore: with store-fake-ip off the mappings die
+// with the process, but the next run does not hand the addresses of the last
+// one out again (to names a client may have cached them for): neither after
+// a clean stop nor after kill -9 (tpgw keeps the pool's position in its state
+// directory).
+func TestFakeIPRestartWithoutStore(t *testing.T) {
+	tp, cfg := fakeIPViaSS(t, "profile:\n  store-fake-ip: false\n")
+	h := newHandedOut(t, tp)
+	p := startTPGW(t, tp, cfg)
+	h.ask("a.test")
+	h.ask("b.test")
+	stopTPGW(t, p, syscall.SIGTERM)
+
+	p = startTPGW(t, tp, cfg)
+	h.ask("c.test")
+	p.Kill()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+
+	p = startTPGW(t, tp, cfg)
+	defer func() { stopTPGW(t, p, syscall.SIGTERM) }()
+	if err := waitLog(p, "position recovered after an unclean stop", 5*time.Second, 20*time.Millisecond); err != nil {
+		t.Fatalf("after kill -9: %v\n%s", err, p.Output())
+	}
+	h.ask("d.test")
+}
+
 // TestDNSGarbage: 10,000 random and malformed datagrams to the hijacked DNS
 // port, then a valid query is still answered.
 func TestDNSGarbage(t *testing.T) {

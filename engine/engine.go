@@ -43,18 +43,23 @@ type Options struct {
 	// Controller answers the external-controller requests tpgw takes over
 	// from mihomo (controller.go).
 	Controller ControllerHooks
+	// StateDir is where the position of a fake-ip pool kept in memory
+	// (store-fake-ip: false) is saved, so that a restart does not hand its
+	// addresses out again at once (fakeip.go). Empty: not saved.
+	StateDir string
 }
 
 // Engine is a running mihomo core.
 type Engine struct {
-	log     *slog.Logger
-	logStop func()
-	inAddr  netip.AddrPort
-	once    sync.Once
-	dnsView atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
-	parker  *parker                 // parked DIRECT flows (park.go)
-	fakeIPs *fakeIPKeeper           // saved fake-ip pool positions (fakeip.go); nil without store-fake-ip
-	pools   []*fakeip.Pool          // the running config's fake-ip pools (Reload hands their positions over)
+	log      *slog.Logger
+	logStop  func()
+	inAddr   netip.AddrPort
+	once     sync.Once
+	dnsView  atomic.Pointer[dnsView] // for ResolveDirect (bypass.go)
+	parker   *parker                 // parked DIRECT flows (park.go)
+	fakeIPs  *fakeIPKeeper           // saved fake-ip pool positions (fakeip.go); nil if none is saved
+	stateDir string
+	pools    []*fakeip.Pool // the running config's fake-ip pools (Reload hands their positions over)
 	// controller is what the running external-controller server was built
 	// from (Reload keeps the server when it is unchanged).
 	controller string
@@ -140,7 +145,8 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if err != nil {
 		return fail(fmt.Errorf("mihomo config: %w", err))
 	}
-	if e.fakeIPs, err = startFakeIPKeeper(cfg, log); err != nil {
+	e.stateDir = opts.StateDir
+	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
 		return fail(err)
 	}
 	hub.ApplyConfig(cfg)
@@ -184,7 +190,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	e.pools = fakeIPPools(cfg)
 	if e.fakeIPs != nil {
 		e.fakeIPs.afterReload(cfg)
-	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.log); err != nil {
+	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, e.log); err != nil {
 		e.log.Warn("fake-ip pool position is saved only at a clean stop", "err", err)
 	}
 	logLevel.Store(int32(cfg.General.LogLevel))

@@ -1,10 +1,15 @@
 package engine
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -29,20 +34,27 @@ import (
 // way the next new names got addresses handed out before, deleting those
 // names' mappings, so a client that cached one reached another site.
 //
+// A pool kept in memory also starts each run of tpgw at the beginning of its
+// range, with no mappings: the addresses of the last run went to new names.
+//
 // tpgw therefore hands the running pool's position to the new one on every
-// reload (handOver). For a persisted pool it also saves the position whenever
-// it moved, every positionSaveEvery, and marks cache.db while it runs; a
-// start that finds the mark (the last run did not stop cleanly) moves the
-// position past every address handed out since the last save.
+// reload (handOver), and saves the position whenever it moved, every
+// positionSaveEvery: in cache.db for a persisted pool, in a file in tpgw's
+// state directory (tmpfs) for one kept in memory. It marks the place while it
+// runs. A start that finds the mark (the last run did not stop cleanly)
+// moves the position past every address handed out since the last save:
+// those still mapped in cache.db, or crashSkip addresses when the mappings
+// died with the process.
 
 // positionSaveEvery bounds how far the saved position can lag behind.
 const positionSaveEvery = 200 * time.Millisecond
 
-// crashSkip is how far a cycled pool's position moves after a crash: more
-// new names than tpgw hands out in positionSaveEvery (mihomo's pool
-// allocates about 15k a second on a 2-core x86 machine: each is a cache.db
-// write), at most a quarter of the range. Addresses skipped keep their
-// mappings until the pool comes round again.
+// crashSkip is how far a position moves after a crash when the addresses
+// handed out since the last save cannot be told (a cycled pool, or one kept
+// in memory): more new names than tpgw hands out in positionSaveEvery
+// (mihomo's persisted pool allocates about 15k a second on a 2-core x86
+// machine: each is a cache.db write), at most a quarter of the range.
+// Addresses skipped keep their mappings, if any, until the pool comes round.
 const crashSkip = 4096
 
 var (
@@ -132,14 +144,6 @@ func fakeIPPools(cfg *config.Config) []*fakeip.Pool {
 	return pools
 }
 
-// persistedPools returns the fake-ip pools of cfg that persist to cache.db.
-func persistedPools(cfg *config.Config) []*fakeip.Pool {
-	if cfg == nil || !cfg.Profile.StoreFakeIP {
-		return nil
-	}
-	return fakeIPPools(cfg)
-}
-
 // positions returns where each pool stands.
 func positions(pools []*fakeip.Pool) map[*fakeip.Pool]position {
 	m := make(map[*fakeip.Pool]position, len(pools))
@@ -175,10 +179,11 @@ func handOver(old []*fakeip.Pool, built map[*fakeip.Pool]position) {
 	}
 }
 
-// fakeIPKeeper keeps the positions of the running config's persisted pools
-// saved while tpgw runs.
+// fakeIPKeeper keeps the positions of the running config's pools saved
+// while tpgw runs, in cache.db for persisted pools, in a file in tpgw's
+// state directory for pools kept in memory.
 type fakeIPKeeper struct {
-	db    *bbolt.DB
+	back  positionBacking
 	mu    sync.Mutex // pools, saved
 	pools []*fakeip.Pool
 	saved map[*fakeip.Pool]position
@@ -186,60 +191,81 @@ type fakeIPKeeper struct {
 	done  chan struct{}
 }
 
+// positionBacking is where a keeper saves positions and marks a running tpgw.
+type positionBacking interface {
+	// restore moves pools mihomo just built to their saved positions
+	// (mihomo restores a persisted pool from cache.db itself).
+	restore(pools []*fakeip.Pool) error
+	// mapped reports whether an address of p's range has a saved mapping;
+	// nil when mappings do not outlive the process.
+	mapped(p *fakeip.Pool) func(netip.Addr) bool
+	// save saves every pool's position and returns them.
+	save(pools []*fakeip.Pool) (map[*fakeip.Pool]position, error)
+	mark(running bool) error
+	marked() (bool, error)
+}
+
 // startFakeIPKeeper takes over the pools of cfg, which mihomo built but
-// nothing uses yet. If the last run did not stop cleanly it moves each
-// position past the addresses handed out since its last save. It saves every
-// position and marks cache.db as in use before it returns. It returns nil
-// when no pool persists.
-func startFakeIPKeeper(cfg *config.Config, log *slog.Logger) (*fakeIPKeeper, error) {
-	pools := persistedPools(cfg)
-	cf := cachefile.Cache()
-	if len(pools) == 0 || cf == nil || cf.DB == nil {
-		if cfg != nil && cfg.Profile.StoreFakeIP && !poolLayout.ok {
-			log.Warn("fake-ip pool position is saved only at a clean stop: this mihomo's fakeip.Pool is not the one tpgw knows")
+// nothing uses yet. It moves each to its saved position and, if the last run
+// did not stop cleanly, past the addresses handed out since that save. It
+// saves every position and marks the backing as in use before it returns.
+// stateDir holds the file for pools kept in memory; with none, or with no
+// pool, it returns nil.
+func startFakeIPKeeper(cfg *config.Config, stateDir string, log *slog.Logger) (*fakeIPKeeper, error) {
+	pools := fakeIPPools(cfg)
+	if cfg != nil && cfg.DNS != nil && (cfg.DNS.FakeIPPool != nil || cfg.DNS.FakeIPPool6 != nil) && !poolLayout.ok {
+		log.Warn("fake-ip pool position is not kept across reloads and crashes: this mihomo's fakeip.Pool is not the one tpgw knows")
+	}
+	var back positionBacking
+	switch cf := cachefile.Cache(); {
+	case len(pools) == 0:
+		return nil, nil
+	case cfg.Profile.StoreFakeIP:
+		if cf == nil || cf.DB == nil {
+			return nil, nil
 		}
+		back = cacheBacking{cf}
+	case stateDir != "":
+		back = fileBacking{dir: stateDir}
+	default:
 		return nil, nil
 	}
-	k := &fakeIPKeeper{db: cf.DB, saved: map[*fakeip.Pool]position{},
-		stop: make(chan struct{}), done: make(chan struct{})}
-	unclean, err := k.marked()
+	k := &fakeIPKeeper{back: back, stop: make(chan struct{}), done: make(chan struct{})}
+	unclean, err := back.marked()
 	if err != nil {
+		return nil, err
+	}
+	if err := back.restore(pools); err != nil {
 		return nil, err
 	}
 	for _, p := range pools {
 		if unclean {
-			store := storeOf(cf, p)
-			mapped := func(ip netip.Addr) bool { _, ok := store.GetByIP(ip); return ok }
-			before, after := recoverPosition(lockedPool{p}, mapped)
+			before, after := recoverPosition(lockedPool{p}, back.mapped(p))
 			log.Info("fake-ip pool position recovered after an unclean stop",
 				"range", p.IPNet(), "saved", before.offset, "now", after.offset, "cycle", after.cycle)
 		}
-		k.saved[p] = lockedPool{p}.save()
+	}
+	if k.saved, err = back.save(pools); err != nil {
+		return nil, err
 	}
 	k.pools = pools
-	if err := k.mark(true); err != nil {
+	if err := back.mark(true); err != nil {
 		return nil, err
 	}
 	go k.loop()
 	return k, nil
 }
 
-func storeOf(cf *cachefile.CacheFile, p *fakeip.Pool) *cachefile.FakeIpStore {
-	if p.IPNet().Addr().Is6() {
-		return cf.FakeIpStore6()
-	}
-	return cf.FakeIpStore()
-}
-
 // recoverPosition moves a pool's position past every address handed out
 // since its last save. Until a pool comes round its range, it hands out
 // addresses in order, so those are the mapped addresses that follow the
 // saved position. Once it has come round every address is mapped, and the
-// position moves crashSkip addresses on.
+// position moves crashSkip addresses on; so it does when mapped is nil (the
+// mappings died with the process).
 func recoverPosition(lp lockedPool, mapped func(netip.Addr) bool) (before, after position) {
 	lp.with(func(pos *position, first, last netip.Addr) {
 		before = *pos
-		if !pos.cycle {
+		if !pos.cycle && mapped != nil {
 			next := pos.offset.Next()
 			for next.Less(last) {
 				if !mapped(next) {
@@ -289,15 +315,23 @@ func (k *fakeIPKeeper) loop() {
 	}
 }
 
-// saveMoved saves the position of each pool that moved since its last save.
+// saveMoved saves the positions if a pool moved since the last save.
 func (k *fakeIPKeeper) saveMoved() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
+	moved := false
 	for _, p := range k.pools {
-		lp := lockedPool{p}
-		if lp.position() != k.saved[p] {
-			k.saved[p] = lp.save()
-		}
+		moved = moved || lockedPool{p}.position() != k.saved[p]
+	}
+	if moved {
+		k.saveLocked()
+	}
+}
+
+func (k *fakeIPKeeper) saveLocked() {
+	saved, err := k.back.save(k.pools)
+	if err == nil {
+		k.saved = saved
 	}
 }
 
@@ -306,63 +340,176 @@ func (k *fakeIPKeeper) saveMoved() {
 func (k *fakeIPKeeper) beforeReload() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	for _, p := range k.pools {
-		k.saved[p] = lockedPool{p}.save()
-	}
+	k.saveLocked()
 }
 
-// afterReload takes over the persisted pools of the applied config (after
-// handOver) and saves their positions.
+// afterReload takes over the pools of the applied config (after handOver)
+// and saves their positions.
 func (k *fakeIPKeeper) afterReload(cfg *config.Config) {
-	pools := persistedPools(cfg)
-	saved := map[*fakeip.Pool]position{}
-	for _, p := range pools {
-		saved[p] = lockedPool{p}.save()
-	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.pools, k.saved = pools, saved
+	k.pools = fakeIPPools(cfg)
+	k.saveLocked()
 }
 
-// close stops the saving. The caller stops mihomo next (its Shutdown saves
-// the positions one last time) and then calls unmark.
+// close stops the saving and saves the positions one last time (mihomo's
+// Shutdown saves those of persisted pools again); unmark follows.
 func (k *fakeIPKeeper) close() {
 	close(k.stop)
 	<-k.done
-	k.saveMoved()
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.saveLocked()
 }
 
 // unmark records a clean stop.
-func (k *fakeIPKeeper) unmark() error { return k.mark(false) }
+func (k *fakeIPKeeper) unmark() error { return k.back.mark(false) }
 
-func (k *fakeIPKeeper) mark(running bool) error {
-	err := k.db.Update(func(tx *bbolt.Tx) error {
-		b, err := tx.CreateBucketIfNotExists(tpgwBucket)
+// cacheBacking keeps positions where mihomo does, in cache.db (mihomo's own
+// keys, written by its StoreState), and the running mark in tpgw's bucket.
+type cacheBacking struct{ cf *cachefile.CacheFile }
+
+func (cacheBacking) restore([]*fakeip.Pool) error { return nil }
+
+func (b cacheBacking) mapped(p *fakeip.Pool) func(netip.Addr) bool {
+	store := b.cf.FakeIpStore()
+	if p.IPNet().Addr().Is6() {
+		store = b.cf.FakeIpStore6()
+	}
+	return func(ip netip.Addr) bool { _, ok := store.GetByIP(ip); return ok }
+}
+
+func (cacheBacking) save(pools []*fakeip.Pool) (map[*fakeip.Pool]position, error) {
+	saved := make(map[*fakeip.Pool]position, len(pools))
+	for _, p := range pools {
+		saved[p] = lockedPool{p}.save()
+	}
+	return saved, nil
+}
+
+func (b cacheBacking) mark(running bool) error {
+	db := b.cf.DB
+	err := db.Update(func(tx *bbolt.Tx) error {
+		bk, err := tx.CreateBucketIfNotExists(tpgwBucket)
 		if err != nil {
 			return err
 		}
 		if running {
-			return b.Put(runningKey, []byte(time.Now().UTC().Format(time.RFC3339)))
+			return bk.Put(runningKey, []byte(time.Now().UTC().Format(time.RFC3339)))
 		}
-		return b.Delete(runningKey)
+		return bk.Delete(runningKey)
 	})
 	if err != nil {
-		return fmt.Errorf("cache.db %s: %w", k.db.Path(), err)
+		return fmt.Errorf("cache.db %s: %w", db.Path(), err)
 	}
 	return nil
 }
 
-// marked reports whether the last run left its mark: it did not stop cleanly.
-func (k *fakeIPKeeper) marked() (bool, error) {
+func (b cacheBacking) marked() (bool, error) {
 	var found bool
-	err := k.db.View(func(tx *bbolt.Tx) error {
-		if b := tx.Bucket(tpgwBucket); b != nil {
-			found = b.Get(runningKey) != nil
+	err := b.cf.DB.View(func(tx *bbolt.Tx) error {
+		if bk := tx.Bucket(tpgwBucket); bk != nil {
+			found = bk.Get(runningKey) != nil
 		}
 		return nil
 	})
 	if err != nil {
-		return false, fmt.Errorf("cache.db %s: %w", k.db.Path(), err)
+		return false, fmt.Errorf("cache.db %s: %w", b.cf.DB.Path(), err)
 	}
 	return found, nil
+}
+
+// fileBacking keeps the positions of pools kept in memory in a file in
+// tpgw's state directory (tmpfs: it outlives a restart of tpgw, not of the
+// machine, and writing it costs no flash). The mappings die with the
+// process; the position only keeps the next new names off the addresses
+// clients may still hold, which then map to nothing rather than to another
+// name.
+type fileBacking struct{ dir string }
+
+const (
+	positionFile = "fakeip-position"
+	runningFile  = "fakeip-running"
+)
+
+// restore reads lines of "range offset cycle" and moves each pool of a
+// listed range to its offset.
+func (b fileBacking) restore(pools []*fakeip.Pool) error {
+	data, err := os.ReadFile(filepath.Join(b.dir, positionFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 {
+			continue
+		}
+		prefix, err1 := netip.ParsePrefix(f[0])
+		offset, err2 := netip.ParseAddr(f[1])
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		for _, p := range pools {
+			if p.IPNet() != prefix {
+				continue
+			}
+			lockedPool{p}.with(func(pos *position, first, last netip.Addr) {
+				if first.Prev() == offset || (first.Less(offset) || first == offset) && offset.Less(last) {
+					*pos = position{offset, f[2] == "cycle"}
+				}
+			})
+		}
+	}
+	return nil
+}
+
+func (fileBacking) mapped(*fakeip.Pool) func(netip.Addr) bool { return nil }
+
+func (b fileBacking) save(pools []*fakeip.Pool) (map[*fakeip.Pool]position, error) {
+	saved := make(map[*fakeip.Pool]position, len(pools))
+	var sb strings.Builder
+	for _, p := range pools {
+		pos := lockedPool{p}.position()
+		saved[p] = pos
+		cycle := "-"
+		if pos.cycle {
+			cycle = "cycle"
+		}
+		fmt.Fprintf(&sb, "%s %s %s\n", p.IPNet(), pos.offset, cycle)
+	}
+	return saved, b.write(positionFile, sb.String())
+}
+
+// write replaces a file in the state directory in one step.
+func (b fileBacking) write(name, content string) error {
+	if err := os.MkdirAll(b.dir, 0o700); err != nil {
+		return err
+	}
+	tmp := filepath.Join(b.dir, name+".tmp")
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(b.dir, name))
+}
+
+func (b fileBacking) mark(running bool) error {
+	if running {
+		return b.write(runningFile, time.Now().UTC().Format(time.RFC3339)+"\n")
+	}
+	err := os.Remove(filepath.Join(b.dir, runningFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+func (b fileBacking) marked() (bool, error) {
+	_, err := os.Stat(filepath.Join(b.dir, runningFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
 }

@@ -78,11 +78,18 @@ func TestRecoverPosition(t *testing.T) {
 			mappedRange("10.99.0.4", "10.99.0.254"), position{ip("10.99.0.162"), true}},
 		{"come round, large range", "198.18.0.0/16", position{ip("198.18.0.100"), true},
 			nil, position{ip("198.18.16.100"), true}},
+		// Kept in memory: whatever was handed out since the save is unknown.
+		{"mappings died with the process", "10.99.0.0/24", position{ip("10.99.0.10"), false},
+			nil, position{ip("10.99.0.72"), false}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			lp := lockedPool{memoryPool(t, c.prefix)}
 			lp.with(func(pos *position, _, _ netip.Addr) { *pos = c.saved })
-			before, after := recoverPosition(lp, func(a netip.Addr) bool { return c.mapped[a] || c.mapped == nil })
+			mapped := func(a netip.Addr) bool { return c.mapped[a] || c.mapped == nil }
+			if c.name == "mappings died with the process" {
+				mapped = nil
+			}
+			before, after := recoverPosition(lp, mapped)
 			if before != c.saved || after != c.want || lp.position() != c.want {
 				t.Errorf("recovered %+v -> %+v (pool at %+v), want %+v", before, after, lp.position(), c.want)
 			}
@@ -117,7 +124,7 @@ func TestFakeIPPositionSavedWhileRunning(t *testing.T) {
 		}
 		time.Sleep(positionSaveEvery / 4)
 	}
-	running, err := testEngine.fakeIPs.marked()
+	running, err := testEngine.fakeIPs.back.marked()
 	if err != nil || !running {
 		t.Errorf("cache.db running mark: %v, %v", running, err)
 	}
@@ -149,5 +156,54 @@ func TestHandOver(t *testing.T) {
 	}
 	if next := fresh.Lookup("h.example"); next != ip("10.99.0.7") {
 		t.Errorf("the next new name in the fresh pool got %v, want 10.99.0.7", next)
+	}
+}
+
+// TestFileBacking: the positions of pools kept in memory survive in the
+// state directory; lines that do not fit a pool are ignored.
+func TestFileBacking(t *testing.T) {
+	b := fileBacking{dir: t.TempDir() + "/state"}
+	if running, err := b.marked(); running || err != nil {
+		t.Fatalf("marked before any run: %v, %v", running, err)
+	}
+	p4, p6 := memoryPool(t, "10.99.0.0/24"), memoryPool(t, "fd00:99::/120")
+	p4.Lookup("a.example")
+	p4.Lookup("b.example")
+	lockedPool{p6}.with(func(pos *position, _, _ netip.Addr) { *pos = position{ip("fd00:99::80"), true} })
+	saved, err := b.save([]*fakeip.Pool{p4, p6})
+	if err != nil || saved[p4] != (position{ip("10.99.0.5"), false}) || saved[p6] != (position{ip("fd00:99::80"), true}) {
+		t.Fatalf("save: %v, %v", saved, err)
+	}
+	q4, q6, other := memoryPool(t, "10.99.0.0/24"), memoryPool(t, "fd00:99::/120"), memoryPool(t, "10.98.0.0/24")
+	if err := b.restore([]*fakeip.Pool{q4, q6, other}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		p    *fakeip.Pool
+		want position
+	}{{q4, saved[p4]}, {q6, saved[p6]}, {other, position{ip("10.98.0.3"), false}}} {
+		if got := (lockedPool{c.p}).position(); got != c.want {
+			t.Errorf("%v restored to %+v, want %+v", c.p.IPNet(), got, c.want)
+		}
+	}
+	if next := q4.Lookup("c.example"); next != ip("10.99.0.6") {
+		t.Errorf("next new name after the restore got %v, want 10.99.0.6", next)
+	}
+
+	if err := b.write(positionFile, "garbage\n10.99.0.0/24 10.98.0.9 -\n10.99.0.0/24 not-an-ip -\n"); err != nil {
+		t.Fatal(err)
+	}
+	r4 := memoryPool(t, "10.99.0.0/24")
+	if err := b.restore([]*fakeip.Pool{r4}); err != nil || (lockedPool{r4}).position().offset != ip("10.99.0.3") {
+		t.Errorf("a position outside the range moved the pool to %v (%v)", (lockedPool{r4}).position(), err)
+	}
+
+	for _, running := range []bool{true, false, false} {
+		if err := b.mark(running); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := b.marked(); got != running || err != nil {
+			t.Errorf("mark(%v), then marked: %v, %v", running, got, err)
+		}
 	}
 }

@@ -130,7 +130,8 @@ func runGateway(o cmdOpts) (err error) {
 			}
 		},
 	}
-	eng, err := engine.Start(c.Raw, engine.Options{HomeDir: c.Dir(), RoutingMark: c.RoutingMark, Logger: log, Controller: hooks})
+	eng, err := engine.Start(c.Raw, engine.Options{HomeDir: c.Dir(), RoutingMark: c.RoutingMark, Logger: log, Controller: hooks,
+		StateDir: stateDir(c.Gateway.StateDir)})
 	if err != nil {
 		return err
 	}

@@ -29,13 +29,10 @@ import (
 // once but its position only when it stops cleanly (executor.Shutdown);
 // after a crash the position restored is stale, and with no clean stop ever
 // there is none and the whole table is emptied. A pool kept in memory
-// (store-fake-ip: false, the OpenWrt package's default) starts each reload at
-// the beginning of its range, although mihomo copies the mappings over. Either
-// way the next new names got addresses handed out before, deleting those
-// names' mappings, so a client that cached one reached another site.
-//
-// A pool kept in memory also starts each run of tpgw at the beginning of its
-// range, with no mappings: the addresses of the last run went to new names.
+// (store-fake-ip: false, the OpenWrt package's default) starts at the
+// beginning of its range on each reload (mihomo copies the mappings over) and
+// each start (with none). Either way the next new names got addresses handed
+// out before, so a client that cached one for a name reached another site.
 //
 // tpgw therefore hands the running pool's position to the new one on every
 // reload (handOver), and saves the position whenever it moved, every
@@ -51,10 +48,11 @@ const positionSaveEvery = 200 * time.Millisecond
 
 // crashSkip is how far a position moves after a crash when the addresses
 // handed out since the last save cannot be told (a cycled pool, or one kept
-// in memory): more new names than tpgw hands out in positionSaveEvery
-// (mihomo's persisted pool allocates about 15k a second on a 2-core x86
-// machine: each is a cache.db write), at most a quarter of the range.
-// Addresses skipped keep their mappings, if any, until the pool comes round.
+// in memory), at most a quarter of the range: far more new names than a LAN
+// asks for in positionSaveEvery (a persisted pool's ceiling, about 15k a
+// second on a 2-core x86 machine, is 3,000 in that time; one in memory is
+// bounded by the DNS server, about 100k a second). Addresses skipped keep
+// their mappings, if any, until the pool comes round.
 const crashSkip = 4096
 
 var (

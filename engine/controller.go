@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"net/netip"
 	"slices"
 	"sort"
 	"strings"
@@ -187,4 +190,35 @@ func controllerSettings(cfg *config.Config) string {
 		return "unknown: " + err.Error() // never equal to a marshalled value: the server is rebuilt
 	}
 	return string(b)
+}
+
+// warnOpenController warns when the external-controller listens beyond the
+// gateway itself with no secret: anyone on the network could then switch
+// proxies and the mode, close connections and read every connection's
+// destination.
+func warnOpenController(c *config.Controller, log *slog.Logger) {
+	if c == nil || c.Secret != "" {
+		return
+	}
+	for key, addr := range map[string]string{"external-controller": c.ExternalController, "external-controller-tls": c.ExternalControllerTLS} {
+		if addr != "" && !loopbackOnly(addr) {
+			log.Warn("the external-controller is reachable from the network without a secret: anyone who reaches it can "+
+				"switch proxies and the mode, close connections and see every connection; set secret, or listen on 127.0.0.1",
+				"key", key, "listen", addr)
+		}
+	}
+}
+
+// loopbackOnly reports whether a listen address accepts connections from
+// the machine itself only.
+func loopbackOnly(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }

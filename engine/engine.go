@@ -149,6 +149,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
 		return fail(err)
 	}
+	warnOpenController(cfg.Controller, log)
 	hub.ApplyConfig(cfg)
 	e.controller = controllerSettings(cfg)
 	e.pools = fakeIPPools(cfg)
@@ -185,6 +186,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		hub.ApplyConfig(cfg)
 	}
 	e.controller = controllerSettings(cfg)
+	warnOpenController(cfg.Controller, e.log)
 	// No fake IP handed out so far goes to a new name now (fakeip.go).
 	handOver(e.pools, built)
 	e.pools = fakeIPPools(cfg)

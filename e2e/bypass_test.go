@@ -34,7 +34,8 @@ external-controller: 127.0.0.1:9090
 // timeout, and its flows reach the upstream with the client's own address
 // without entering tpgw; a proxied name still gets a fake IP and goes via
 // ss. A connection outlives its address's removal from the set, SIGHUP
-// and a mode switch from a dashboard empty the sets, and stop leaves the kernel as it was.
+// and a mode switch or rule toggle from a dashboard empty the sets, and
+// stop leaves the kernel as it was.
 func TestDNSBypass(t *testing.T) {
 	requireDNSPeers(t)
 	tp := testnet.New(t)
@@ -140,6 +141,15 @@ func TestDNSBypass(t *testing.T) {
 	if a := digOne(t, tp, "direct.test", "A"); a != netip.MustParseAddr("203.0.113.2") {
 		t.Fatalf("back in rule mode: dig direct.test = %s, want the real 203.0.113.2", a)
 	}
+	// So does turning off the rule that made direct.test DIRECT: MATCH,ss decides now.
+	wantCtl(t, tp, "PATCH", "/rules/disable", `{"0":true}`, 204, "")
+	if out := listSet("dns_bypass4"); strings.Contains(out, "elements") {
+		t.Fatalf("set dns_bypass4 not empty after its rule was turned off:\n%s", out)
+	}
+	if a := digOne(t, tp, "direct.test", "A"); !fakeRange.Contains(a) {
+		t.Fatalf("rule turned off: dig direct.test = %s, want a fake IP", a)
+	}
+	wantCtl(t, tp, "PATCH", "/rules/disable", `{"0":false}`, 204, "")
 
 	direct.Close()
 	proxied.Close()

@@ -41,8 +41,9 @@ func wantCtl(t testing.TB, tp *testnet.Topology, method, path, body string, want
 	t.Logf("%s %s %s: %d %s", method, path, body, code, got)
 }
 
-// TestControllerKeepsTPGW: a dashboard still reads everything and switches
-// the mode, and its "reload config" reloads tpgw's config file; what would
+// TestControllerKeepsTPGW: a dashboard still reads everything, switches the
+// mode, toggles rules and updates geodata, and its "reload config" reloads
+// tpgw's config file; what would
 // undo tpgw is refused with the reason: a config not made by tpgw, ports and
 // a TUN device, a restart that would skip the cleanup, and a core upgrade
 // that would replace the tpgw binary.
@@ -66,6 +67,14 @@ func TestControllerKeepsTPGW(t *testing.T) {
 	if err := waitLog(p, "using GLOBAL", 5*time.Second, 20*time.Millisecond); err != nil {
 		t.Fatalf("flow after PATCH mode=global: %v\n%s", err, p.Output())
 	}
+
+	// Rule toggles and geodata updates work as in mihomo (this config uses no
+	// geodata: nothing to download).
+	wantCtl(t, tp, "PATCH", "/rules/disable", `{"0":true}`, 204, "")
+	wantCtl(t, tp, "GET", "/rules", "", 200, `"disabled":true`)
+	wantCtl(t, tp, "PATCH", "/rules/disable", `{"0":false}`, 204, "")
+	wantCtl(t, tp, "GET", "/rules", "", 200, `"disabled":false`)
+	wantCtl(t, tp, "POST", "/configs/geo", "", 204, "")
 
 	wantCtl(t, tp, "PATCH", "/configs", `{"tun":{"enable":true,"auto-route":true},"mixed-port":7890}`, 400, "mixed-port, tun cannot be changed")
 	wantCtl(t, tp, "PATCH", "/configs/", `{"mode":"sideways"}`, 400, "mode: invalid mode")

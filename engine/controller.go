@@ -16,7 +16,9 @@ import (
 
 	"github.com/metacubex/chi"
 	"github.com/metacubex/http"
+	"github.com/metacubex/mihomo/component/updater"
 	"github.com/metacubex/mihomo/config"
+	C "github.com/metacubex/mihomo/constant"
 	"github.com/metacubex/mihomo/hub/route"
 	mlog "github.com/metacubex/mihomo/log"
 	"github.com/metacubex/mihomo/tunnel"
@@ -30,10 +32,11 @@ import (
 //   - PATCH /configs: open listeners and a TUN device beside tpgw's rules;
 //   - POST /restart: exec tpgw again without removing its kernel rules;
 //   - POST /upgrade: replace the tpgw binary with a mihomo binary.
-// mihomo's embed mode takes those routes out (and PATCH /rules/disable and
-// the geodata updates, which stay out). tpgw adds back:
+// mihomo's embed mode takes those routes out (with PATCH /rules/disable and
+// the geodata updates). tpgw adds back:
 //   - PATCH /configs for mode, log-level and sniffing (what dashboards
 //     switch); any other key is refused by name;
+//   - PATCH /rules/disable and the geodata updates, as in mihomo;
 //   - PUT /configs without a payload: tpgw's own reload of its config file
 //     (as SIGHUP), which dashboards call "reload config";
 //   - POST /restart and POST /upgrade: refused, saying why.
@@ -42,8 +45,9 @@ import (
 type ControllerHooks struct {
 	// Reload reloads tpgw's config file, as SIGHUP does.
 	Reload func() error
-	// DecisionsChanged is called after the mode or sniffing changed: flows
-	// are decided differently from now on (dns-bypass empties its sets).
+	// DecisionsChanged is called after the mode, sniffing or a rule's
+	// disabled flag changed: flows are decided differently from now on
+	// (dns-bypass empties its sets).
 	DecisionsChanged func()
 }
 
@@ -65,6 +69,10 @@ func takeOverController(h ControllerHooks) {
 			for _, p := range []string{"/configs", "/configs/"} {
 				r.Patch(p, patchConfigs)
 				r.Put(p, putConfigs)
+			}
+			r.Patch("/rules/disable", disableRules)
+			for _, p := range []string{"/configs/geo", "/upgrade/geo"} {
+				r.Post(p, updateGeo)
 			}
 			r.Post("/restart", refuse("tpgw: restart tpgw with its service manager (systemctl restart tpgw; /etc/init.d/tpgw restart): "+
 				"a restart from here would skip removing its kernel rules"))
@@ -148,6 +156,41 @@ func patchConfigs(w http.ResponseWriter, r *http.Request) {
 	}
 	if h := controllerHooks.Load(); changed && h != nil && h.DecisionsChanged != nil {
 		h.DecisionsChanged()
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// disableRules turns rules off and on by index ({"3": true}), as mihomo's
+// own route does; flows are decided differently from now on.
+func disableRules(w http.ResponseWriter, r *http.Request) {
+	var body map[int]bool
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+		writeError(w, http.StatusBadRequest, "tpgw: body is not a JSON object of rule index to disabled: "+err.Error())
+		return
+	}
+	rules := tunnel.Rules()
+	changed := false
+	for i, disabled := range body {
+		if i < 0 || i >= len(rules) {
+			continue
+		}
+		if rw, ok := rules[i].(C.RuleWrapper); ok && rw.IsDisabled() != disabled {
+			rw.SetDisabled(disabled)
+			changed = true
+		}
+	}
+	if h := controllerHooks.Load(); changed && h != nil && h.DecisionsChanged != nil {
+		h.DecisionsChanged()
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// updateGeo downloads the geodata files the rules use and reloads them, as
+// mihomo's own route does (through mihomo's dialer, so past interception).
+func updateGeo(w http.ResponseWriter, _ *http.Request) {
+	if err := updater.UpdateGeoDatabases(); err != nil {
+		writeError(w, http.StatusInternalServerError, err.Error())
+		return
 	}
 	w.WriteHeader(http.StatusNoContent)
 }

@@ -125,8 +125,8 @@ func runGateway(o cmdOpts) (err error) {
 			return rerr
 		},
 		DecisionsChanged: func() {
-			if err := onLoop(func() { gw.decisionsChanged("external-controller: mode or sniffing changed") }); err != nil {
-				log.Warn("external-controller: mode or sniffing changed while tpgw is not running", "err", err)
+			if err := onLoop(func() { gw.decisionsChanged("external-controller: mode, sniffing or a rule changed") }); err != nil {
+				log.Warn("external-controller: mode, sniffing or a rule changed while tpgw is not running", "err", err)
 			}
 		},
 	}

@@ -92,6 +92,13 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"message": msg})
 }
 
+// decisionsChanged tells the gateway that flows are decided differently now.
+func decisionsChanged() {
+	if h := controllerHooks.Load(); h != nil && h.DecisionsChanged != nil {
+		h.DecisionsChanged()
+	}
+}
+
 func refuse(msg string) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) { writeError(w, http.StatusForbidden, msg) }
 }
@@ -154,8 +161,8 @@ func patchConfigs(w http.ResponseWriter, r *http.Request) {
 		tunnel.SetSniffing(*sniffing)
 		changed = true
 	}
-	if h := controllerHooks.Load(); changed && h != nil && h.DecisionsChanged != nil {
-		h.DecisionsChanged()
+	if changed {
+		decisionsChanged()
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
@@ -179,8 +186,8 @@ func disableRules(w http.ResponseWriter, r *http.Request) {
 			changed = true
 		}
 	}
-	if h := controllerHooks.Load(); changed && h != nil && h.DecisionsChanged != nil {
-		h.DecisionsChanged()
+	if changed {
+		decisionsChanged()
 	}
 	w.WriteHeader(http.StatusNoContent)
 }

@@ -180,12 +180,12 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	// A reload keeps the external-controller's server unless its settings
 	// changed: restarting it would cut the dashboard request that asked for
 	// the reload (PUT /configs) and every dashboard's live streams.
-	if controllerSettings(cfg) == e.controller {
+	if ctl := controllerSettings(cfg); ctl == e.controller {
 		executor.ApplyConfig(cfg, true)
 	} else {
 		hub.ApplyConfig(cfg)
+		e.controller = ctl
 	}
-	e.controller = controllerSettings(cfg)
 	warnOpenController(cfg.Controller, e.log)
 	// No fake IP handed out so far goes to a new name now (fakeip.go).
 	handOver(e.pools, built)

@@ -237,11 +237,12 @@ func startFakeIPKeeper(cfg *config.Config, stateDir string, log *slog.Logger) (*
 		return nil, err
 	}
 	for _, p := range pools {
-		if unclean {
-			before, after := recoverPosition(lockedPool{p}, back.mapped(p))
-			log.Info("fake-ip pool position recovered after an unclean stop",
-				"range", p.IPNet(), "saved", before.offset, "now", after.offset, "cycle", after.cycle)
+		if !unclean {
+			break
 		}
+		before, after := recoverPosition(lockedPool{p}, back.mapped(p))
+		log.Info("fake-ip pool position recovered after an unclean stop",
+			"range", p.IPNet(), "saved", before.offset, "now", after.offset, "cycle", after.cycle)
 	}
 	if k.saved, err = back.save(pools); err != nil {
 		return nil, err
@@ -455,7 +456,8 @@ func (b fileBacking) restore(pools []*fakeip.Pool) error {
 				continue
 			}
 			lockedPool{p}.with(func(pos *position, first, last netip.Addr) {
-				if first.Prev() == offset || (first.Less(offset) || first == offset) && offset.Less(last) {
+				// From before the first address (a fresh pool) up to the last.
+				if !offset.Less(first.Prev()) && offset.Less(last) {
 					*pos = position{offset, f[2] == "cycle"}
 				}
 			})

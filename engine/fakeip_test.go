@@ -51,18 +51,15 @@ func TestPoolLayout(t *testing.T) {
 }
 
 func TestRecoverPosition(t *testing.T) {
-	mappedRange := func(from, to string) map[netip.Addr]bool {
-		m := map[netip.Addr]bool{}
-		for a := ip(from); !ip(to).Less(a); a = a.Next() {
-			m[a] = true
-		}
-		return m
+	mappedRange := func(from, to string) func(netip.Addr) bool {
+		return func(a netip.Addr) bool { return !a.Less(ip(from)) && !ip(to).Less(a) }
 	}
+	allMapped := func(netip.Addr) bool { return true }
 	for _, c := range []struct {
 		name   string
 		prefix string
 		saved  position
-		mapped map[netip.Addr]bool
+		mapped func(netip.Addr) bool // nil: the mappings died with the process
 		want   position
 	}{
 		{"handed out since the save", "10.99.0.0/24", position{ip("10.99.0.10"), false},
@@ -77,7 +74,7 @@ func TestRecoverPosition(t *testing.T) {
 		{"come round, small range", "10.99.0.0/24", position{ip("10.99.0.100"), true},
 			mappedRange("10.99.0.4", "10.99.0.254"), position{ip("10.99.0.162"), true}},
 		{"come round, large range", "198.18.0.0/16", position{ip("198.18.0.100"), true},
-			nil, position{ip("198.18.16.100"), true}},
+			allMapped, position{ip("198.18.16.100"), true}},
 		// Kept in memory: whatever was handed out since the save is unknown.
 		{"mappings died with the process", "10.99.0.0/24", position{ip("10.99.0.10"), false},
 			nil, position{ip("10.99.0.72"), false}},
@@ -85,11 +82,7 @@ func TestRecoverPosition(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			lp := lockedPool{memoryPool(t, c.prefix)}
 			lp.with(func(pos *position, _, _ netip.Addr) { *pos = c.saved })
-			mapped := func(a netip.Addr) bool { return c.mapped[a] || c.mapped == nil }
-			if c.name == "mappings died with the process" {
-				mapped = nil
-			}
-			before, after := recoverPosition(lp, mapped)
+			before, after := recoverPosition(lp, c.mapped)
 			if before != c.saved || after != c.want || lp.position() != c.want {
 				t.Errorf("recovered %+v -> %+v (pool at %+v), want %+v", before, after, lp.position(), c.want)
 			}

@@ -227,6 +227,9 @@ func Parse(raw []byte, file string) (*Config, error) {
 	if c.TProxyPort == 0 {
 		return nil, p.errf(nil, "tproxy-port", "must be set: it is the port of tpgw's TPROXY listener")
 	}
+	if err := p.checkPorts(c, inbounds(root)); err != nil {
+		return nil, err
+	}
 	if c.Gateway.ProxySelf && c.RoutingMark == 0 {
 		c.RoutingMark = DefaultSelfRoutingMark
 	}

@@ -135,6 +135,12 @@ func TestErrors(t *testing.T) {
 		{"fake-ip v6 in v4 key", "dns:\n  fake-ip-range: fd00::/64\n", []string{"dns.fake-ip-range", "IPv4"}},
 		{"bad dns listen", "dns:\n  listen: nowhere\n", []string{"dns.listen", "nowhere"}},
 		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"dns.listen", "53"}},
+		{"mixed-port on tproxy-port", "mixed-port: 7893\n", []string{"cfg.yaml:1", "mixed-port", "7893", "tproxy-port"}},
+		{"redir-port on a set tproxy-port", "redir-port: 7000\ntproxy-port: 7000\n", []string{":1", "redir-port", "tproxy-port"}},
+		{"listener on tproxy-port", "listeners:\n  - {name: in, type: socks, port: 7893}\n", []string{":2", "listeners[0].port", "tproxy-port"}},
+		{"controller on tproxy-port", "external-controller: 0.0.0.0:7893\n", []string{"external-controller", "tproxy-port"}},
+		{"socks-port on dns.listen", fakeIPDNS + "socks-port: 1053\nallow-lan: true\n", []string{"socks-port", "1053", "dns.listen"}},
+		{"listener on dns.listen", fakeIPDNS + "listeners:\n  - {name: d, type: tunnel, port: 1053, listen: 0.0.0.0, network: [udp], target: 1.1.1.1:53}\n", []string{"listeners[0].port", "dns.listen"}},
 		{"tpgw not a map", "tpgw: [1, 2]\n", []string{"tpgw", "mapping"}},
 		{"empty", "", []string{"empty"}},
 		{"bad udp timeout", "tpgw:\n  udp-timeout: soon\n", []string{"tpgw.udp-timeout", "soon"}},
@@ -189,4 +195,21 @@ func FuzzParse(f *testing.F) {
 			t.Fatal("accepted config with no tproxy port")
 		}
 	})
+}
+
+// TestPortsApart: mihomo's inbound servers on ports or addresses apart from
+// tpgw's listeners are fine.
+func TestPortsApart(t *testing.T) {
+	for name, y := range map[string]string{
+		"usual ports":        "port: 7890\nsocks-port: 7891\nmixed-port: 7892\nredir-port: 7894\nexternal-controller: 127.0.0.1:9090\n",
+		"dns off":            "socks-port: 1053\n",
+		"other dns address":  fakeIPDNS + "  listen: 127.0.0.2:1053\nsocks-port: 1053\n",
+		"listener elsewhere": fakeIPDNS + "  listen: 192.168.1.1:1053\nlisteners:\n  - {name: in, type: mixed, port: 1053, listen: 127.0.0.1}\n",
+		"ports off":          "mixed-port: 0\nport: 0\n",
+		"not a port":         "mixed-port: lots\n", // mihomo reports it
+	} {
+		if _, err := Parse([]byte(y), "cfg.yaml"); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
 }

@@ -237,6 +237,9 @@ func TestBadConfig(t *testing.T) {
 		{"bad cidr", "tpgw:\n  bypass: [10.0.0.0/33]\n", []string{"tpgw.bypass", "10.0.0.0/33"}},
 		{"unknown key", "tpgw:\n  interfacez: [eth0]\n", []string{"tpgw.interfacez", "unknown key"}},
 		{"unknown proxy in rules", "rules:\n  - MATCH,nope\ntpgw:\n  state-dir: " + state + "\n", []string{"nope"}},
+		// mihomo's own inbound on tpgw's TPROXY port: named before anything binds.
+		{"mixed-port on tproxy-port", "mixed-port: 7893\nrules:\n  - MATCH,DIRECT\ntpgw:\n  state-dir: " + state + "\n",
+			[]string{"config.yaml:1", "mixed-port", "tproxy-port"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -349,4 +352,56 @@ func halfCloseRoundTrip(t testing.TB, tp *testnet.Topology, addr, msg string) st
 		t.Fatalf("read after half-close: %v", err)
 	}
 	return string(b)
+}
+
+// TestTunIgnored: a config brought from a desktop client often has mihomo's
+// TUN on (tun.enable, or a listener of type tun). tpgw turns it off and says
+// so. Before, mihomo's auto-route rules sent every packet of the gateway into
+// its own device, and the clients reached nothing.
+func TestTunIgnored(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	before := testnet.Snapshot(t, tp.Gateway)
+	rulesBefore := map[string]int{}
+	for _, fam := range []string{"-4", "-6"} {
+		rulesBefore[fam] = len(strings.Split(strings.TrimSpace(tp.Gateway.MustRun(t, "ip", fam, "rule")), "\n"))
+	}
+	extra := `tun: {enable: true, stack: system, auto-route: true, auto-detect-interface: true, dns-hijack: ["any:53"]}
+listeners:
+  - {name: tun-in, type: tun, stack: system, auto-route: true, inet4-address: [198.19.0.1/30]}
+  - {name: socks-in, type: socks, port: 17894, listen: 127.0.0.1}
+`
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, extra))
+
+	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
+	if code != 0 {
+		t.Fatalf("tpgw check: exit %d\n%s", code, stderr)
+	}
+	for _, key := range []string{"key=tun.enable", `key="listeners[0] tun-in (type tun)"`} {
+		if !strings.Contains(stderr, "config key ignored") || !strings.Contains(stderr, key) {
+			t.Errorf("tpgw check: no warning with %s:\n%s", key, stderr)
+		}
+	}
+	if strings.Contains(stderr, "socks-in") {
+		t.Errorf("tpgw check warned about the socks listener, which is kept:\n%s", stderr)
+	}
+
+	p := startTPGW(t, tp, cfg)
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, TUN asked for")
+	if tuns := tp.Gateway.MustRun(t, "ip", "-br", "link", "show", "type", "tun"); strings.TrimSpace(tuns) != "" {
+		t.Errorf("a TUN device appeared:\n%s", tuns)
+	}
+	// Only tpgw's own policy rule (one per family) beside the kernel's.
+	for _, fam := range []string{"-4", "-6"} {
+		rules := strings.TrimSpace(tp.Gateway.MustRun(t, "ip", fam, "rule"))
+		if n := len(strings.Split(rules, "\n")); n != rulesBefore[fam]+1 {
+			t.Errorf("ip %s rule: %d rules, want the %d from before and tpgw's:\n%s", fam, n, rulesBefore[fam], rules)
+		}
+	}
+	if err := testnet.WaitTCP(tp.Gateway, "127.0.0.1:17894", 5*time.Second); err != nil {
+		t.Errorf("the socks listener beside it: %v", err)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+	sameKernelState(t, tp, before, "after SIGTERM")
 }

@@ -49,7 +49,7 @@ rule-providers:
 	for _, r := range rules {
 		fmt.Fprintf(&b, "  - %s\n", r)
 	}
-	rc, err := rawConfig([]byte(b.String()), 0)
+	rc, _, err := rawConfig([]byte(b.String()), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

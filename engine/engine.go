@@ -75,10 +75,11 @@ func Check(raw []byte, homeDir string) error {
 		C.SetHomeDir(homeDir)
 	}
 	quietMihomoLog()
-	rc, err := rawConfig(raw, 0)
+	rc, ignored, err := rawConfig(raw, 0)
 	if err != nil {
 		return err
 	}
+	warnIgnored(ignored, slog.Default())
 	warnInboundsNotBuilt(rc, slog.Default())
 	// Opening cache.db for the persisted fake-ip pool is a side effect; a check has none.
 	rc.Profile.StoreFakeIP = false
@@ -116,7 +117,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return nil, err
 	}
 
-	rc, err := rawConfig(raw, opts.RoutingMark)
+	rc, _, err := rawConfig(raw, opts.RoutingMark) // Check has warned
 	if err != nil {
 		return fail(err)
 	}
@@ -164,7 +165,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 // Reload applies a changed mihomo part. Established flows keep their
 // outbound connections; new flows use the new rules and proxies.
 func (e *Engine) Reload(raw []byte, routingMark uint32) error {
-	rc, err := rawConfig(raw, routingMark)
+	rc, _, err := rawConfig(raw, routingMark) // Check has warned
 	if err != nil {
 		return err
 	}
@@ -202,16 +203,36 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 }
 
 // rawConfig unmarshals the mihomo part and turns off the parts tpgw replaces.
-func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
-	rc, err := config.UnmarshalRawConfig(raw)
+// ignored names the keys the config turned on that tpgw turned off, for a
+// warning (warnIgnored).
+func rawConfig(raw []byte, routingMark uint32) (rc *config.RawConfig, ignored []string, err error) {
+	rc, err = config.UnmarshalRawConfig(raw)
 	if err != nil {
-		return nil, fmt.Errorf("mihomo config: %w", err)
+		return nil, nil, fmt.Errorf("mihomo config: %w", err)
 	}
 	// tpgw's relay serves tproxy-port and tpgw's dns serves dns.listen; mihomo
 	// must not bind them too. mihomo's iptables helper would fight netcfg.
 	rc.TProxyPort = 0
 	rc.DNS.Listen = ""
 	rc.IPTables.Enable = false
+	// mihomo's TUN (tun.enable, on in many desktop configs, or a listener of
+	// type tun) would take the gateway's routing over beside tpgw's TPROXY: with auto-route its policy rules
+	// send every packet into its device, and the clients' flows went
+	// nowhere (TestTunIgnored). tpgw is the interception here.
+	if rc.Tun.Enable {
+		rc.Tun.Enable = false
+		ignored = append(ignored, "tun.enable")
+	}
+	listeners := rc.Listeners[:0]
+	for i, l := range rc.Listeners {
+		if typ, _ := l["type"].(string); typ == "tun" {
+			name, _ := l["name"].(string)
+			ignored = append(ignored, fmt.Sprintf("listeners[%d] %s (type tun)", i, name))
+			continue
+		}
+		listeners = append(listeners, l)
+	}
+	rc.Listeners = listeners
 	if routingMark != 0 {
 		rc.RoutingMark = int(routingMark)
 	}
@@ -225,7 +246,16 @@ func rawConfig(raw []byte, routingMark uint32) (*config.RawConfig, error) {
 	if err := yaml.Unmarshal(raw, &profile); err == nil && profile.Profile.StoreFakeIP == nil {
 		rc.Profile.StoreFakeIP = true
 	}
-	return rc, nil
+	return rc, ignored, nil
+}
+
+// warnIgnored logs one warning per key rawConfig turned off. Check calls it,
+// and Check runs before every start and reload.
+func warnIgnored(keys []string, log *slog.Logger) {
+	for _, key := range keys {
+		log.Warn("config key ignored: tpgw intercepts the gateway's traffic with TPROXY (the tpgw: section); "+
+			"mihomo's TUN would route it into a device of its own", "key", key)
+	}
 }
 
 // keepMihomoTProxy restores the tproxy-port that rawConfig turned off.

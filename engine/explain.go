@@ -34,7 +34,7 @@ func ExplainFlow(raw []byte, homeDir string, network string, src netip.AddrPort,
 		C.SetHomeDir(homeDir)
 	}
 	quietMihomoLog()
-	rc, err := rawConfig(raw, 0)
+	rc, _, err := rawConfig(raw, 0)
 	if err != nil {
 		return Decision{}, err
 	}

@@ -31,7 +31,7 @@ func warnInboundsNotBuilt(rc *config.RawConfig, log *slog.Logger) {
 // inboundsNotBuilt names the keys of rc that ask for an inbound server the
 // router build leaves out. mihomo (with the overlay) accepts and ignores
 // them, so existing configs still load; Check reports them. tproxy-port is
-// tpgw's own and already cleared by rawConfig.
+// tpgw's own and tun.enable is turned off in both builds, both by rawConfig.
 func inboundsNotBuilt(rc *config.RawConfig) []string {
 	var keys []string
 	add := func(cond bool, key string) {
@@ -43,7 +43,6 @@ func inboundsNotBuilt(rc *config.RawConfig) []string {
 	add(rc.ShadowSocksConfig != "", "ss-config")
 	add(rc.VmessConfig != "", "vmess-config")
 	add(rc.TuicServer.Enable, "tuic-server")
-	add(rc.Tun.Enable, "tun")
 	add(len(rc.Tunnels) > 0, "tunnels")
 	for i, l := range rc.Listeners {
 		typ, _ := l["type"].(string)

@@ -736,7 +736,7 @@ func checkRouterBuild(t *testing.T, bin string) {
 	for _, m := range regexp.MustCompile(`WARN config key ignored: .*? key=("[^"]*"|\S+)`).FindAllStringSubmatch(out, -1) {
 		warned = append(warned, strings.Trim(m[1], `"`))
 	}
-	want := []string{"redir-port", "tun", "tunnels", "listeners[2] vmess-in (type vmess)", "listeners[3] ss-in (type shadowsocks)"}
+	want := []string{"tun.enable", "redir-port", "tunnels", "listeners[2] vmess-in (type vmess)", "listeners[3] ss-in (type shadowsocks)"}
 	if !slices.Equal(warned, want) {
 		t.Errorf("router build: warnings for keys %q, want %q; output:\n%s", warned, want, out)
 	}

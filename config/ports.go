@@ -1,0 +1,121 @@
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+
+	"gopkg.in/yaml.v3"
+)
+
+// inbound is one of mihomo's own listening servers in the config (its mixed,
+// socks, http and redir ports, `listeners:`, the external-controller). tpgw
+// starts them beside its own listeners; one that shares a port with tpgw's
+// TPROXY listener or its DNS server made the start fail with "bind: address
+// already in use", naming neither key.
+type inbound struct {
+	key  string
+	node *yaml.Node
+	addr netip.AddrPort // an unspecified address: all of them
+}
+
+// inbounds collects mihomo's inbound servers from the top-level mapping. Keys
+// that do not parse are left to mihomo, which reports them.
+func inbounds(root *yaml.Node) []inbound {
+	var (
+		found    []inbound
+		allowLAN bool
+		bind     = netip.IPv6Unspecified()
+		top      []inbound
+	)
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k, v := root.Content[i], root.Content[i+1]
+		switch k.Value {
+		case "port", "socks-port", "mixed-port", "redir-port":
+			if port, ok := portValue(v); ok {
+				top = append(top, inbound{key: k.Value, node: v, addr: netip.AddrPortFrom(netip.Addr{}, port)})
+			}
+		case "allow-lan":
+			_ = v.Decode(&allowLAN)
+		case "bind-address":
+			var s string
+			if v.Decode(&s) == nil {
+				if a, err := netip.ParseAddr(s); err == nil {
+					bind = a
+				}
+			}
+		case "external-controller":
+			var s string
+			if v.Decode(&s) == nil {
+				if ap, err := parseListen(s); err == nil && ap.Port() != 0 {
+					found = append(found, inbound{key: k.Value, node: v, addr: ap})
+				}
+			}
+		case "listeners":
+			for j, l := range v.Content {
+				if l.Kind != yaml.MappingNode {
+					continue
+				}
+				var fields struct {
+					Listen string `yaml:"listen"`
+				}
+				_ = l.Decode(&fields)
+				addr := netip.IPv4Unspecified()
+				if a, err := netip.ParseAddr(fields.Listen); err == nil {
+					addr = a
+				}
+				for m := 0; m+1 < len(l.Content); m += 2 {
+					if l.Content[m].Value != "port" {
+						continue
+					}
+					if port, ok := portValue(l.Content[m+1]); ok {
+						found = append(found, inbound{key: fmt.Sprintf("listeners[%d].port", j), node: l.Content[m+1],
+							addr: netip.AddrPortFrom(addr, port)})
+					}
+				}
+			}
+		}
+	}
+	// mihomo binds its top-level ports to bind-address ("*": all addresses)
+	// with allow-lan, to 127.0.0.1 without.
+	if !allowLAN {
+		bind = netip.MustParseAddr("127.0.0.1")
+	}
+	for _, in := range top {
+		in.addr = netip.AddrPortFrom(bind, in.addr.Port())
+		found = append(found, in)
+	}
+	return found
+}
+
+// portValue is a port number node's value; ok is false for 0 (off) and for
+// what is not a port.
+func portValue(n *yaml.Node) (uint16, bool) {
+	if n.Kind != yaml.ScalarNode {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(n.Value, 10, 16)
+	return uint16(v), err == nil && v != 0
+}
+
+// checkPorts fails when one of mihomo's inbound servers would take a port that
+// tpgw's own listeners bind: the TPROXY listener (TCP and UDP on every
+// address) and, when it runs, the DNS server (UDP and TCP on dns.listen).
+// Either protocol collides, so the inbound's protocols do not matter.
+func (p parser) checkPorts(c *Config, found []inbound) error {
+	for _, in := range found {
+		if in.addr.Port() == c.TProxyPort {
+			return p.errf(in.node, in.key, "%d is also tproxy-port, the port of tpgw's TPROXY listener; give one of them another port", c.TProxyPort)
+		}
+		if c.DNS.Enable && in.addr.Port() == c.DNS.Listen.Port() && overlap(in.addr.Addr(), c.DNS.Listen.Addr()) {
+			return p.errf(in.node, in.key, "%d is also the port of dns.listen (%s), where tpgw's DNS server listens; give one of them another port", in.addr.Port(), c.DNS.Listen)
+		}
+	}
+	return nil
+}
+
+// overlap reports whether sockets bound to a and b on one port collide: one of
+// them takes every address, or both the same one.
+func overlap(a, b netip.Addr) bool {
+	return !a.IsValid() || !b.IsValid() || a.IsUnspecified() || b.IsUnspecified() || a.Unmap() == b.Unmap()
+}

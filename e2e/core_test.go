@@ -405,3 +405,47 @@ listeners:
 	stopTPGW(t, p, syscall.SIGTERM)
 	sameKernelState(t, tp, before, "after SIGTERM")
 }
+
+// TestIPv6Disabled: on a gateway with IPv6 disabled (disable_ipv6=1, a
+// common setting) tpgw used to fail at start: the kernel refuses the IPv6
+// local route on lo ("permission denied"). With IPv6 off on every interface
+// tpgw now intercepts IPv4 only and says so; with it off on lo alone, IPv6
+// flows would pass unproxied, so the start fails, names the setting and
+// changes nothing.
+func TestIPv6Disabled(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig))
+
+	tp.Gateway.SetSysctl(t, "net.ipv6.conf.lo.disable_ipv6", "1")
+	before := testnet.Snapshot(t, tp.Gateway)
+	code, _, stderr := tpgwCmd(t, tp.Gateway, "run", "-c", cfg)
+	for _, w := range []string{"net.ipv6.conf.lo.disable_ipv6=1", "lan0", "wan0", "ipv6: false"} {
+		if code == 0 || !strings.Contains(stderr, w) {
+			t.Errorf("run with IPv6 off on lo only: exit %d, want a failure naming %q:\n%s", code, w, stderr)
+		}
+	}
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state changed by a failed run\n%s", after)
+	}
+
+	for _, k := range []string{"all", "default", "lan0", "wan0"} {
+		tp.Gateway.SetSysctl(t, "net.ipv6.conf."+k+".disable_ipv6", "1")
+	}
+	before = testnet.Snapshot(t, tp.Gateway)
+	p := startTPGW(t, tp, cfg)
+	if err := waitLog(p, "intercepting IPv4 only", 5*time.Second, 50*time.Millisecond); err != nil {
+		t.Errorf("no word of IPv4 only: %v", err)
+	}
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, IPv6 off")
+	if a := digAnswer(t, tp.Client, "@203.0.113.2", "web.test"); !fakeRange.Contains(a) {
+		t.Errorf("dig web.test = %v, want a fake IP", a)
+	}
+	if _, _, ipRules := ourRules(t, tp.Gateway); ipRules != 1 {
+		t.Errorf("%d ip rules of tpgw's, want the IPv4 one", ipRules)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+	sameKernelState(t, tp, before, "after SIGTERM")
+}

@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -50,6 +51,37 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 	return o
 }
 
+// fitIPv6 matches the plan's IPv6 to what the host has. tpgw diverts IPv6
+// flows through a local route on lo, which the kernel refuses while lo has
+// IPv6 disabled: the start failed with "permission denied". With IPv6 off on
+// every interface (a common setting) no IPv6 flow can pass, so tpgw
+// intercepts IPv4 only and says so. With it on elsewhere, IPv6 flows would
+// pass unproxied: the start fails and names the setting.
+func fitIPv6(o *netcfg.Options, log *slog.Logger) error {
+	if !o.IPv6 {
+		return nil
+	}
+	h, err := netcfg.ProbeIPv6()
+	if err != nil {
+		return fmt.Errorf("netcfg: IPv6 settings: %w", err)
+	}
+	switch {
+	case !h.Kernel:
+		log.Info("IPv6: this kernel has none (booted with ipv6.disable=1); intercepting IPv4 only")
+	case !h.LoDisabled:
+		return nil
+	case len(h.Enabled) == 0:
+		log.Info("IPv6 is disabled on every interface (net.ipv6.conf.*.disable_ipv6=1); intercepting IPv4 only")
+	default:
+		return fmt.Errorf("IPv6 is disabled on lo (net.ipv6.conf.lo.disable_ipv6=1) but on for %s: "+
+			"tpgw diverts IPv6 flows through a local route on lo, so they would pass unproxied; "+
+			"set net.ipv6.conf.lo.disable_ipv6=0, or ipv6: false (or tpgw.ipv6: false) to leave IPv6 alone",
+			strings.Join(h.Enabled, ", "))
+	}
+	o.IPv6 = false
+	return nil
+}
+
 // stateDir is where netcfg records the sysctl values it changed, one file
 // per network namespace (sysctls under /proc/sys/net are per namespace, and
 // several gateways may run on one host in different namespaces).
@@ -81,14 +113,18 @@ func runGateway(o cmdOpts) (err error) {
 	if err != nil {
 		return err
 	}
-	plan, err := netcfg.BuildPlan(netcfgOptions(c))
+	log := o.log
+	opts := netcfgOptions(c)
+	if err := fitIPv6(&opts, log); err != nil {
+		return err
+	}
+	plan, err := netcfg.BuildPlan(opts)
 	if err != nil {
 		return err
 	}
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
-	log := o.log
 	backend, why, err := netcfg.ChooseBackend(c.Gateway.Backend, log)
 	if err != nil {
 		return err
@@ -98,7 +134,8 @@ func runGateway(o cmdOpts) (err error) {
 	}
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
-		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf)
+		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf,
+		"ipv6", opts.IPv6)
 
 	// Start-up order: engine, listeners, then kernel rules, so that a failure
 	// before the last step has installed nothing; shutdown is the reverse.
@@ -282,7 +319,11 @@ func (gw *gateway) reload(path string) error {
 		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
 		c.Gateway.Backend, c.Gateway.StateDir, c.Gateway.OnFailure = old.Gateway.Backend, old.Gateway.StateDir, old.Gateway.OnFailure
 	}
-	plan, err := netcfg.BuildPlan(netcfgOptions(c))
+	opts := netcfgOptions(c)
+	if err := fitIPv6(&opts, gw.log); err != nil {
+		return err
+	}
+	plan, err := netcfg.BuildPlan(opts)
 	if err != nil {
 		return err
 	}

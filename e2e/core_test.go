@@ -449,3 +449,27 @@ func TestIPv6Disabled(t *testing.T) {
 	stopTPGW(t, p, syscall.SIGTERM)
 	sameKernelState(t, tp, before, "after SIGTERM")
 }
+
+// TestMissingInterface: tpgw.interfaces naming an interface the gateway does
+// not have (a typo, or one that appears later) is said at check and at start,
+// with the interfaces that are there: the LAN's flows otherwise passed
+// unproxied without a word.
+func TestMissingInterface(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "tpgw:\n  interfaces: [lan1, lan0]\n  state-dir: "+t.TempDir()+"\n"))
+	want := []string{"tpgw.interfaces: not on this host", "missing=lan1 ", "interfaces_here=lan0,wan0"}
+	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
+	for _, w := range want {
+		if code != 0 || !strings.Contains(stderr, w) {
+			t.Errorf("tpgw check: exit %d, want success and a warning with %q:\n%s", code, w, stderr)
+		}
+	}
+	p := startTPGW(t, tp, cfg)
+	for _, w := range want {
+		if !strings.Contains(p.Output(), w) {
+			t.Errorf("run: no warning with %q:\n%s", w, p.Output())
+		}
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+}

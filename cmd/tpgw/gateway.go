@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -82,6 +83,32 @@ func fitIPv6(o *netcfg.Options, log *slog.Logger) error {
 	return nil
 }
 
+// warnMissingInterfaces names the tpgw.interfaces that are not on this host.
+// The rules match interface names, so one that appears later (a bridge, a
+// PPP link, a Wi-Fi device) is intercepted from then on. But a typo let the
+// LAN's flows pass unproxied without a word.
+func warnMissingInterfaces(names []string, log *slog.Logger) {
+	var missing []string
+	for _, name := range names {
+		if _, err := net.InterfaceByName(name); err != nil {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) == 0 {
+		return
+	}
+	var here []string
+	if ifs, err := net.Interfaces(); err == nil {
+		for _, i := range ifs {
+			if i.Flags&net.FlagLoopback == 0 {
+				here = append(here, i.Name)
+			}
+		}
+	}
+	log.Warn("tpgw.interfaces: not on this host (yet); flows arriving on them are intercepted once they exist, "+
+		"flows on other interfaces are not", "missing", strings.Join(missing, ","), "interfaces_here", strings.Join(here, ","))
+}
+
 // stateDir is where netcfg records the sysctl values it changed, one file
 // per network namespace (sysctls under /proc/sys/net are per namespace, and
 // several gateways may run on one host in different namespaces).
@@ -118,6 +145,7 @@ func runGateway(o cmdOpts) (err error) {
 	if err := fitIPv6(&opts, log); err != nil {
 		return err
 	}
+	warnMissingInterfaces(c.Gateway.Interfaces, log)
 	plan, err := netcfg.BuildPlan(opts)
 	if err != nil {
 		return err
@@ -323,6 +351,7 @@ func (gw *gateway) reload(path string) error {
 	if err := fitIPv6(&opts, gw.log); err != nil {
 		return err
 	}
+	warnMissingInterfaces(c.Gateway.Interfaces, gw.log)
 	plan, err := netcfg.BuildPlan(opts)
 	if err != nil {
 		return err
@@ -356,6 +385,7 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
+	warnMissingInterfaces(c.Gateway.Interfaces, o.log)
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)
 	return nil
 }

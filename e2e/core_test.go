@@ -473,3 +473,43 @@ func TestMissingInterface(t *testing.T) {
 	}
 	stopTPGW(t, p, syscall.SIGTERM)
 }
+
+// TestOneGatewayPerNamespace: a second `tpgw run` in the same network
+// namespace fails at once and names the running one, which keeps working;
+// `tpgw cleanup` refuses to pull a running gateway's rules from under it.
+// After a kill -9, a restart right away waits for the dead one's watchdog,
+// which must not remove the new gateway's rules.
+func TestOneGatewayPerNamespace(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	before := testnet.Snapshot(t, tp.Gateway)
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, ""))
+	p := startTPGW(t, tp, cfg)
+	pid := fmt.Sprintf("(pid %d)", p.Cmd.Process.Pid)
+	table, nft, ip := ourRules(t, tp.Gateway)
+
+	for _, args := range [][]string{{"run", "-c", cfg}, {"cleanup", "-c", cfg}} {
+		code, _, stderr := tpgwCmd(t, tp.Gateway, args...)
+		if code == 0 || !strings.Contains(stderr, "running in this network namespace") || !strings.Contains(stderr, pid) {
+			t.Errorf("tpgw %s beside a running gateway: exit %d, want a failure naming %s:\n%s", args[0], code, pid, stderr)
+		}
+		if table2, nft2, ip2 := ourRules(t, tp.Gateway); table2 != table || nft2 != nft || ip2 != ip {
+			t.Fatalf("tpgw %s changed the running gateway's rules: %d/%d nft, %d/%d ip rules", args[0], nft2, nft, ip2, ip)
+		}
+	}
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "the first gateway, still")
+
+	p.Kill()
+	if exited, _ := p.Wait(10 * time.Second); !exited {
+		t.Fatal("tpgw survived SIGKILL")
+	}
+	p = startTPGW(t, tp, cfg)
+	time.Sleep(500 * time.Millisecond) // the dead one's watchdog has long finished
+	if table2, nft2, ip2 := ourRules(t, tp.Gateway); table2 != table || nft2 != nft || ip2 != ip {
+		t.Fatalf("restart after kill -9: %d/%d nft, %d/%d ip rules\n%s", nft2, nft, ip2, ip, table2)
+	}
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "the restarted gateway")
+	stopTPGW(t, p, syscall.SIGTERM)
+	sameKernelState(t, tp, before, "after SIGTERM")
+}

@@ -681,8 +681,11 @@ func runInstalled(t *testing.T, c *ipkContents, version, commit string) string {
 	if err != nil {
 		t.Errorf("tpgw check -c %s: %v\n%s", cfg, err, out)
 	}
-	if bytes.Contains(out, []byte("WARN")) {
-		t.Errorf("tpgw check -c %s warns about the shipped config:\n%s", cfg, out)
+	// The one warning a host other than a router gives: it has no br-lan.
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.Contains(line, "WARN") && !(strings.Contains(line, "tpgw.interfaces: not on this host") && strings.Contains(line, "missing=br-lan ")) {
+			t.Errorf("tpgw check -c %s warns about the shipped config:\n%s", cfg, out)
+		}
 	}
 	return bin
 }

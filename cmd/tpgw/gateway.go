@@ -160,6 +160,11 @@ func runGateway(o cmdOpts) (err error) {
 	if c.Gateway.DNSBypass && backend.Name() != config.BackendNftables {
 		return fmt.Errorf("tpgw.dns-bypass needs the nftables backend, and %s (%s)", backend.Name(), why)
 	}
+	lock, err := holdGateway(log)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
 		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf,
@@ -419,6 +424,9 @@ func rulesBackend(name string) string {
 }
 
 func cleanup(o cmdOpts, stdout io.Writer) error {
+	if err := refuseIfRunning(); err != nil {
+		return err
+	}
 	base := config.DefaultStateDir
 	if o.configPath != "" {
 		c, err := config.Load(o.configPath)

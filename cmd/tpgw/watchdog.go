@@ -94,6 +94,12 @@ func runWatchdog(args []string, stderr io.Writer) error {
 		}
 	}
 	defer unix.Close(pidfd)
+	// Held until the divert rules are gone: a new tpgw waits for it (instance.go).
+	if ln, err := holdSocket(watchdogSocket); err == nil {
+		defer ln.Close()
+	} else {
+		log.Warn("watchdog: instance lock", "err", err)
+	}
 
 	// SIGTERM from tpgw means: clean exit, stand down.
 	term := make(chan os.Signal, 1)

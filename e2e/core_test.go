@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -512,4 +514,47 @@ func TestOneGatewayPerNamespace(t *testing.T) {
 	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "the restarted gateway")
 	stopTPGW(t, p, syscall.SIGTERM)
 	sameKernelState(t, tp, before, "after SIGTERM")
+}
+
+// TestUnprivileged: run and cleanup without root say so before touching
+// anything (they failed at the backend probe with netlink's "operation not
+// permitted").
+func TestUnprivileged(t *testing.T) {
+	requirePeers(t)
+	testenv.RequireTools(t, "setpriv")
+	tp := testnet.New(t)
+	before := testnet.Snapshot(t, tp.Gateway)
+	// The binary and the config where nobody can reach them (t.TempDir's
+	// parent is private; the checkout may be too).
+	dir, err := os.MkdirTemp("", "tpgw-unprivileged-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	bin, cfg := filepath.Join(dir, "tpgw"), filepath.Join(dir, "config.yaml")
+	exe, err := os.ReadFile(tpgwBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []struct {
+		path string
+		data []byte
+		mode os.FileMode
+	}{{bin, exe, 0o755}, {cfg, []byte(baseConfig(t, []string{"MATCH,DIRECT"}, "")), 0o644}} {
+		if err := os.WriteFile(f.path, f.data, f.mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []string{"run", "cleanup"} {
+		_, err := tp.Gateway.Run(t, 20*time.Second, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, cmd, "-c", cfg)
+		if err == nil || !strings.Contains(err.Error(), "not privileged") || !strings.Contains(err.Error(), "CAP_NET_ADMIN") {
+			t.Errorf("tpgw %s as nobody: %v; want a failure saying it needs root or CAP_NET_ADMIN", cmd, err)
+		}
+	}
+	if after := testnet.Snapshot(t, tp.Gateway); after != before {
+		t.Fatalf("kernel state changed by an unprivileged run\n%s", after)
+	}
 }

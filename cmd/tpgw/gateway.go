@@ -140,6 +140,9 @@ func runGateway(o cmdOpts) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := requirePrivileges(); err != nil {
+		return err
+	}
 	log := o.log
 	opts := netcfgOptions(c)
 	if err := fitIPv6(&opts, log); err != nil {
@@ -424,7 +427,14 @@ func rulesBackend(name string) string {
 }
 
 func cleanup(o cmdOpts, stdout io.Writer) error {
+	if err := requirePrivileges(); err != nil {
+		return err
+	}
 	if err := refuseIfRunning(); err != nil {
+		return err
+	}
+	// A watchdog of a tpgw that died removes the divert rules as this does.
+	if err := waitWatchdog(o.log); err != nil {
 		return err
 	}
 	base := config.DefaultStateDir

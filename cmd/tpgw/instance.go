@@ -41,18 +41,44 @@ func holdGateway(log *slog.Logger) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("instance lock %s: %w", gatewaySocket, err)
 	}
-	if holder := holderPID(watchdogSocket); holder != "" {
-		log.Info("waiting for the watchdog of a tpgw that died to finish", "watchdog", holder)
-		deadline := time.Now().Add(watchdogWait)
-		for holderPID(watchdogSocket) != "" {
-			if time.Now().After(deadline) {
-				ln.Close()
-				return nil, fmt.Errorf("the watchdog%s of a tpgw that died is still running after %v", holder, watchdogWait)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+	if err := waitWatchdog(log); err != nil {
+		ln.Close()
+		return nil, err
 	}
 	return ln, nil
+}
+
+// waitWatchdog waits, bounded, for the watchdog of a tpgw that died: it is
+// removing that gateway's divert rules.
+func waitWatchdog(log *slog.Logger) error {
+	holder := holderPID(watchdogSocket)
+	if holder == "" {
+		return nil
+	}
+	log.Info("waiting for the watchdog of a tpgw that died to finish", "watchdog", holder)
+	deadline := time.Now().Add(watchdogWait)
+	for holderPID(watchdogSocket) != "" {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the watchdog%s of a tpgw that died is still running after %v", holder, watchdogWait)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
+}
+
+// requirePrivileges fails early, saying what is missing, when the process
+// cannot change the kernel's network state: the start used to fail at the
+// backend probe with netlink's "operation not permitted".
+func requirePrivileges() error {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return nil // cannot tell; the first privileged step will say
+	}
+	if data[0].Effective&(1<<unix.CAP_NET_ADMIN) == 0 {
+		return errors.New("not privileged: needs root, or the capabilities CAP_NET_ADMIN and CAP_NET_RAW (it changes the kernel's rules, routes and sysctls)")
+	}
+	return nil
 }
 
 // refuseIfRunning fails when a gateway runs in this network namespace: its

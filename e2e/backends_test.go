@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -334,4 +335,78 @@ func firstLine(out string, err error) string {
 		return err.Error()
 	}
 	return ""
+}
+
+// TestRulesPutBack: something else takes tpgw's rules out of the kernel
+// while it runs (nftables.service starts with `flush ruleset`, a firewall
+// reload flushes iptables chains, a network manager deletes ip rules it did
+// not make). The LAN's flows then went out unproxied without a word; tpgw now
+// puts the rules back within seconds and says so.
+func TestRulesPutBack(t *testing.T) {
+	requirePeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			before := testnet.Snapshot(t, tp.Gateway)
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, backend)))
+			p := runTPGW(t, tp, cfg)
+			table, nft, ip := ourRules(t, tp.Gateway)
+			var saved string
+			if backend == "iptables" {
+				saved = tp.Gateway.MustRun(t, "iptables-save", "-t", "mangle")
+			}
+			removals := [][][]string{
+				{{"ip", "-4", "rule", "del", "priority", "9766"}, {"ip", "-6", "rule", "del", "priority", "9766"}},
+				{{"ip", "-4", "route", "flush", "table", "666"}},
+			}
+			if backend == "nftables" {
+				removals = append(removals, [][]string{{"nft", "flush", "ruleset"}})
+			} else {
+				removals = append(removals, [][]string{{"iptables", "-t", "mangle", "-F"}, {"ip6tables", "-t", "mangle", "-F"}})
+			}
+			for _, cmds := range removals {
+				for _, cmd := range cmds {
+					tp.Gateway.MustRun(t, cmd[0], cmd[1:]...)
+				}
+				// The client's flow now leaves the way the kernel forwards it.
+				if got := seenBy(t, tp, "http://203.0.113.2:8080/"); got != "192.168.77.2" && got != "203.0.113.1" {
+					t.Fatalf("after %v: upstream saw %q", cmds, got)
+				}
+				back := waitFor(t, 8*time.Second, func() (string, bool) {
+					table2, nft2, ip2 := ourRules(t, tp.Gateway)
+					same := table2 == table && nft2 == nft && ip2 == ip
+					if backend == "iptables" {
+						same = same && stripIPTCounters(tp.Gateway.MustRun(t, "iptables-save", "-t", "mangle")) == stripIPTCounters(saved)
+					}
+					return "back", same
+				})
+				if back == "" {
+					table2, nft2, ip2 := ourRules(t, tp.Gateway)
+					t.Fatalf("after %v: rules not back within 8s: %d/%d nft, %d/%d ip rules\n%s\n%s\n%s", cmds, nft2, nft, ip2, ip, table2,
+						tp.Gateway.MustRun(t, "iptables-save", "-t", "mangle"), p.Output())
+				}
+				wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", fmt.Sprintf("through tpgw again after %v", cmds))
+			}
+			if err := waitLog(p, "put back", 2*time.Second, 50*time.Millisecond); err != nil {
+				t.Errorf("no word of the rules put back: %v", err)
+			}
+			// What was put back goes at the exit like the rest.
+			stopTPGW(t, p, syscall.SIGTERM)
+			sameKernelState(t, tp, before, "after SIGTERM")
+		})
+	}
+}
+
+// stripIPTCounters drops iptables-save's comment lines and packet counters.
+func stripIPTCounters(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.HasPrefix(l, "#") {
+			continue
+		}
+		out = append(out, regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, ""))
+	}
+	return strings.Join(out, "\n")
 }

@@ -41,6 +41,9 @@ type firewall interface {
 	update(old, p *Plan) error
 	// remove deletes everything of ours, found in the kernel.
 	remove() error
+	// state is a fingerprint of ours in the kernel, to notice when
+	// something else changed it (verify.go).
+	state() (string, error)
 }
 
 type nftBackend struct {
@@ -126,8 +129,9 @@ type Installed struct {
 	log      *slog.Logger
 	stateDir string
 	fw       firewall
-	plan     *Plan // what is installed now (Update replaces it)
-	fwIn     bool  // the firewall part is in the kernel
+	plan     *Plan  // what is installed now (Update replaces it)
+	fwIn     bool   // the firewall part is in the kernel
+	fwState  string // fw.state() once installed (Verify compares)
 	rules    []*netlink.Rule
 	routes   []*netlink.Route
 	sysctls  []sysctlChange
@@ -175,6 +179,9 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 		return nil, err
 	}
 	inst.fwIn = true
+	if inst.fwState, err = fw.state(); err != nil {
+		return nil, err
+	}
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 
 	// 2. Policy routing: marked packets look up our table, which delivers every address locally.
@@ -272,6 +279,10 @@ func (i *Installed) Update(p *Plan) error {
 		return fmt.Errorf("netcfg: update %s rules: %w", i.fw.name(), err)
 	}
 	i.plan = p
+	var err error
+	if i.fwState, err = i.fw.state(); err != nil {
+		return err
+	}
 	if !slices.Equal(old.IPRules, p.IPRules) || !slices.Equal(old.Routes, p.Routes) {
 		if err := i.removeRouting(); err != nil {
 			return fmt.Errorf("netcfg: update: %w", err)

@@ -133,6 +133,7 @@ type gateway struct {
 	bypass    *dns.Bypass // nil unless tpgw.dns-bypass
 	dns       *dns.Server // nil unless the mihomo dns block is enabled
 	log       *slog.Logger
+	verifyErr string // the last error of verifyRules, logged once
 }
 
 func runGateway(o cmdOpts) (err error) {
@@ -289,8 +290,12 @@ func runGateway(o cmdOpts) (err error) {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
+	verify := time.NewTicker(verifyEvery(backend.Name()))
+	defer verify.Stop()
 	for {
 		select {
+		case <-verify.C:
+			gw.verifyRules()
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
 				_ = gw.reloadLogged(o.configPath, "SIGHUP")
@@ -303,6 +308,35 @@ func runGateway(o cmdOpts) (err error) {
 		case err := <-serveErr:
 			return err
 		}
+	}
+}
+
+// verifyEvery is how often the kernel rules are checked: a flush of the
+// ruleset by something else (a firewall restart) lets the LAN's flows out
+// unproxied until then. nftables is read over netlink; iptables costs two
+// iptables-save runs per family.
+func verifyEvery(backend string) time.Duration {
+	if backend == config.BackendIPTables {
+		return 5 * time.Second
+	}
+	return 2 * time.Second
+}
+
+// verifyRules puts back kernel rules that something else removed, and says so.
+func (gw *gateway) verifyRules() {
+	restored, err := gw.installed.Verify()
+	if err != nil {
+		if msg := err.Error(); msg != gw.verifyErr {
+			gw.log.Error("checking the kernel rules", "err", err)
+			gw.verifyErr = msg
+		}
+		return
+	}
+	gw.verifyErr = ""
+	if len(restored) > 0 {
+		gw.log.Warn("kernel rules were removed by something else (a firewall restart?); put back", "restored", strings.Join(restored, ", "))
+		// The dns-bypass sets came back empty; answers cached for them must go too.
+		gw.decisionsChanged("kernel rules put back")
 	}
 }
 

@@ -7,6 +7,8 @@ import (
 	"net"
 	"syscall"
 	"time"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // TCP timeouts: an idle connection (no next query) is closed after
@@ -21,6 +23,7 @@ const (
 // connections carry the original destination as their local address, so
 // replies need nothing special.
 func (s *Server) serveTCP() error {
+	var backoff tsock.AcceptBackoff
 	for {
 		c, err := s.tcp.Accept()
 		if err != nil {
@@ -31,12 +34,14 @@ func (s *Server) serveTCP() error {
 			if errors.As(err, &ne) && ne.Timeout() ||
 				errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
 				errors.Is(err, syscall.ECONNABORTED) {
-				s.log.Warn("tcp accept", "err", err)
-				time.Sleep(50 * time.Millisecond)
+				if warn, n := backoff.Failed(); warn {
+					s.log.Warn("tcp accept", "err", err, "failed_accepts", n)
+				}
 				continue
 			}
 			return err
 		}
+		backoff.Succeeded()
 		if !s.trackConn(c) {
 			c.Close()
 			continue

@@ -21,13 +21,21 @@ import (
 // maxInFlight at once.
 func (s *Server) serveUDP() error {
 	br, err := tsock.NewBatchReader(s.udp, udpBatch, maxUDPQuery, 128)
-	if err != nil {
-		return fmt.Errorf("dns: udp: %w", err)
+	if err == nil {
+		var rb *replyBatch
+		if rb, err = s.newReplyBatch(); err == nil {
+			return s.readUDP(br, rb)
+		}
 	}
-	rb, err := s.newReplyBatch()
-	if err != nil {
-		return fmt.Errorf("dns: udp: %w", err)
+	// A Close before the reader was made (it reaches the socket) is no error.
+	if s.isClosed() || errors.Is(err, net.ErrClosed) {
+		return nil
 	}
+	return fmt.Errorf("dns: udp: %w", err)
+}
+
+// readUDP is serveUDP's loop.
+func (s *Server) readUDP(br *tsock.BatchReader, rb *replyBatch) error {
 	for {
 		msgs, err := br.Read()
 		if err != nil {

@@ -60,6 +60,7 @@ func (l *TCPListener) Addr() netip.AddrPort {
 
 // Serve accepts until Close. It returns nil after Close.
 func (l *TCPListener) Serve() error {
+	var backoff tsock.AcceptBackoff
 	for {
 		c, err := l.ln.Accept()
 		if err != nil {
@@ -74,11 +75,14 @@ func (l *TCPListener) Serve() error {
 				continue
 			}
 			if errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
-				l.log.Warn("accept: out of file descriptors", "err", err)
+				if warn, n := backoff.Failed(); warn {
+					l.log.Warn("accept: out of file descriptors; new connections wait", "err", err, "failed_accepts", n)
+				}
 				continue
 			}
 			return fmt.Errorf("relay: accept: %w", err)
 		}
+		backoff.Succeeded()
 		if !l.track(c) {
 			c.Close()
 			return nil

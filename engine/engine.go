@@ -215,10 +215,11 @@ func rawConfig(raw []byte, routingMark uint32) (rc *config.RawConfig, ignored []
 	rc.TProxyPort = 0
 	rc.DNS.Listen = ""
 	rc.IPTables.Enable = false
-	// mihomo's TUN (tun.enable, on in many desktop configs, or a listener of
-	// type tun) would take the gateway's routing over beside tpgw's TPROXY: with auto-route its policy rules
-	// send every packet into its device, and the clients' flows went
-	// nowhere (TestTunIgnored). tpgw is the interception here.
+	// mihomo's TUN (tun.enable, on in many desktop configs, or a listener
+	// of type tun) would take the gateway's routing over beside tpgw's
+	// TPROXY: its auto-route policy rules send every packet into its device,
+	// and the clients' flows went nowhere (TestTunIgnored). tpgw is the
+	// interception here.
 	if rc.Tun.Enable {
 		rc.Tun.Enable = false
 		ignored = append(ignored, "tun.enable")

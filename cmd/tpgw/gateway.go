@@ -145,6 +145,12 @@ func runGateway(o cmdOpts) (err error) {
 		return err
 	}
 	log := o.log
+	// Before anything that touches the kernel, even the backend probe.
+	lock, err := holdGateway(log)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	opts := netcfgOptions(c)
 	if err := fitIPv6(&opts, log); err != nil {
 		return err
@@ -164,11 +170,6 @@ func runGateway(o cmdOpts) (err error) {
 	if c.Gateway.DNSBypass && backend.Name() != config.BackendNftables {
 		return fmt.Errorf("tpgw.dns-bypass needs the nftables backend, and %s (%s)", backend.Name(), why)
 	}
-	lock, err := holdGateway(log)
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
 		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf,

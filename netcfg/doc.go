@@ -181,6 +181,15 @@
 // net.ipv6.conf.all.forwarding also sets every interface's forwarding; the
 // old value of "all" is restored, not each interface's.
 //
+// # When something else removes them (verify.go)
+//
+// Installed.Verify compares a fingerprint of our table (each chain with its
+// hook and rule count) or of our iptables chains and jumps (from
+// iptables-save) with the one taken at Apply and Update, and counts our ip
+// rules and routes. What is missing (after `nft flush ruleset`, a flushed
+// chain, an ip rule deleted by a network manager) is put back as Update puts
+// a plan in. tpgw runs it every 2 s (iptables: 5 s).
+//
 // # Network namespaces
 //
 // Every call acts on the network namespace of the calling OS thread

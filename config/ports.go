@@ -117,5 +117,5 @@ func (p parser) checkPorts(c *Config, found []inbound) error {
 // overlap reports whether sockets bound to a and b on one port collide: one of
 // them takes every address, or both the same one.
 func overlap(a, b netip.Addr) bool {
-	return !a.IsValid() || !b.IsValid() || a.IsUnspecified() || b.IsUnspecified() || a.Unmap() == b.Unmap()
+	return a.IsUnspecified() || b.IsUnspecified() || a.Unmap() == b.Unmap()
 }

@@ -54,25 +54,24 @@ func (nftFirewall) state() (string, error) {
 
 var iptCounters = regexp.MustCompile(`\[\d+:\d+\]`)
 
-// state is a fingerprint of our chains and the jumps to them, from
-// iptables-save (one command per family).
+// state is a fingerprint of our chains and the jumps to them, each line with
+// its table, from one iptables-save per family.
 func (w *iptFirewall) state() (string, error) {
 	var lines []string
 	for _, f := range []Family{IPv4, IPv6} {
 		if w.ipt[f] == nil {
 			continue
 		}
-		out, err := exec.Command(iptCommand(f)+"-save", "-t", "mangle").Output()
+		out, err := exec.Command(iptCommand(f) + "-save").Output()
 		if err != nil {
 			return "", fmt.Errorf("netcfg: %s-save: %w", iptCommand(f), err)
 		}
-		more, err := exec.Command(iptCommand(f)+"-save", "-t", "filter").Output()
-		if err != nil {
-			return "", fmt.Errorf("netcfg: %s-save: %w", iptCommand(f), err)
-		}
-		for _, l := range strings.Split(string(out)+string(more), "\n") {
-			if strings.Contains(l, iptPrefix) {
-				lines = append(lines, iptCommand(f)+" "+iptCounters.ReplaceAllString(l, ""))
+		table := ""
+		for _, l := range strings.Split(string(out), "\n") {
+			if t, ok := strings.CutPrefix(l, "*"); ok {
+				table = t
+			} else if strings.Contains(l, iptPrefix) {
+				lines = append(lines, iptCommand(f)+" "+table+" "+iptCounters.ReplaceAllString(l, ""))
 			}
 		}
 	}

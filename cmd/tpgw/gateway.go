@@ -52,6 +52,18 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 	return o
 }
 
+// hostPlan is the plan to install on this host, for a start or a reload:
+// the config's, with IPv6 as the host has it (fitIPv6), after a warning about
+// interfaces the host lacks.
+func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
+	opts := netcfgOptions(c)
+	if err := fitIPv6(&opts, log); err != nil {
+		return nil, err
+	}
+	warnMissingInterfaces(c.Gateway.Interfaces, log)
+	return netcfg.BuildPlan(opts)
+}
+
 // fitIPv6 matches the plan's IPv6 to what the host has. tpgw diverts IPv6
 // flows through a local route on lo, which the kernel refuses while lo has
 // IPv6 disabled: the start failed with "permission denied". With IPv6 off on
@@ -151,12 +163,7 @@ func runGateway(o cmdOpts) (err error) {
 		return err
 	}
 	defer lock.Close()
-	opts := netcfgOptions(c)
-	if err := fitIPv6(&opts, log); err != nil {
-		return err
-	}
-	warnMissingInterfaces(c.Gateway.Interfaces, log)
-	plan, err := netcfg.BuildPlan(opts)
+	plan, err := hostPlan(c, log)
 	if err != nil {
 		return err
 	}
@@ -173,7 +180,7 @@ func runGateway(o cmdOpts) (err error) {
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
 		"tproxy_port", c.TProxyPort, "mark", c.Gateway.Mark, "table", c.Gateway.Table, "proxy_self", c.Gateway.ProxySelf,
-		"ipv6", opts.IPv6)
+		"ipv6", plan.Options.IPv6)
 
 	// Start-up order: engine, listeners, then kernel rules, so that a failure
 	// before the last step has installed nothing; shutdown is the reverse.
@@ -314,8 +321,8 @@ func runGateway(o cmdOpts) (err error) {
 
 // verifyEvery is how often the kernel rules are checked: a flush of the
 // ruleset by something else (a firewall restart) lets the LAN's flows out
-// unproxied until then. nftables is read over netlink; iptables costs two
-// iptables-save runs per family.
+// unproxied until then. nftables is read over netlink; iptables costs one
+// iptables-save run per family.
 func verifyEvery(backend string) time.Duration {
 	if backend == config.BackendIPTables {
 		return 5 * time.Second
@@ -390,12 +397,7 @@ func (gw *gateway) reload(path string) error {
 		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
 		c.Gateway.Backend, c.Gateway.StateDir, c.Gateway.OnFailure = old.Gateway.Backend, old.Gateway.StateDir, old.Gateway.OnFailure
 	}
-	opts := netcfgOptions(c)
-	if err := fitIPv6(&opts, gw.log); err != nil {
-		return err
-	}
-	warnMissingInterfaces(c.Gateway.Interfaces, gw.log)
-	plan, err := netcfg.BuildPlan(opts)
+	plan, err := hostPlan(c, gw.log)
 	if err != nil {
 		return err
 	}

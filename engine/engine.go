@@ -85,7 +85,7 @@ func Check(raw []byte, homeDir string) error {
 	rc.Profile.StoreFakeIP = false
 	rc.Profile.StoreSelected = false
 	if _, err := config.ParseRawConfig(rc); err != nil {
-		return fmt.Errorf("mihomo config: %w", err)
+		return parseError(err)
 	}
 	return nil
 }
@@ -144,7 +144,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
-		return fail(fmt.Errorf("mihomo config: %w", err))
+		return fail(parseError(err))
 	}
 	e.stateDir = opts.StateDir
 	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
@@ -175,7 +175,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	}
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
-		return fmt.Errorf("mihomo config: %w", err)
+		return parseError(err)
 	}
 	built := positions(fakeIPPools(cfg))
 	// A reload keeps the external-controller's server unless its settings

@@ -42,7 +42,7 @@ func ExplainFlow(raw []byte, homeDir string, network string, src netip.AddrPort,
 	rc.Profile.StoreSelected = false
 	cfg, err := config.ParseRawConfig(rc)
 	if err != nil {
-		return Decision{}, fmt.Errorf("mihomo config: %w", err)
+		return Decision{}, parseError(err)
 	}
 	md := &C.Metadata{
 		Type:    C.TPROXY,

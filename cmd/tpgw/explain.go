@@ -30,7 +30,7 @@ func parseExplainArgs(args []string) (explainArgs, error) {
 	in := fs.String("in", "", "input interface")
 	host := fs.String("host", "", "domain name of the destination")
 	if err := fs.Parse(args); err != nil {
-		return explainArgs{}, fmt.Errorf("%w: %v", errUsage, err)
+		return explainArgs{}, parseError("explain", err)
 	}
 	usageErr := func(format string, a ...any) (explainArgs, error) {
 		return explainArgs{}, fmt.Errorf("%w: "+format, append([]any{errUsage}, a...)...)

@@ -43,6 +43,60 @@ func main() {
 // errUsage marks command-line mistakes (exit code 2).
 var errUsage = errors.New("usage")
 
+// errHelp is returned for -h or --help after a command: its usage goes to
+// stdout and tpgw exits 0.
+var errHelp = errors.New("help requested")
+
+// commandUsage is the help of each command (tpgw CMD -h).
+var commandUsage = map[string]string{
+	"run": `Usage: tpgw run -c FILE [-v]
+Runs the gateway: installs the kernel rules, serves the TPROXY relay and the
+fake-ip DNS, and removes every rule, route and sysctl change on exit
+(SIGTERM, SIGINT). SIGHUP reloads FILE without dropping established flows.
+
+Flags:
+  -c FILE   config file (a mihomo config with a tpgw: section)
+  -v        debug logging
+`,
+	"check": `Usage: tpgw check -c FILE [-v]
+Validates FILE (its mihomo part and its tpgw: section) and exits: 0 if tpgw
+would start with it, 1 with the key and line of the first problem.
+
+Flags:
+  -c FILE   config file (a mihomo config with a tpgw: section)
+  -v        debug logging
+`,
+	"rules": `Usage: tpgw rules -c FILE [-v]
+Prints the kernel rules, ip rules, routes and sysctls tpgw would install for
+FILE on this host. Changes nothing.
+
+Flags:
+  -c FILE   config file (a mihomo config with a tpgw: section)
+  -v        debug logging
+`,
+	"cleanup": `Usage: tpgw cleanup [-c FILE] [-v]
+Removes the rules, routes and sysctl changes a crashed run left behind
+(tpgw run does this itself at start). Refused while tpgw runs.
+
+Flags:
+  -c FILE   the config the crashed run used, for its tpgw.state-dir (without
+            -c: /run/tpgw)
+  -v        debug logging
+`,
+	"explain": `Usage: tpgw explain -c FILE --src ADDR[:PORT] --dst ADDR:PORT [--proto tcp|udp] [--in IFACE] [--host NAME]
+Tells what happens to such a flow: which kernel rule takes it, and which
+mihomo rule and outbound it meets. Changes nothing.
+
+Flags:
+  -c FILE          config file
+  --src ADDR       the flow's source (a LAN client), optionally with :PORT
+  --dst ADDR:PORT  the flow's destination
+  --proto          tcp (default) or udp
+  --in IFACE       the interface the flow comes in on
+  --host NAME      the domain name behind --dst (as after a fake-ip lookup)
+`,
+}
+
 func realMain(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
@@ -75,6 +129,10 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if err != nil {
+		if errors.Is(err, errHelp) {
+			fmt.Fprint(stdout, commandUsage[cmd])
+			return 0
+		}
 		if errors.Is(err, errUsage) {
 			fmt.Fprintf(stderr, "tpgw %s: %s\n", cmd, strings.TrimPrefix(err.Error(), "usage: "))
 			return 2
@@ -96,7 +154,7 @@ func withConfig(cmd string, args []string, stderr io.Writer, need bool, fn func(
 	cfgPath := fs.String("c", "", "config file")
 	verbose := fs.Bool("v", false, "debug logging")
 	if err := fs.Parse(args); err != nil {
-		return fmt.Errorf("%w: %v", errUsage, err)
+		return parseError(cmd, err)
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
@@ -110,6 +168,14 @@ func withConfig(cmd string, args []string, stderr io.Writer, need bool, fn func(
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	return fn(cmdOpts{configPath: *cfgPath, log: log})
+}
+
+// parseError is the error for a command line that cmd's flags refused.
+func parseError(cmd string, err error) error {
+	if errors.Is(err, flag.ErrHelp) {
+		return errHelp
+	}
+	return fmt.Errorf("%w: %v (tpgw %s -h shows the flags)", errUsage, err, cmd)
 }
 
 func oneLine(s string) string {

@@ -234,7 +234,7 @@ func checkBackendInKernel(t testing.TB, tp *testnet.Topology, backend string) {
 	}
 	var iptChains []string
 	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
-		out, err := tp.Gateway.Run(t, 10*time.Second, tool, "-t", "mangle")
+		out, err := tp.Gateway.Run(t, 10*time.Second, tool)
 		if err != nil && backend == "iptables" {
 			t.Fatal(err)
 		}
@@ -409,4 +409,94 @@ func stripIPTCounters(s string) string {
 		out = append(out, regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(l, ""))
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestHostFirewallDeniesInput: on a host whose firewall denies incoming
+// packets in the iptables INPUT chain (ufw's default: established, lo and
+// ICMPv6 allowed, policy DROP), the flows tpgw diverts are delivered locally
+// as new connections and met that policy: the LAN reached nothing. Both
+// backends accept them first (with nftables, in an opening in the iptables
+// chain), only them: the TPROXY port stays closed to the WAN. The nftables
+// backend's opening is put back when something removes it, and every
+// change is gone after SIGTERM.
+func TestHostFirewallDeniesInput(t *testing.T) {
+	requireDNSPeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, "iptables") // the host firewall, with either backend
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			tp.StartUDPEcho(t, 7000)
+			tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+			for _, cmd := range []string{"iptables", "ip6tables"} {
+				tp.Gateway.MustRun(t, cmd, "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+				tp.Gateway.MustRun(t, cmd, "-A", "INPUT", "-i", "lo", "-j", "ACCEPT")
+				tp.Gateway.MustRun(t, cmd, "-P", "INPUT", "DROP")
+			}
+			tp.Gateway.MustRun(t, "ip6tables", "-I", "INPUT", "-p", "ipv6-icmp", "-j", "ACCEPT")
+			before := testnet.Snapshot(t, tp.Gateway)
+
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig+tpgwSection(t, backend)))
+			p := runTPGW(t, tp, cfg)
+			for _, cmd := range []string{"iptables", "ip6tables"} {
+				rules := strings.Split(tp.Gateway.MustRun(t, cmd, "-S", "INPUT"), "\n")
+				if len(rules) < 2 || !strings.HasSuffix(rules[1], "-j TPGW_IN") {
+					t.Errorf("%s -S INPUT: the first rule is not the jump to TPGW_IN:\n%s", cmd, strings.Join(rules, "\n"))
+				}
+			}
+			if backend == "nftables" && !strings.Contains(p.Output(), "the packets tpgw diverts are accepted there first") {
+				t.Errorf("no log line about the opening:\n%s", p.Output())
+			}
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw")
+			wantSeen(t, tp, "http://[2001:db8:1::2]:8080/", "2001:db8:1::1", "IPv6 DIRECT through tpgw")
+			if got := udpEcho(t, tp.Client, netip.MustParseAddrPort("203.0.113.2:7000"), 20); got < 19 {
+				t.Errorf("UDP echo: %d of 20 echoed through tpgw", got)
+			}
+			if a := digOne(t, tp, "@203.0.113.2", "web.test"); !fakeRange.Contains(a) {
+				t.Errorf("dig web.test = %s, want a fake IP in %s", a, fakeRange)
+			}
+			if out, err := tp.Upstream.Run(t, 5*time.Second, "curl", "-sS", "--max-time", "2", "http://203.0.113.1:7893/"); err == nil {
+				t.Errorf("the TPROXY port answered the WAN: %s", out)
+			}
+
+			if backend == "nftables" {
+				// Something else (ufw reload, a script) removes the opening:
+				// tpgw's check every 2 s puts it back.
+				tp.Gateway.MustRun(t, "iptables", "-D", "INPUT", "-m", "comment", "--comment", "tpgw", "-j", "TPGW_IN")
+				deadline := time.Now().Add(8 * time.Second)
+				for !strings.Contains(tp.Gateway.MustRun(t, "iptables", "-S", "INPUT"), "-j TPGW_IN") {
+					if time.Now().After(deadline) {
+						t.Fatalf("the opening was not put back within 8 s:\n%s", p.Output())
+					}
+					time.Sleep(200 * time.Millisecond)
+				}
+				wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, opening put back")
+			}
+			stopTPGW(t, p, syscall.SIGTERM)
+			sameKernelState(t, tp, before, "after SIGTERM")
+		})
+	}
+	// A firewall written in nftables cannot be opened from tpgw's table:
+	// the start warns, naming the chain and the rule to add, and that rule
+	// is enough.
+	t.Run("nft policy drop", func(t *testing.T) {
+		tp := testnet.New(t)
+		tp.StartHTTPServer(t, httpPort)
+		tp.Gateway.MustRun(t, "nft", "add table inet hostfw")
+		tp.Gateway.MustRun(t, "nft", "add chain inet hostfw input { type filter hook input priority 0; policy drop; }")
+		tp.Gateway.MustRun(t, "nft", "add rule inet hostfw input ct state established,related accept")
+		tp.Gateway.MustRun(t, "nft", "add rule inet hostfw input iifname lo accept")
+		cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables")))
+		p := runTPGW(t, tp, cfg)
+		want := `chain="inet hostfw input" add_to_it="meta mark 0x29a accept"`
+		if !strings.Contains(p.Output(), want) {
+			t.Fatalf("no warning with %s:\n%s", want, p.Output())
+		}
+		if out, err := tp.Client.Run(t, 10*time.Second, "curl", "-sS", "--max-time", "2", "--noproxy", "*", "http://203.0.113.2:8080/"); err == nil {
+			t.Fatalf("reached the upstream through a firewall that drops the diverted packets: %s", out)
+		}
+		tp.Gateway.MustRun(t, "nft", "insert rule inet hostfw input meta mark 0x29a accept")
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, with the rule the warning named")
+		stopTPGW(t, p, syscall.SIGTERM)
+	})
 }

@@ -65,7 +65,7 @@ func NewNftables(log *slog.Logger) Backend {
 func (b *nftBackend) Name() string { return "nftables" }
 
 func (b *nftBackend) Apply(p *Plan, stateDir string) (*Installed, error) {
-	return applyPlan(b.log, nftFirewall{}, b.beforeStep, p, stateDir)
+	return applyPlan(b.log, &nftFirewall{log: b.log}, b.beforeStep, p, stateDir)
 }
 
 type iptBackend struct {
@@ -182,6 +182,7 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 	if inst.fwState, err = fw.state(); err != nil {
 		return nil, err
 	}
+	warnInputDrop(log, p.Options.Mark)
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 
 	// 2. Policy routing: marked packets look up our table, which delivers every address locally.

@@ -50,7 +50,12 @@
 // port is dropped unless diverted, from lo, or from the LAN (as in
 // prerouting 5), so LAN clients may still query it directly. A tproxied
 // packet keeps its original destination port, so it only meets these rules
-// when someone really connects to the port itself.
+// when someone really connects to the port itself. Diverted packets are
+// accepted, ahead of a host firewall that denies incoming connections in
+// iptables' INPUT (ufw): with the nftables backend through an opening in
+// that chain, since one nft table cannot overrule another; an nftables
+// chain of the host with policy drop gets a warning naming the rule to add
+// (hostinput.go).
 //
 // tproxy assigns the packet to our listening socket without rewriting it and
 // sets the fwmark; the ip rule "fwmark Mark lookup Table" sends the packet to
@@ -186,9 +191,10 @@
 // Installed.Verify compares a fingerprint of our table (each chain with its
 // hook and rule count) or of our iptables chains and jumps (from
 // iptables-save) with the one taken at Apply and Update, and counts our ip
-// rules and routes. What is missing (after `nft flush ruleset`, a flushed
-// chain, an ip rule deleted by a network manager) is put back as Update puts
-// a plan in. tpgw runs it every 2 s (iptables: 5 s).
+// rules and routes, and, with nftables, whether an opening in the host's
+// iptables INPUT is as installed. What is missing (after `nft flush
+// ruleset`, a flushed chain, an ip rule deleted by a network manager) is put
+// back as Update puts a plan in. tpgw runs it every 2 s (iptables: 5 s).
 //
 // # Network namespaces
 //

@@ -1,9 +1,12 @@
 package netcfg
 
 import (
+	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 
+	"github.com/coreos/go-iptables/iptables"
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -339,12 +342,17 @@ func deleteNftTable() (bool, error) {
 	return true, nil
 }
 
-// nftFirewall installs the plan as the table inet tpgw.
-type nftFirewall struct{}
+// nftFirewall installs the plan as the table inet tpgw, and the opening in
+// the host's iptables INPUT chain where one is needed (hostinput.go).
+type nftFirewall struct {
+	log     *slog.Logger
+	hostIPT map[Family]*iptables.IPTables
+	opened  map[Family][]string // the openings made, with their lines as installed
+}
 
-func (nftFirewall) name() string { return "nftables" }
+func (*nftFirewall) name() string { return "nftables" }
 
-func (nftFirewall) install(p *Plan) error {
+func (w *nftFirewall) install(p *Plan) error {
 	conn, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("netcfg: open nftables netlink: %w", err)
@@ -355,12 +363,12 @@ func (nftFirewall) install(p *Plan) error {
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("netcfg: add nft table inet %s: %w", p.Table, err)
 	}
-	return nil
+	return w.syncHostInput(p)
 }
 
 // update deletes the old table and adds the new one in one batch: the kernel
 // swaps them in one transaction, so every packet sees one ruleset or the other.
-func (nftFirewall) update(_, p *Plan) error {
+func (w *nftFirewall) update(_, p *Plan) error {
 	conn, err := nftables.New()
 	if err != nil {
 		return fmt.Errorf("netcfg: open nftables netlink: %w", err)
@@ -378,12 +386,12 @@ func (nftFirewall) update(_, p *Plan) error {
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("netcfg: replace nft table inet %s: %w", p.Table, err)
 	}
-	return nil
+	return w.syncHostInput(p)
 }
 
-func (nftFirewall) remove() error {
+func (w *nftFirewall) remove() error {
 	_, err := deleteNftTable()
-	return err
+	return errors.Join(err, w.closeHostInput())
 }
 
 // removeNftDivert deletes the rules of our table that jump to a divert chain.

@@ -686,9 +686,14 @@ func BuildPlan(o Options) (*Plan, error) {
 	// input: the TPROXY port only takes diverted packets (they carry the mark);
 	// the DNS port also answers the LAN and the gateway itself. Anything else
 	// from outside would use tpgw as an open proxy or resolver.
+	// Diverted packets are accepted: with iptables that is final for the
+	// filter table's INPUT, whose first rule jumps here, so a host firewall
+	// that denies incoming packets there (ufw, firewalld's iptables backend)
+	// does not drop the flows tpgw was told to take. With nftables the same
+	// is done by hostInputOpening (hostinput.go).
 	in := Chain{Name: ChainInput, Hook: HookInput, Type: "filter", Priority: "filter"}
 	add(&in, "from the gateway itself", ret, lo)
-	add(&in, "diverted by tpgw", ret, MatchMark{Mark: o.Mark})
+	add(&in, divertedComment, Action{Verdict: VerdictAccept}, MatchMark{Mark: o.Mark})
 	add(&in, "TPROXY port, not diverted", drop, tcpUDP, MatchDstPort{Port: o.TProxyPort})
 	if o.DNSPort != 0 {
 		fromLAN(&in, "from the LAN", ret)
@@ -779,6 +784,13 @@ func (p *Plan) Render(backend string) string {
 	} else {
 		b.WriteString("# nftables (nft -f)\n")
 		b.WriteString(p.NftRuleset())
+		b.WriteString("\n# only where the host's iptables filter INPUT chain filters (policy not ACCEPT, or rules:\n" +
+			"# ufw, firewalld's iptables backend), the packets tpgw diverts are accepted there first\n")
+		for l := range strings.Lines(hostInputPlan(p).IPTablesScript()) {
+			if !strings.HasPrefix(l, "#") && strings.TrimSpace(l) != "" {
+				b.WriteString(l)
+			}
+		}
 	}
 	b.WriteString("\n# policy routing: packets marked by tproxy are delivered locally\n")
 	for _, r := range p.IPRules {

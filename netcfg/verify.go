@@ -20,7 +20,7 @@ import (
 // state is a fingerprint of our table in the kernel: each chain with its
 // hook and number of rules ("" when the table is gone). Set elements are
 // left out: dns-bypass adds and expires them as it runs.
-func (nftFirewall) state() (string, error) {
+func (w *nftFirewall) state() (string, error) {
 	conn, err := nftables.New()
 	if err != nil {
 		return "", fmt.Errorf("netcfg: open nftables netlink: %w", err)
@@ -49,6 +49,7 @@ func (nftFirewall) state() (string, error) {
 		lines = append(lines, fmt.Sprintf("%s hook %s: %d rules", c.Name, hook, len(rules)))
 	}
 	slices.Sort(lines)
+	lines = append(lines, w.hostInputState()...)
 	return strings.Join(lines, "\n"), nil
 }
 

@@ -1,0 +1,238 @@
+package netcfg
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"slices"
+	"strings"
+
+	"github.com/coreos/go-iptables/iptables"
+	"github.com/google/nftables"
+)
+
+// divertedComment is the comment of the input rule that accepts the packets
+// tpgw diverted to itself.
+const divertedComment = "diverted by tpgw"
+
+// A diverted packet is addressed to a host beyond the gateway but delivered
+// locally, so it passes the input hook, as a new connection. A host firewall
+// that denies incoming packets there would drop every flow tpgw was told to
+// take, and the LAN would reach nothing while tpgw runs.
+//
+// With the iptables backend tpgw's input chain is jumped to from the first
+// rule of the filter table's INPUT and accepts the diverted packets, which
+// is final for that table (ufw, firewalld's iptables backend and hand-made
+// rules live there).
+//
+// With nftables, tpgw's table cannot overrule another: a packet accepted in
+// one base chain still meets every other base chain on the hook, and a drop
+// in any of them is final. So where the iptables filter INPUT chain filters
+// (a policy other than ACCEPT, or any rule: iptables-nft keeps it in table
+// ip filter, beside ours), tpgw also puts the iptables backend's input chain
+// there, reduced to its accept rule: chain TPGW_IN, `-m mark --mark MARK -j
+// ACCEPT`, jumped to from INPUT's first rule. Only packets that tpgw's
+// prerouting rules marked for its listeners carry the mark. Remove and
+// Cleanup take it out with the iptables backend's chains; Verify puts it
+// back. A firewall written in nftables itself (firewalld's nftables backend,
+// an /etc/nftables.conf with policy drop) cannot be opened from another
+// table: it must accept `meta mark MARK` itself (doc.go).
+
+// hostInputPlan is the opening as a plan of its own: p's input chain with
+// its accept rule alone.
+func hostInputPlan(p *Plan) *Plan {
+	o := p.Options
+	o.DNSBypass = false // its sets stay in nftables
+	op := &Plan{Table: p.Table, Options: o}
+	for _, c := range p.Chains {
+		if c.Name != ChainInput {
+			continue
+		}
+		in := Chain{Name: c.Name, Hook: c.Hook, Type: c.Type, Priority: c.Priority}
+		for _, r := range c.Rules {
+			if r.Comment == divertedComment {
+				in.Rules = append(in.Rules, r)
+			}
+		}
+		op.Chains = append(op.Chains, in)
+	}
+	return op
+}
+
+// hostInputFilters says how the filter table's INPUT chain would stop the
+// diverted packets ("" when it would not): its policy, and how many rules it
+// has besides a jump to ours.
+func hostInputFilters(ipt *iptables.IPTables) (string, error) {
+	lines, err := ipt.List("filter", "INPUT")
+	if err != nil {
+		return "", err
+	}
+	policy, rules := "ACCEPT", 0
+	for _, l := range lines {
+		if p, ok := strings.CutPrefix(l, "-P INPUT "); ok {
+			policy = strings.TrimSpace(p)
+		} else if strings.HasPrefix(l, "-A INPUT") && !strings.HasPrefix(ruleTarget(l), iptPrefix) {
+			rules++
+		}
+	}
+	if policy == "ACCEPT" && rules == 0 {
+		return "", nil
+	}
+	return fmt.Sprintf("policy %s, %d rules", policy, rules), nil
+}
+
+// syncHostInput opens the host's iptables INPUT chain for the diverted
+// packets of each family p intercepts where that chain filters, and closes
+// openings no longer needed. Without an iptables command there is no such
+// chain to open.
+func (w *nftFirewall) syncHostInput(p *Plan) error {
+	op := hostInputPlan(p)
+	var errs []error
+	for _, f := range []Family{IPv4, IPv6} {
+		if _, err := exec.LookPath(iptCommand(f)); err != nil {
+			continue
+		}
+		ipt := w.hostIPT[f]
+		if ipt == nil {
+			var err error
+			if ipt, err = newIPT(f); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if w.hostIPT == nil {
+				w.hostIPT = map[Family]*iptables.IPTables{}
+			}
+			w.hostIPT[f] = ipt
+		}
+		why := ""
+		if slices.Contains(iptFamilies(p), f) {
+			var err error
+			if why, err = hostInputFilters(ipt); err != nil {
+				errs = append(errs, fmt.Errorf("netcfg: %s -t filter -S INPUT: %w", iptCommand(f), err))
+				continue
+			}
+		}
+		had := w.opened[f]
+		if why == "" {
+			if had != nil {
+				errs = append(errs, cleanupIPTablesFamily(w.log, ipt, f))
+				delete(w.opened, f)
+			}
+			continue
+		}
+		if had != nil {
+			if now, err := hostInputLines(f); err == nil && slices.Equal(now, had) {
+				continue // in place, as installed
+			}
+		}
+		chains, err := iptablesChains(op, f, "")
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		// A partial leftover goes first; with nftables nothing else of
+		// ours is in iptables.
+		if err := cleanupIPTablesFamily(w.log, ipt, f); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fw := &iptFirewall{log: w.log, ipt: map[Family]*iptables.IPTables{f: ipt}}
+		if err := fw.build(f, chains); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if err := fw.insertJumps(f, chains); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		lines, err := hostInputLines(f)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if w.opened == nil {
+			w.opened = map[Family][]string{}
+		}
+		w.opened[f] = lines
+		if had == nil {
+			w.log.Info("netcfg: the host's iptables INPUT chain filters incoming packets; the packets tpgw diverts are accepted there first",
+				"cmd", iptCommand(f), "input", why, "chain", chains[0].Name)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// closeHostInput removes the openings.
+func (w *nftFirewall) closeHostInput() error {
+	var errs []error
+	for f := range w.opened {
+		if ipt := w.hostIPT[f]; ipt != nil {
+			errs = append(errs, cleanupIPTablesFamily(w.log, ipt, f))
+		}
+	}
+	w.opened = nil
+	return errors.Join(errs...)
+}
+
+// hostInputLines are the lines of the filter table that are ours
+// (`iptables -t filter -S`: the chain, its rule, the jump).
+func hostInputLines(f Family) ([]string, error) {
+	out, err := exec.Command(iptCommand(f), "-w", "10", "-t", "filter", "-S").Output()
+	if err != nil {
+		return nil, fmt.Errorf("netcfg: %s -t filter -S: %w", iptCommand(f), err)
+	}
+	var lines []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, iptPrefix) {
+			lines = append(lines, l)
+		}
+	}
+	return lines, nil
+}
+
+// hostInputState is the part of the nftables fingerprint (state) that
+// covers the openings: one line per family opened, telling whether it is as
+// installed.
+func (w *nftFirewall) hostInputState() []string {
+	var out []string
+	for _, f := range []Family{IPv4, IPv6} {
+		had := w.opened[f]
+		if had == nil {
+			continue
+		}
+		now, err := hostInputLines(f)
+		out = append(out, fmt.Sprintf("%s INPUT opening intact: %v", iptCommand(f), err == nil && slices.Equal(now, had)))
+	}
+	return out
+}
+
+// warnInputDrop warns about each nftables base chain on the input hook,
+// outside tpgw's table and iptables' own INPUT, whose policy is drop: a
+// firewall written in nftables (say an /etc/nftables.conf) that tpgw cannot
+// open from its own table. If that chain does not accept the diverted
+// packets some other way, the LAN reaches nothing; the warning says what to
+// add. (firewalld's nftables backend ends its chain with a reject rule, not
+// a drop policy, and is not seen here.)
+func warnInputDrop(log *slog.Logger, mark uint32) {
+	conn, err := nftables.New()
+	if err != nil {
+		return
+	}
+	chains, err := conn.ListChains()
+	if err != nil {
+		return
+	}
+	for _, c := range chains {
+		if c.Table == nil || c.Table.Name == TableName || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookInput ||
+			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop {
+			continue
+		}
+		family := map[nftables.TableFamily]string{nftables.TableFamilyINet: "inet", nftables.TableFamilyIPv4: "ip", nftables.TableFamilyIPv6: "ip6"}[c.Table.Family]
+		if (family == "ip" || family == "ip6") && c.Table.Name == "filter" && c.Name == "INPUT" {
+			continue // iptables-nft's: opened by a rule of ours (syncHostInput, or the iptables backend's input chain)
+		}
+		log.Warn("netcfg: a firewall chain of the host drops incoming packets by default; unless it accepts the packets tpgw diverts, the LAN reaches nothing while tpgw runs",
+			"chain", fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name), "add_to_it", fmt.Sprintf("meta mark %#x accept", mark))
+	}
+}

@@ -94,6 +94,11 @@
 //     the network needs it, is the router's as usual; tpgw's DIRECT would
 //     have used the gateway's address). mihomo options of DIRECT that the
 //     kernel does not know (interface-name, routing-mark) do not apply.
+//   - Bypassed flows are forwarded, so the host's forwarding firewall
+//     applies to them: with a FORWARD policy of DROP (Docker sets it) they
+//     are dropped unless a rule accepts them. netcfg warns at start and
+//     names the rule (the connection's conntrack label); tpgw does not open
+//     the host's forwarding itself.
 //   - While an address is in the set, every LAN flow to it is forwarded by
 //     the kernel, whatever the client meant: an IP-literal connection that
 //     mihomo would send to a proxy (e.g. by MATCH) goes direct too.

@@ -219,3 +219,32 @@ func httpOn(t testing.TB, c net.Conn) string {
 	}
 	return strings.TrimSpace(string(body))
 }
+
+// TestDNSBypassForwardDrop: a flow dns-bypass hands to the kernel is
+// forwarded, so a host firewall whose FORWARD policy is DROP (Docker sets
+// it) drops it, where through tpgw it worked. The start warns, naming the
+// chain and the rule to add; with that rule the flow goes through.
+func TestDNSBypassForwardDrop(t *testing.T) {
+	requireDNSPeers(t)
+	requireBackend(t, "iptables")
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"direct.test": "203.0.113.2"})
+	tp.Gateway.MustRun(t, "iptables", "-P", "FORWARD", "DROP")
+	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,direct.test,DIRECT", "MATCH,DIRECT"},
+		bypassDNSConfig+fmt.Sprintf("tpgw:\n  state-dir: %s\n  dns-bypass: true\n", t.TempDir())))
+	p := startTPGW(t, tp, cfg)
+	want := `chain="iptables filter FORWARD" policy=DROP add_to_it="-m connlabel --label 127 -j ACCEPT"`
+	if !strings.Contains(p.Output(), want) {
+		t.Fatalf("no warning with %s:\n%s", want, p.Output())
+	}
+	if a := digOne(t, tp, "direct.test", "A"); a != netip.MustParseAddr("203.0.113.2") {
+		t.Fatalf("dig direct.test A = %s, want the real 203.0.113.2", a)
+	}
+	if out, err := tp.Client.Run(t, 10*time.Second, "curl", "-4", "-sS", "--max-time", "2", "--noproxy", "*", "http://direct.test:8080/"); err == nil {
+		t.Fatalf("a bypassed flow passed FORWARD DROP: %s", out)
+	}
+	tp.Gateway.MustRun(t, "iptables", "-I", "FORWARD", "-m", "connlabel", "--label", "127", "-j", "ACCEPT")
+	wantSeenVia(t, tp, "-4", "http://direct.test:8080/", "192.168.77.2", "dns-bypass, with the rule the warning named")
+	stopTPGW(t, p, syscall.SIGTERM)
+}

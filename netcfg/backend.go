@@ -183,6 +183,7 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 		return nil, err
 	}
 	warnInputDrop(log, p.Options.Mark)
+	warnForwardDrop(log, p)
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 
 	// 2. Policy routing: marked packets look up our table, which delivers every address locally.

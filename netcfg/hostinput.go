@@ -228,11 +228,69 @@ func warnInputDrop(log *slog.Logger, mark uint32) {
 			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop {
 			continue
 		}
-		family := map[nftables.TableFamily]string{nftables.TableFamilyINet: "inet", nftables.TableFamilyIPv4: "ip", nftables.TableFamilyIPv6: "ip6"}[c.Table.Family]
+		family := nftFamilyName(c.Table.Family)
 		if (family == "ip" || family == "ip6") && c.Table.Name == "filter" && c.Name == "INPUT" {
 			continue // iptables-nft's: opened by a rule of ours (syncHostInput, or the iptables backend's input chain)
 		}
 		log.Warn("netcfg: a firewall chain of the host drops incoming packets by default; unless it accepts the packets tpgw diverts, the LAN reaches nothing while tpgw runs",
 			"chain", fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name), "add_to_it", fmt.Sprintf("meta mark %#x accept", mark))
 	}
+}
+
+// warnForwardDrop warns, with dns-bypass, about a host firewall that drops
+// forwarded packets by default: iptables' FORWARD with policy DROP (Docker
+// sets it) or an nftables forward chain with policy drop. The flows
+// dns-bypass hands to the kernel are forwarded, not delivered to tpgw, so
+// such a firewall drops them unless it accepts them itself, where through
+// tpgw they worked. tpgw does not open the host's forwarding for them.
+func warnForwardDrop(log *slog.Logger, p *Plan) {
+	if !p.Options.DNSBypass {
+		return
+	}
+	for _, f := range iptFamilies(p) {
+		if _, err := exec.LookPath(iptCommand(f)); err != nil {
+			continue
+		}
+		ipt, err := newIPT(f)
+		if err != nil {
+			continue
+		}
+		lines, err := ipt.List("filter", "FORWARD")
+		if err != nil || !slices.Contains(lines, "-P FORWARD DROP") {
+			continue
+		}
+		log.Warn("netcfg: dns-bypass: the host's firewall drops forwarded packets by default; the flows dns-bypass hands to the kernel are forwarded and are dropped unless a rule there accepts them (Docker: add it to DOCKER-USER)",
+			"chain", iptCommand(f)+" filter FORWARD", "policy", "DROP", "add_to_it", fmt.Sprintf("-m connlabel --label %d -j ACCEPT", ConnLabelDNSBypass))
+	}
+	conn, err := nftables.New()
+	if err != nil {
+		return
+	}
+	chains, err := conn.ListChains()
+	if err != nil {
+		return
+	}
+	for _, c := range chains {
+		if c.Table == nil || c.Table.Name == TableName || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookForward ||
+			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop || c.Name == "FORWARD" {
+			continue
+		}
+		log.Warn("netcfg: dns-bypass: a firewall chain of the host drops forwarded packets by default; the flows dns-bypass hands to the kernel are forwarded and are dropped unless it accepts them",
+			"chain", fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), "add_to_it", fmt.Sprintf("ct label %d accept", ConnLabelDNSBypass))
+	}
+}
+
+// nftFamilyName is a table family as nft writes it.
+func nftFamilyName(f nftables.TableFamily) string {
+	switch f {
+	case nftables.TableFamilyINet:
+		return "inet"
+	case nftables.TableFamilyIPv4:
+		return "ip"
+	case nftables.TableFamilyIPv6:
+		return "ip6"
+	case nftables.TableFamilyBridge:
+		return "bridge"
+	}
+	return fmt.Sprint(uint32(f))
 }

@@ -237,15 +237,32 @@ func warnInputDrop(log *slog.Logger, mark uint32) {
 	}
 }
 
-// warnForwardDrop warns, with dns-bypass, about a host firewall that drops
-// forwarded packets by default: iptables' FORWARD with policy DROP (Docker
-// sets it) or an nftables forward chain with policy drop. The flows
-// dns-bypass hands to the kernel are forwarded, not delivered to tpgw, so
-// such a firewall drops them unless it accepts them itself, where through
-// tpgw they worked. tpgw does not open the host's forwarding for them.
+// warnForwardDrop warns about a host firewall that drops forwarded packets
+// by default (iptables' FORWARD with policy DROP, which Docker sets, or an
+// nftables forward chain with policy drop) when tpgw counts on forwarding:
+// the flows dns-bypass hands to the kernel, and with on-failure: open the
+// LAN's traffic while tpgw is down. Through tpgw those flows are delivered
+// locally and never meet FORWARD, so they worked until then. tpgw does not
+// open the host's forwarding itself: the warning says what to add.
 func warnForwardDrop(log *slog.Logger, p *Plan) {
-	if !p.Options.DNSBypass {
+	var what []string
+	var add []string // for iptables, then nftables
+	if p.Options.DNSBypass {
+		what = append(what, "the flows dns-bypass hands to the kernel")
+		add = append(add, fmt.Sprintf("-m connlabel --label %d -j ACCEPT", ConnLabelDNSBypass), fmt.Sprintf("ct label %d accept", ConnLabelDNSBypass))
+	}
+	if p.Options.OnFailure == OnFailureOpen {
+		what = append(what, "the LAN's traffic while tpgw is down (on-failure: open)")
+	}
+	if len(what) == 0 {
 		return
+	}
+	warn := func(chain string, rule string) {
+		args := []any{"chain", chain, "policy", "drop", "forwarded", strings.Join(what, "; ")}
+		if rule != "" {
+			args = append(args, "add_to_it", rule)
+		}
+		log.Warn("netcfg: the host's firewall drops forwarded packets by default: unless a rule there accepts them, these are dropped (on a Docker host, add it to DOCKER-USER)", args...)
 	}
 	for _, f := range iptFamilies(p) {
 		if _, err := exec.LookPath(iptCommand(f)); err != nil {
@@ -255,12 +272,13 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 		if err != nil {
 			continue
 		}
-		lines, err := ipt.List("filter", "FORWARD")
-		if err != nil || !slices.Contains(lines, "-P FORWARD DROP") {
-			continue
+		if lines, err := ipt.List("filter", "FORWARD"); err == nil && slices.Contains(lines, "-P FORWARD DROP") {
+			rule := ""
+			if len(add) > 0 {
+				rule = add[0]
+			}
+			warn(iptCommand(f)+" filter FORWARD", rule)
 		}
-		log.Warn("netcfg: dns-bypass: the host's firewall drops forwarded packets by default; the flows dns-bypass hands to the kernel are forwarded and are dropped unless a rule there accepts them (Docker: add it to DOCKER-USER)",
-			"chain", iptCommand(f)+" filter FORWARD", "policy", "DROP", "add_to_it", fmt.Sprintf("-m connlabel --label %d -j ACCEPT", ConnLabelDNSBypass))
 	}
 	conn, err := nftables.New()
 	if err != nil {
@@ -275,8 +293,11 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop || c.Name == "FORWARD" {
 			continue
 		}
-		log.Warn("netcfg: dns-bypass: a firewall chain of the host drops forwarded packets by default; the flows dns-bypass hands to the kernel are forwarded and are dropped unless it accepts them",
-			"chain", fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), "add_to_it", fmt.Sprintf("ct label %d accept", ConnLabelDNSBypass))
+		rule := ""
+		if len(add) > 1 {
+			rule = add[1]
+		}
+		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), rule)
 	}
 }
 

@@ -68,6 +68,8 @@ type DNS struct {
 	EnhancedMode string
 	FakeIPRange  netip.Prefix
 	FakeIPRange6 netip.Prefix // zero when not set
+
+	listenNode *yaml.Node // where dns.listen is, for errors; nil for the default
 }
 
 // FakeIP reports whether the fake-ip DNS server should run.
@@ -237,7 +239,7 @@ func Parse(raw []byte, file string) (*Config, error) {
 		return nil, p.errf(nil, "routing-mark", "%d is the same as tpgw.mark: the engine's own traffic would be sent back into the relay", c.RoutingMark)
 	}
 	if c.DNS.FakeIP() && c.DNS.Listen.Port() == 53 {
-		return nil, p.errf(nil, "dns.listen", "port 53 is taken by the DNS hijack; use another port such as 1053")
+		return nil, p.errf(c.DNS.listenNode, "dns.listen", "port 53: tpgw hands the LAN's DNS queries (port 53, to any server) to this listener, so it must listen on another port, such as 0.0.0.0:1053; clients still ask port 53")
 	}
 	return c, nil
 }
@@ -301,6 +303,7 @@ func (p parser) parseDNS(n *yaml.Node, d *DNS) error {
 		case "enhanced-mode":
 			err = p.decode(v, key, &d.EnhancedMode)
 		case "listen":
+			d.listenNode = v
 			var s string
 			if err = p.decode(v, key, &s); err == nil {
 				d.Listen, err = parseListen(s)

@@ -134,7 +134,7 @@ func TestErrors(t *testing.T) {
 		{"routing mark equals mark", "routing-mark: 666\n", []string{"routing-mark", "tpgw.mark"}},
 		{"fake-ip v6 in v4 key", "dns:\n  fake-ip-range: fd00::/64\n", []string{"dns.fake-ip-range", "IPv4"}},
 		{"bad dns listen", "dns:\n  listen: nowhere\n", []string{"dns.listen", "nowhere"}},
-		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"dns.listen", "53"}},
+		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"cfg.yaml:4", "dns.listen", "port 53", "0.0.0.0:1053"}},
 		{"mixed-port on tproxy-port", "mixed-port: 7893\n", []string{"cfg.yaml:1", "mixed-port", "7893", "tproxy-port"}},
 		{"redir-port on a set tproxy-port", "redir-port: 7000\ntproxy-port: 7000\n", []string{":1", "redir-port", "tproxy-port"}},
 		{"listener on tproxy-port", "listeners:\n  - {name: in, type: socks, port: 7893}\n", []string{":2", "listeners[0].port", "tproxy-port"}},

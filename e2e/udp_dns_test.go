@@ -455,3 +455,40 @@ func TestDNSGarbage(t *testing.T) {
 		t.Fatalf("tpgw died:\n%s", p.Output())
 	}
 }
+
+// TestDNSListenOneAddress: dns.listen on one address (127.0.0.1:1053, as in
+// configs where dnsmasq forwards to mihomo) used to leave the hijack with no
+// socket to hand queries to: LAN clients got real answers from their own
+// server and no domain rule matched. The hijack now hands IPv4 queries to
+// that address; IPv6 queries, with no socket of their family, are not
+// hijacked but still answered (relayed to the server asked), and tpgw check
+// and the start say so.
+func TestDNSListenOneAddress(t *testing.T) {
+	requireDNSPeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartDNSMasqArgs(t, map[string]string{"web.test": "203.0.113.2"}, "--listen-address="+tp.UpstreamIP6.String())
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"},
+				strings.Replace(dnsConfig, "0.0.0.0:1053", "127.0.0.1:1053", 1)+tpgwSection(t, backend)))
+			warning := `dns.listen is one address: the LAN's DNS queries over IPv6 are not hijacked`
+			if code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg); code != 0 || !strings.Contains(stderr, warning) {
+				t.Errorf("tpgw check: exit %d, want 0 and a warning %q:\n%s", code, warning, stderr)
+			}
+			p := runTPGW(t, tp, cfg)
+			if !strings.Contains(p.Output(), warning) {
+				t.Errorf("run: no warning %q:\n%s", warning, p.Output())
+			}
+			for _, server := range []string{"@203.0.113.2", "@192.168.77.1"} {
+				if a := digOne(t, tp, server, "web.test"); !fakeRange.Contains(a) {
+					t.Errorf("dig %s web.test = %s, want a fake IP in %s", server, a, fakeRange)
+				}
+			}
+			if a := digOne(t, tp, "@2001:db8:1::2", "web.test"); a != netip.MustParseAddr("203.0.113.2") {
+				t.Errorf("dig over IPv6 = %s, want dnsmasq's real answer 203.0.113.2 (not hijacked, relayed)", a)
+			}
+			stopTPGW(t, p, syscall.SIGTERM)
+		})
+	}
+}

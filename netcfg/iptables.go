@@ -268,8 +268,11 @@ func iptRuleSpecs(p *Plan, r Rule, f Family, chainName func(string) string) ([][
 			if a.SetMark == 0 || a.Verdict != VerdictAccept {
 				return nil, fmt.Errorf("TPROXY always sets a mark and accepts")
 			}
-			out = append(out, append(slices.Clip(alt.args), "-j", "TPROXY",
-				"--on-port", strconv.Itoa(int(a.TProxy.Port)), "--tproxy-mark", mark(a.SetMark)))
+			target := []string{"-j", "TPROXY", "--on-port", strconv.Itoa(int(a.TProxy.Port))}
+			if a.TProxy.Addr.IsValid() {
+				target = append(target, "--on-ip", a.TProxy.Addr.String())
+			}
+			out = append(out, append(append(slices.Clip(alt.args), target...), "--tproxy-mark", mark(a.SetMark)))
 		case a.SetMark != 0:
 			// MARK does not end the rule list: a second rule with the same
 			// matches gives the verdict.

@@ -15,10 +15,13 @@ import (
 )
 
 // The translation of a Plan into nftables netlink messages. Every rule uses
-// register 1 only; the expressions are what `nft -f` generates for the same
+// register 1 only (tproxy to an address also register 2); the expressions are what `nft -f` generates for the same
 // text (see TestNftMatchesPlanText).
 
-const reg1 = 1
+const (
+	reg1 = 1
+	reg2 = 2 // only for tproxy to an address and port
+)
 
 func nftTable() *nftables.Table {
 	return &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
@@ -263,9 +266,17 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 	if a.TProxy != nil {
 		// tproxy assigns the packet to a local socket, or breaks out of the rule
 		// when none listens (the fall-through behind on-failure: open).
-		es = append(es,
-			&expr.Immediate{Register: reg1, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)},
-			&expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegPort: reg1})
+		if ad := a.TProxy.Addr; ad.IsValid() {
+			// The address in register 1, the port in register 2, as nft does.
+			es = append(es,
+				&expr.Immediate{Register: reg1, Data: ad.AsSlice()},
+				&expr.Immediate{Register: reg2, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)},
+				&expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegAddr: reg1, RegPort: reg2})
+		} else {
+			es = append(es,
+				&expr.Immediate{Register: reg1, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)},
+				&expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegPort: reg1})
+		}
 	}
 	if a.SetMark != 0 {
 		es = append(es,

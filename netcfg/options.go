@@ -23,12 +23,17 @@ var DefaultFakeIPRange = netip.MustParsePrefix("198.18.0.1/16")
 // Options are the settings a Plan is built from. BuildPlan applies no defaults:
 // zero ports, marks and tables are errors (use DefaultOptions as a start).
 type Options struct {
-	Interfaces   []string       // LAN ingress interfaces; empty = every interface except lo
-	Mark         uint32         // fwmark put on TPROXYed packets
-	Table        int            // policy routing table
-	RoutingMark  uint32         // SO_MARK the engine puts on its own sockets; 0 = none. Packets with it are never intercepted.
-	TProxyPort   uint16         // TCP+UDP TPROXY listener
-	DNSPort      uint16         // fake-ip DNS port; 0 = no DNS hijack
+	Interfaces  []string // LAN ingress interfaces; empty = every interface except lo
+	Mark        uint32   // fwmark put on TPROXYed packets
+	Table       int      // policy routing table
+	RoutingMark uint32   // SO_MARK the engine puts on its own sockets; 0 = none. Packets with it are never intercepted.
+	TProxyPort  uint16   // TCP+UDP TPROXY listener
+	DNSPort     uint16   // fake-ip DNS port; 0 = no DNS hijack
+	// DNSAddr is the DNS listener's address when it is not a wildcard (say
+	// dns.listen: 127.0.0.1:1053): hijacked queries are handed to the socket
+	// on it, and those of the other family are not hijacked (no socket of
+	// theirs listens). Zero for a wildcard listener.
+	DNSAddr      netip.Addr
 	FakeIPRange  netip.Prefix   // v4 fake-ip range: always intercepted, never bypassed; may be zero
 	FakeIPRange6 netip.Prefix   // v6 fake-ip range; may be zero
 	Bypass       []netip.Prefix // extra destination CIDRs bypassed (added to the built-in reserved list), v4 and v6 mixed
@@ -104,6 +109,9 @@ func (o Options) validate() (Options, error) {
 	}
 	if o.TProxyPort == 0 {
 		bad("tproxy port must not be 0")
+	}
+	if o.DNSAddr = o.DNSAddr.Unmap(); o.DNSAddr.IsUnspecified() {
+		o.DNSAddr = netip.Addr{}
 	}
 	names := make([]string, 0, len(o.Interfaces))
 	for _, n := range o.Interfaces {

@@ -3,6 +3,7 @@ package netcfg
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -297,9 +298,11 @@ const (
 	VerdictJump                  // go to Action.Chain; its return comes back here
 )
 
-// TProxy sends the packet to a local transparent socket on Port without changing it.
+// TProxy sends the packet to a local transparent socket on Port (and Addr,
+// when valid: else any local address) without changing it.
 type TProxy struct {
 	Family Family
+	Addr   netip.Addr
 	Port   uint16
 }
 
@@ -317,7 +320,11 @@ type Action struct {
 func (a Action) String() string {
 	var parts []string
 	if a.TProxy != nil {
-		parts = append(parts, fmt.Sprintf("tproxy %s to :%d", a.TProxy.Family.nftFamily(), a.TProxy.Port))
+		to := fmt.Sprintf(":%d", a.TProxy.Port)
+		if a.TProxy.Addr.IsValid() {
+			to = netip.AddrPortFrom(a.TProxy.Addr, a.TProxy.Port).String()
+		}
+		parts = append(parts, fmt.Sprintf("tproxy %s to %s", a.TProxy.Family.nftFamily(), to))
 	}
 	if a.SetMark != 0 {
 		parts = append(parts, fmt.Sprintf("meta mark set %#x", a.SetMark))
@@ -492,6 +499,15 @@ func BuildPlan(o Options) (*Plan, error) {
 		families = append(families, IPv6)
 	}
 	closed := o.OnFailure == OnFailureClosed
+	// The families whose DNS is hijacked: those a socket of the DNS server
+	// listens for.
+	dnsFamilies := families
+	if o.DNSAddr.IsValid() {
+		dnsFamilies = []Family{familyOf(o.DNSAddr)}
+		if !slices.Contains(families, dnsFamilies[0]) {
+			dnsFamilies = nil
+		}
+	}
 	tcpUDP := MatchL4Proto{Protos: []uint8{ProtoTCP, ProtoUDP}}
 	tproxyTo := func(f Family, port uint16) Action {
 		return Action{TProxy: &TProxy{Family: f, Port: port}, SetMark: o.Mark, Verdict: VerdictAccept}
@@ -595,12 +611,14 @@ func BuildPlan(o Options) (*Plan, error) {
 	div := Chain{Name: ChainDivert}
 	// DNS before the bypass, so queries to a LAN resolver get fake IPs too.
 	if o.DNSPort != 0 {
-		for _, f := range families {
-			add(&div, "DNS hijack", tproxyTo(f, o.DNSPort), MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
+		for _, f := range dnsFamilies {
+			a := tproxyTo(f, o.DNSPort)
+			a.TProxy.Addr = o.DNSAddr
+			add(&div, "DNS hijack", a, MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
 		}
 		if closed {
 			// nft's tproxy falls through when nothing listens; closed means no DNS leaks.
-			for _, f := range families {
+			for _, f := range dnsFamilies {
 				add(&div, "DNS with tpgw down (on-failure: closed)", drop, MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
 			}
 		}
@@ -806,4 +824,12 @@ func (p *Plan) Render(backend string) string {
 		}
 	}
 	return b.String()
+}
+
+// familyOf is the family of a (non-mapped) address.
+func familyOf(a netip.Addr) Family {
+	if a.Is4() {
+		return IPv4
+	}
+	return IPv6
 }

@@ -27,8 +27,10 @@ func goldenCases() map[string]Options {
 	v6.FakeIPRange6 = netip.MustParsePrefix("fdfe:dcba:9876::1/64")
 	v6.Bypass = mustPrefixes("2001:db8:1::/48", "100.64.0.0/16")
 	v6.BypassSrc = mustPrefixes("fd00::/8", "192.168.1.7/32")
-	// proxy-self, on-failure: closed, extra LAN sources, all interfaces.
+	// proxy-self, on-failure: closed, extra LAN sources, all interfaces, a
+	// DNS server on 127.0.0.1 (IPv6 DNS is not hijacked, nor dropped).
 	self := DefaultOptions()
+	self.DNSAddr = netip.MustParseAddr("127.0.0.1")
 	self.RoutingMark = 255
 	self.ProxySelf = true
 	self.OnFailure = OnFailureClosed
@@ -40,11 +42,11 @@ func goldenCases() map[string]Options {
 	dnsBypass.ProxySelf = true
 	dnsBypass.DNSBypass = true
 	return map[string]Options{
-		"dns_bypass_proxyself":    dnsBypass,
-		"proxyself_closed_lansrc": self,
-		"defaults_dns_ipv6":       DefaultOptions(),
-		"lan_bypass_no_ipv6":      lan,
-		"one_iface_fakeip6_nodns": v6,
+		"dns_bypass_proxyself":         dnsBypass,
+		"proxyself_closed_lansrc_dns4": self,
+		"defaults_dns_ipv6":            DefaultOptions(),
+		"lan_bypass_no_ipv6":           lan,
+		"one_iface_fakeip6_nodns":      v6,
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -48,6 +49,7 @@ func netcfgOptions(c *config.Config) netcfg.Options {
 	}
 	if c.DNS.Enable && g.DNSHijack {
 		o.DNSPort = c.DNS.Listen.Port()
+		o.DNSAddr = c.DNS.Listen.Addr()
 	}
 	return o
 }
@@ -61,7 +63,26 @@ func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
 		return nil, err
 	}
 	warnMissingInterfaces(c.Gateway.Interfaces, log)
+	warnDNSFamily(opts, log)
 	return netcfg.BuildPlan(opts)
+}
+
+// warnDNSFamily warns when the DNS server listens on one address of one
+// family (dns.listen: 127.0.0.1:1053) while tpgw intercepts both: hijacked
+// queries of that family are handed to it, the other family's are not
+// hijacked, for want of a socket (they go out as they are, through the
+// relay).
+func warnDNSFamily(o netcfg.Options, log *slog.Logger) {
+	a := o.DNSAddr.Unmap()
+	if o.DNSPort == 0 || !a.IsValid() || a.IsUnspecified() || !o.IPv6 {
+		return
+	}
+	other := "IPv6"
+	if a.Is6() {
+		other = "IPv4"
+	}
+	log.Warn("dns.listen is one address: the LAN's DNS queries over "+other+" are not hijacked (no socket of tpgw's listens for them); listen on [::] to take both, tpgw's input guard still keeps the WAN out",
+		"key", "dns.listen", "listen", netip.AddrPortFrom(a, o.DNSPort))
 }
 
 // fitIPv6 matches the plan's IPv6 to what the host has. tpgw diverts IPv6
@@ -431,6 +452,7 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 		return err
 	}
 	warnMissingInterfaces(c.Gateway.Interfaces, o.log)
+	warnDNSFamily(netcfgOptions(c), o.log)
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -222,4 +224,81 @@ func TestReloadThenCrash(t *testing.T) {
 			cleanupRestores(t, tp, cfg, before)
 		})
 	}
+}
+
+// TestSideRouterNoRedirects: a side router shares one LAN with the main
+// router. A flow it forwards (a bypassed address, dns-bypass, everything
+// while tpgw is down with on-failure: open) leaves by the interface it came
+// in on, and the kernel then sends the client an ICMP redirect: send to the
+// main router itself. Clients that take it (Windows, macOS, Linux with
+// accept_redirects) keep it for minutes, and their later flows to the
+// address skip the gateway, proxy rules and all, also after a reload or
+// after tpgw came back. The gateway sends none while tpgw's rules are in.
+func TestSideRouterNoRedirects(t *testing.T) {
+	requirePeers(t)
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			// One LAN (bridge br-lan in the gateway) with the client, the
+			// gateway (192.168.77.1) and a main router (the upstream
+			// namespace, 192.168.77.254), which holds 203.0.113.77.
+			gw, up := tp.Gateway, tp.Upstream
+			gw.MustRun(t, "ip", "link", "add", "br-lan", "type", "bridge")
+			gw.MustRun(t, "ip", "addr", "flush", "dev", "lan0")
+			gw.MustRun(t, "ip", "link", "set", "lan0", "master", "br-lan")
+			gw.MustRun(t, "ip", "addr", "add", "192.168.77.1/24", "dev", "br-lan")
+			gw.MustRun(t, "ip", "link", "add", "mr", "type", "veth", "peer", "name", "mr0", "netns", up.Name)
+			gw.MustRun(t, "ip", "link", "set", "mr", "master", "br-lan")
+			gw.MustRun(t, "ip", "link", "set", "mr", "up")
+			gw.MustRun(t, "ip", "link", "set", "br-lan", "up")
+			up.MustRun(t, "ip", "route", "del", "192.168.77.0/24")
+			up.MustRun(t, "ip", "addr", "add", "192.168.77.254/24", "dev", "mr0")
+			up.MustRun(t, "ip", "link", "set", "mr0", "up")
+			up.MustRun(t, "ip", "addr", "add", "203.0.113.77/32", "dev", "lo")
+			gw.MustRun(t, "ip", "route", "add", "203.0.113.77/32", "via", "192.168.77.254", "dev", "br-lan")
+			before := testnet.Snapshot(t, gw)
+
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, backend)+"  bypass: [203.0.113.77/32]\n"))
+			p := runTPGW(t, tp, cfg)
+			for i := range 3 {
+				wantSeen(t, tp, "http://203.0.113.77:8080/", "192.168.77.2", "bypassed: forwarded to the main router")
+				if i < 2 {
+					time.Sleep(100 * time.Millisecond) // the kernel spaces redirects to one host 40 ms and more apart
+				}
+			}
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw")
+			if n := icmpCounter(t, tp.Client, "InRedirects"); n != 0 {
+				t.Errorf("the client received %d ICMP redirects from the gateway", n)
+			}
+			stopTPGW(t, p, syscall.SIGTERM)
+			sameKernelState(t, tp, before, "after SIGTERM")
+		})
+	}
+}
+
+// icmpCounter reads one Icmp: counter of /proc/net/snmp in ns.
+func icmpCounter(t testing.TB, ns *testnet.NS, name string) int {
+	t.Helper()
+	var head []string
+	for l := range strings.Lines(ns.MustRun(t, "cat", "/proc/net/snmp")) {
+		f := strings.Fields(l)
+		if len(f) == 0 || f[0] != "Icmp:" {
+			continue
+		}
+		if head == nil {
+			head = f
+			continue
+		}
+		if i := slices.Index(head, name); i > 0 && i < len(f) {
+			n, err := strconv.Atoi(f[i])
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatalf("no Icmp: %s in /proc/net/snmp", name)
+	return 0
 }

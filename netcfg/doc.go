@@ -57,6 +57,16 @@
 // chain of the host with policy drop gets a warning naming the rule to add
 // (hostinput.go).
 //
+// no_redirects [filter TPGW_NO_REDIRECTS, jumped from OUTPUT] (hook output,
+// priority filter) drops the ICMP and ICMPv6 redirects the gateway would
+// send. On a side router (one LAN with the main router) every flow it
+// forwards (bypassed, dns-bypass, on-failure: open while tpgw is down)
+// leaves by the interface it came in on, and the redirect would tell the
+// client to use the main router for that address from then on, for
+// minutes: its later flows there would skip tpgw, after a reload or a
+// restart too. The chain stays after a crash until the next start or
+// cleanup, so redirects stay off while tpgw is down.
+//
 // tproxy assigns the packet to our listening socket without rewriting it and
 // sets the fwmark; the ip rule "fwmark Mark lookup Table" sends the packet to
 // a table whose only route is "local default dev lo", so the kernel delivers it

@@ -249,6 +249,8 @@ func (w *walker) match(m Match, mark uint32) (ok, known bool) {
 			return false, false
 		}
 		return slices.Contains(m.Protos, p), true
+	case MatchICMPType:
+		return false, true // a flow is TCP or UDP
 	case MatchDstPort:
 		if _, ok := w.proto(); !ok {
 			return false, false

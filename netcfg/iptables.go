@@ -38,7 +38,7 @@ var iptTables = []string{"mangle", "filter"}
 // iptBuiltins are the built-in chains that may hold a jump of ours.
 var iptBuiltins = map[string][]string{
 	"mangle": {"PREROUTING", "INPUT", "OUTPUT"},
-	"filter": {"INPUT"},
+	"filter": {"INPUT", "OUTPUT"},
 }
 
 // iptChainName is the iptables name of a plan chain.
@@ -133,6 +133,8 @@ func matchFamily(m Match) Family {
 		return m.Family()
 	case MatchAddrSet:
 		return m.Family
+	case MatchICMPType:
+		return m.Family
 	}
 	return 0
 }
@@ -219,6 +221,12 @@ func iptRuleSpecs(p *Plan, r Rule, f Family, chainName func(string) string) ([][
 					return nil, fmt.Errorf("th dport needs tcp or udp before it")
 				}
 				alts[i].args = append(slices.Clip(alts[i].args), "-m", alts[i].proto, "--dport", strconv.Itoa(int(m.Port)))
+			}
+		case MatchICMPType:
+			if m.Family == IPv6 {
+				each("-m", "icmp6", "--icmpv6-type", strconv.Itoa(int(m.Type)))
+			} else {
+				each("-m", "icmp", "--icmp-type", strconv.Itoa(int(m.Type)))
 			}
 		case MatchAddr:
 			each(iptAddrFlag(m.Src), m.Prefix.String())

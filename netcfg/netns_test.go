@@ -538,8 +538,8 @@ func TestApplyFailureLeavesNothing(t *testing.T) {
 
 		// The kernel (or iptables) rejects a rule in the middle of the firewall
 		// step: with nftables, overlapping interval elements abort the whole
-		// batch; with iptables, the last rule of the last chain is refused
-		// after everything before it went in.
+		// batch; with iptables, a rule of the last chain is refused after
+		// everything before it went in.
 		t.Run("kernel rejects rules", func(t *testing.T) {
 			n := newTestNS(t, true)
 			before := n.snapshot(t)
@@ -550,9 +550,9 @@ func TestApplyFailureLeavesNothing(t *testing.T) {
 			} else {
 				// iptables refuses an interface name longer than IFNAMSIZ.
 				last := &p.Chains[len(p.Chains)-1]
-				r := &last.Rules[len(last.Rules)-1]
+				r := &last.Rules[0] // the IPv4 rule: iptables runs before ip6tables
 				r.Matches = append(r.Matches, MatchIIfName{Name: strings.Repeat("x", 20)})
-				want = "netcfg: iptables -t filter -A TPGW_IN"
+				want = "netcfg: iptables -t filter -A " + iptChainName(last.Name)
 			}
 			_, err := apply(t, n, newBackend(t, n, backend, ""), p, t.TempDir())
 			if err == nil || !strings.Contains(err.Error(), want) {

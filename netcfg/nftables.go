@@ -226,6 +226,10 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 			es = append(es,
 				&expr.Payload{DestRegister: reg1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 				cmpEq(binaryutil.BigEndian.PutUint16(m.Port)))
+		case MatchICMPType:
+			es = append(es,
+				&expr.Payload{DestRegister: reg1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+				cmpEq([]byte{m.Type}))
 		case MatchAddr:
 			f := m.Family()
 			family(f)

@@ -29,6 +29,9 @@ const (
 	// ChainInput (hook input, priority filter) keeps the TPROXY and DNS ports
 	// from being reached directly from outside.
 	ChainInput = "input"
+	// ChainNoRedirects (hook output, priority filter) keeps the gateway
+	// from sending ICMP redirects.
+	ChainNoRedirects = "no_redirects"
 	// RulePriority is the priority (preference) of our ip rules, v4 and v6.
 	// It sits before the main table (32766) and clear of the 0..1000 range
 	// other tools tend to use.
@@ -193,10 +196,20 @@ type MatchCTLabel struct{ Bit uint8 }
 // MatchLocalDst holds when the destination is an address of the gateway itself.
 type MatchLocalDst struct{}
 
+// MatchICMPType holds for ICMP (IPv4) or ICMPv6 messages of one type; the
+// rule also matches the family and protocol before it.
+type MatchICMPType struct {
+	Family Family
+	Type   uint8
+}
+
 // IP protocol numbers used in matches.
 const (
 	ProtoTCP uint8 = 6
 	ProtoUDP uint8 = 17
+	// ProtoICMP and ProtoICMPv6 are the ICMP protocol numbers.
+	ProtoICMP   uint8 = 1
+	ProtoICMPv6 uint8 = 58
 )
 
 func (MatchFamily) isMatch()            {}
@@ -211,6 +224,7 @@ func (MatchAddrSet) isMatch()           {}
 func (MatchSocketTransparent) isMatch() {}
 func (MatchLocalDst) isMatch()          {}
 func (MatchCTLabel) isMatch()           {}
+func (MatchICMPType) isMatch()          {}
 
 func (m MatchFamily) String() string { return "meta nfproto " + m.Family.nfproto() }
 
@@ -243,6 +257,10 @@ func protoName(p uint8) string {
 		return "tcp"
 	case ProtoUDP:
 		return "udp"
+	case ProtoICMP:
+		return "icmp"
+	case ProtoICMPv6:
+		return "ipv6-icmp"
 	}
 	return strconv.Itoa(int(p))
 }
@@ -259,6 +277,13 @@ func (m MatchL4Proto) String() string {
 }
 
 func (m MatchDstPort) String() string { return fmt.Sprintf("th dport %d", m.Port) }
+
+func (m MatchICMPType) String() string {
+	if m.Family == IPv6 {
+		return fmt.Sprintf("icmpv6 type %d", m.Type)
+	}
+	return fmt.Sprintf("icmp type %d", m.Type)
+}
 
 func dir(src bool) string {
 	if src {
@@ -719,6 +744,20 @@ func BuildPlan(o Options) (*Plan, error) {
 	}
 	p.Chains = append(p.Chains, in)
 
+	// no_redirects: a gateway that forwards a packet out the interface it
+	// came in on (a side router on one LAN with the main router: bypassed
+	// flows, dns-bypass, on-failure: open) tells the client by ICMP redirect
+	// to send to the main router itself. Clients keep that for minutes, and
+	// their later flows to the address skip the gateway, proxy rules and
+	// all (after a reload, after tpgw came back). The gateway sends none
+	// while tpgw's table is in the kernel.
+	noRedir := Chain{Name: ChainNoRedirects, Hook: HookOutput, Type: "filter", Priority: "filter"}
+	add(&noRedir, "ICMP redirect: LAN clients would skip the gateway", drop,
+		MatchFamily{Family: IPv4}, MatchL4Proto{Protos: []uint8{ProtoICMP}}, MatchICMPType{Family: IPv4, Type: icmpRedirect})
+	add(&noRedir, "ICMPv6 redirect: LAN clients would skip the gateway", drop,
+		MatchFamily{Family: IPv6}, MatchL4Proto{Protos: []uint8{ProtoICMPv6}}, MatchICMPType{Family: IPv6, Type: icmp6Redirect})
+	p.Chains = append(p.Chains, noRedir)
+
 	for _, f := range families {
 		dst := netip.MustParsePrefix("0.0.0.0/0")
 		if f == IPv6 {
@@ -825,6 +864,12 @@ func (p *Plan) Render(backend string) string {
 	}
 	return b.String()
 }
+
+// ICMP redirect message types (RFC 792, RFC 4861).
+const (
+	icmpRedirect  = 5
+	icmp6Redirect = 137
+)
 
 // familyOf is the family of a (non-mapped) address.
 func familyOf(a netip.Addr) Family {

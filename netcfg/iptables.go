@@ -527,6 +527,13 @@ func (w *iptFirewall) remove() error {
 	return errors.Join(errs...)
 }
 
+// notExist reports whether err is iptables saying the table or chain does
+// not exist.
+func notExist(err error) bool {
+	var ie *iptables.Error
+	return errors.As(err, &ie) && ie.IsNotExist()
+}
+
 // ruleTarget is the -j target of a rule as `iptables -S` prints it.
 func ruleTarget(rule string) string {
 	f := strings.Fields(rule)
@@ -538,9 +545,14 @@ func ruleTarget(rule string) string {
 	return ""
 }
 
-// ourChains lists the chains named TPGW* of a table.
+// ourChains lists the chains named TPGW* of a table. A table that does not
+// exist (iptables-legacy without its kernel module, say on a router that
+// uses nftables) holds none.
 func ourChains(ipt *iptables.IPTables, table string) ([]string, error) {
 	all, err := ipt.ListChains(table)
+	if notExist(err) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -569,6 +581,9 @@ func deleteIPTJumps(log *slog.Logger, ipt *iptables.IPTables, f Family, which fu
 		chains = append(chains, own...)
 		for _, chain := range chains {
 			rules, err := ipt.List(table, chain)
+			if notExist(err) {
+				continue
+			}
 			if err != nil {
 				errs = append(errs, fmt.Errorf("netcfg: %s -t %s -S %s: %w", iptCommand(f), table, chain, err))
 				continue

@@ -631,3 +631,67 @@ func TestChooseBackend(t *testing.T) {
 	}
 	requireSameState(t, before, n.snapshot(t))
 }
+
+// TestHostInputOpening: with nftables, the iptables INPUT chain is opened for
+// diverted packets only where it filters, taken out by Remove and by
+// Cleanup after a crash; an iptables that does not work here (a router
+// without its modules) does not fail the start.
+func TestHostInputOpening(t *testing.T) {
+	testenv.RequireTools(t, "iptables", "ip6tables")
+	opening := func(n *testNS) int {
+		return strings.Count(n.run(t, "iptables", "-S", "INPUT"), "-j TPGW_IN") + strings.Count(n.run(t, "ip6tables", "-S", "INPUT"), "-j TPGW_IN")
+	}
+	t.Run("not filtering", func(t *testing.T) {
+		n := newTestNS(t, true)
+		inst, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k := opening(n); k != 0 {
+			t.Errorf("%d jumps to TPGW_IN on a host whose INPUT accepts everything", k)
+		}
+		remove(t, n, inst)
+	})
+	t.Run("filtering", func(t *testing.T) {
+		n := newTestNS(t, true)
+		n.run(t, "iptables", "-P", "INPUT", "DROP")
+		n.run(t, "ip6tables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT")
+		before := n.snapshot(t)
+		stateDir := t.TempDir()
+		inst, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), stateDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if k := opening(n); k != 2 {
+			t.Errorf("%d jumps to TPGW_IN, want 2 (v4 policy DROP, v6 with a rule)", k)
+		}
+		remove(t, n, inst)
+		requireSameState(t, before, n.snapshot(t))
+		// A crash leaves it; Cleanup (the next start) takes it out.
+		if _, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), stateDir); err != nil {
+			t.Fatal(err)
+		}
+		cleanup(t, n, stateDir)
+		requireSameState(t, before, n.snapshot(t))
+	})
+	t.Run("iptables broken", func(t *testing.T) {
+		n := newTestNS(t, true)
+		bin := t.TempDir()
+		for _, name := range []string{"iptables", "ip6tables"} {
+			// What iptables-legacy prints without its kernel modules.
+			script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo \"$0 v1.8.9 (legacy)\"; exit 0; fi\n" +
+				"echo \"$0 v1.8.9 (legacy): can't initialize iptables table \\`filter': Table does not exist (do you need to insmod?)\" >&2\nexit 3\n"
+			if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		path := os.Getenv("PATH")
+		t.Setenv("PATH", bin+":"+path)
+		inst, err := apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), t.TempDir())
+		os.Setenv("PATH", path)
+		if err != nil {
+			t.Fatalf("Apply with an iptables that does not run: %v", err)
+		}
+		remove(t, n, inst)
+	})
+}

@@ -218,19 +218,7 @@ func (w *nftFirewall) hostInputState() []string {
 // add. (firewalld's nftables backend ends its chain with a reject rule, not
 // a drop policy, and is not seen here.)
 func warnInputDrop(log *slog.Logger, mark uint32) {
-	conn, err := nftables.New()
-	if err != nil {
-		return
-	}
-	chains, err := conn.ListChains()
-	if err != nil {
-		return
-	}
-	for _, c := range chains {
-		if c.Table == nil || c.Table.Name == TableName || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookInput ||
-			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop {
-			continue
-		}
+	for _, c := range dropPolicyChains(nftables.ChainHookInput) {
 		family := nftFamilyName(c.Table.Family)
 		if (family == "ip" || family == "ip6") && c.Table.Name == "filter" && c.Name == "INPUT" {
 			continue // iptables-nft's: opened by a rule of ours (syncHostInput, or the iptables backend's input chain)
@@ -283,18 +271,9 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 			warn(iptCommand(f)+" filter FORWARD", rule)
 		}
 	}
-	conn, err := nftables.New()
-	if err != nil {
-		return
-	}
-	chains, err := conn.ListChains()
-	if err != nil {
-		return
-	}
-	for _, c := range chains {
-		if c.Table == nil || c.Table.Name == TableName || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookForward ||
-			c.Policy == nil || *c.Policy != nftables.ChainPolicyDrop || c.Name == "FORWARD" {
-			continue
+	for _, c := range dropPolicyChains(nftables.ChainHookForward) {
+		if c.Name == "FORWARD" {
+			continue // iptables-nft's, seen through iptables above
 		}
 		rule := ""
 		if len(add) > 1 {
@@ -302,6 +281,27 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 		}
 		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), rule)
 	}
+}
+
+// dropPolicyChains are the nftables base chains on hook, outside tpgw's
+// table, whose policy is drop (none when nftables cannot be read).
+func dropPolicyChains(hook *nftables.ChainHook) []*nftables.Chain {
+	conn, err := nftables.New()
+	if err != nil {
+		return nil
+	}
+	chains, err := conn.ListChains()
+	if err != nil {
+		return nil
+	}
+	var out []*nftables.Chain
+	for _, c := range chains {
+		if c.Table != nil && c.Table.Name != TableName && c.Hooknum != nil && *c.Hooknum == *hook &&
+			c.Policy != nil && *c.Policy == nftables.ChainPolicyDrop {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // nftFamilyName is a table family as nft writes it.

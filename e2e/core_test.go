@@ -613,3 +613,54 @@ func TestOutOfDescriptors(t *testing.T) {
 	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "through tpgw once descriptors are free")
 	stopTPGW(t, p, syscall.SIGTERM)
 }
+
+// TestGlobalIPv6LAN: with tpgw.interfaces empty only LAN sources (private,
+// ULA, link-local) are intercepted, so a LAN numbered from a global IPv6
+// prefix (the ISP's, on most dual-stack home networks) sends its IPv6 flows
+// out unproxied. tpgw check and the start name that network and the key
+// that fixes it; with the interface listed, its flows are intercepted.
+func TestGlobalIPv6LAN(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.Client.MustRun(t, "ip", "-6", "addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad")
+	tp.Gateway.MustRun(t, "ip", "-6", "addr", "add", "2001:db8:77::1/64", "dev", "lan0", "nodad")
+	tp.Upstream.MustRun(t, "ip", "-6", "route", "add", "2001:db8:77::/64", "via", "2001:db8:1::1")
+	seen := func() string {
+		out, err := tp.Client.Run(t, 10*time.Second, "curl", "-sS", "--max-time", "3", "--interface", "2001:db8:77::2", "http://[2001:db8:1::2]:8080/")
+		if err != nil {
+			t.Fatalf("curl from 2001:db8:77::2: %v", err)
+		}
+		return strings.TrimSpace(out)
+	}
+
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, ""))
+	want := []string{"IPv6 clients numbered from these global prefixes are not", "networks=lan0:2001:db8:77::/64\n"}
+	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
+	p := startTPGW(t, tp, cfg)
+	for _, w := range want {
+		if code != 0 || !strings.Contains(stderr, w) {
+			t.Errorf("tpgw check: exit %d, want success and a warning with %q:\n%s", code, w, stderr)
+		}
+		if !strings.Contains(p.Output(), w) {
+			t.Errorf("run: no warning with %q:\n%s", w, p.Output())
+		}
+	}
+	if strings.Contains(p.Output(), "wan0:") {
+		t.Errorf("the warning names the WAN (it holds the default route):\n%s", p.Output())
+	}
+	if got := seen(); got != "2001:db8:77::2" {
+		t.Errorf("interfaces empty: upstream saw %s, want the client's own 2001:db8:77::2 (not intercepted)", got)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+
+	cfg = writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "tpgw:\n  interfaces: [lan0]\n  state-dir: "+t.TempDir()+"\n"))
+	p = startTPGW(t, tp, cfg)
+	if strings.Contains(p.Output(), want[0]) {
+		t.Errorf("a warning with tpgw.interfaces set:\n%s", p.Output())
+	}
+	if got := seen(); got != "2001:db8:1::1" {
+		t.Errorf("interfaces: [lan0]: upstream saw %s, want the gateway's 2001:db8:1::1 (DIRECT through tpgw)", got)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+}

@@ -23,7 +23,7 @@ var DefaultFakeIPRange = netip.MustParsePrefix("198.18.0.1/16")
 // Options are the settings a Plan is built from. BuildPlan applies no defaults:
 // zero ports, marks and tables are errors (use DefaultOptions as a start).
 type Options struct {
-	Interfaces  []string // LAN ingress interfaces; empty = every interface except lo
+	Interfaces  []string // LAN ingress interfaces; empty = LAN sources on every interface except lo
 	Mark        uint32   // fwmark put on TPROXYed packets
 	Table       int      // policy routing table
 	RoutingMark uint32   // SO_MARK the engine puts on its own sockets; 0 = none. Packets with it are never intercepted.

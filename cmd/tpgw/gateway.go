@@ -63,8 +63,30 @@ func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
 		return nil, err
 	}
 	warnMissingInterfaces(c.Gateway.Interfaces, log)
+	warnNotIntercepted(opts, log)
 	warnDNSFamily(opts, log)
 	return netcfg.BuildPlan(opts)
+}
+
+// warnNotIntercepted warns about the host's global IPv6 networks that a
+// plan with no tpgw.interfaces leaves alone (netcfg.NotIntercepted): a LAN
+// numbered from the ISP's prefix would send its IPv6 flows out unproxied.
+func warnNotIntercepted(o netcfg.Options, log *slog.Logger) {
+	nets, err := netcfg.NotIntercepted(o)
+	if err != nil {
+		log.Debug("cannot list the host's networks", "err", err)
+		return
+	}
+	if len(nets) == 0 {
+		return
+	}
+	var list []string
+	for _, n := range nets {
+		list = append(list, n.Iface+":"+n.Prefix.String())
+	}
+	log.Warn("tpgw.interfaces is empty, so only flows from LAN sources (private, ULA and link-local addresses) are intercepted: "+
+		"IPv6 clients numbered from these global prefixes are not, and their IPv6 flows leave unproxied; if they are LAN clients, "+
+		"list their interfaces in tpgw.interfaces", "key", "tpgw.interfaces", "networks", strings.Join(list, ","))
 }
 
 // warnDNSFamily warns when the DNS server listens on one address of one
@@ -452,6 +474,7 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 		return err
 	}
 	warnMissingInterfaces(c.Gateway.Interfaces, o.log)
+	warnNotIntercepted(netcfgOptions(c), o.log)
 	warnDNSFamily(netcfgOptions(c), o.log)
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)
 	return nil

@@ -1,0 +1,95 @@
+package netcfg
+
+import (
+	"net/netip"
+	"slices"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// OutsideLAN is one network of the host whose clients a plan with no
+// Interfaces does not intercept: its prefix is not a LAN source.
+type OutsideLAN struct {
+	Iface  string
+	Prefix netip.Prefix
+}
+
+// NotIntercepted lists the host's own global IPv6 networks that a plan with
+// Options o leaves alone. With no Interfaces a plan intercepts flows from
+// LAN sources only (private, ULA, link-local and Options.LANSources), so
+// that no WAN is ever intercepted; but a dual-stack LAN numbered from the
+// ISP's prefix (the usual IPv6 home network) has global source addresses,
+// and its IPv6 flows would leave unproxied. Interfaces that hold a default
+// route are taken for WANs and left out, unless the host has no other (a
+// side router on one LAN). It returns nothing when o lists interfaces or
+// does not intercept IPv6. It reads the network namespace of the calling
+// thread.
+func NotIntercepted(o Options) ([]OutsideLAN, error) {
+	if len(o.Interfaces) > 0 || !o.IPv6 {
+		return nil, nil
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	lan := append(slices.Clone(lanSources6), o.LANSources...)
+	wan := map[int]bool{}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		routes, err := netlink.RouteList(nil, family)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range routes {
+			if r.Dst == nil || r.Dst.IP.IsUnspecified() {
+				if ones, _ := maskOf(r); ones == 0 {
+					wan[r.LinkIndex] = true
+				}
+			}
+		}
+	}
+	var found, onWAN []OutsideLAN
+	withAddrs := 0
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Flags&unix.IFF_LOOPBACK != 0 || a.Flags&unix.IFF_UP == 0 {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return nil, err
+		}
+		if len(addrs) > 0 {
+			withAddrs++
+		}
+		for _, ad := range addrs {
+			ip, ok := netip.AddrFromSlice(ad.IP)
+			if !ok || !ip.Is6() || ip.Is4In6() || ad.Scope != unix.RT_SCOPE_UNIVERSE {
+				continue
+			}
+			ones, _ := ad.Mask.Size()
+			p := netip.PrefixFrom(ip, ones).Masked()
+			if slices.ContainsFunc(lan, func(l netip.Prefix) bool { return l.Contains(ip) }) {
+				continue
+			}
+			n := OutsideLAN{Iface: a.Name, Prefix: p}
+			if wan[a.Index] {
+				onWAN = append(onWAN, n)
+			} else if !slices.Contains(found, n) {
+				found = append(found, n)
+			}
+		}
+	}
+	if withAddrs == 1 {
+		found = append(found, onWAN...)
+	}
+	return found, nil
+}
+
+// maskOf is the prefix length of a route's destination (0 for a default route).
+func maskOf(r netlink.Route) (int, int) {
+	if r.Dst == nil {
+		return 0, 0
+	}
+	return r.Dst.Mask.Size()
+}

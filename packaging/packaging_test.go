@@ -360,7 +360,8 @@ func TestOpenWrtConfigFollowsExample(t *testing.T) {
 }
 
 // The init script, run with procd's helpers stubbed, asks procd for what the
-// issue says: the command line, respawn, SIGHUP on reload, cleanup on stop.
+// issue says: the command line, respawn, SIGHUP on reload (a start when tpgw
+// is not running), a reload when the WAN comes up, cleanup on stop.
 func TestInitScript(t *testing.T) {
 	testenv.RequireTools(t, "sh")
 	for _, f := range []string{"openwrt/tpgw/files/tpgw.init", "openwrt/ipk/postinst", "openwrt/ipk/prerm"} {
@@ -378,10 +379,15 @@ procd_open_instance() { echo open; }
 procd_set_param() { echo "param $*"; }
 procd_close_instance() { echo close; }
 procd_send_signal() { echo "signal $*"; }
+procd_add_interface_trigger() { echo "trigger $*"; }
+procd_running() { [ "$RUNNING" = yes ]; }
+start() { echo start; }
 . ./openwrt/tpgw/files/tpgw.init
 echo "USE_PROCD=$USE_PROCD START=$START"
 start_service
-reload_service
+service_triggers
+RUNNING=yes reload_service
+RUNNING=no reload_service
 PROG=` + stub + `
 service_stopped
 `
@@ -393,7 +399,8 @@ service_stopped
 		"USE_PROCD=1 START=99",
 		"param command /usr/bin/tpgw run -c /etc/tpgw/config.yaml",
 		"param respawn 3600 5 5",
-		"signal tpgw * HUP",
+		"trigger interface.*.up wan /etc/init.d/tpgw reload",
+		"signal tpgw * HUP\nstart",
 		"tpgw cleanup -c /etc/tpgw/config.yaml",
 	} {
 		if !strings.Contains(string(out), want+"\n") {

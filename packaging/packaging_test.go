@@ -457,6 +457,7 @@ func TestSystemdUnit(t *testing.T) {
 		{"Service", "ExecReload", "/bin/kill -HUP $MAINPID"},
 		{"Service", "ExecStopPost", "/usr/bin/tpgw cleanup -c /etc/tpgw/config.yaml"},
 		{"Service", "Restart", "on-failure"},
+		{"Unit", "StartLimitIntervalSec", "0"},
 		{"Service", "CapabilityBoundingSet", "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE"},
 		{"Service", "AmbientCapabilities", "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE"},
 		{"Service", "NoNewPrivileges", "yes"},

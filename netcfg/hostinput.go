@@ -237,10 +237,11 @@ func warnInputDrop(log *slog.Logger, mark uint32) {
 // open the host's forwarding itself: the warning says what to add.
 func warnForwardDrop(log *slog.Logger, p *Plan) {
 	var what []string
-	var add []string // for iptables, then nftables
+	var iptRule, nftRule string // what lets the dns-bypass flows through
 	if p.Options.DNSBypass {
 		what = append(what, "the flows dns-bypass hands to the kernel")
-		add = append(add, fmt.Sprintf("-m connlabel --label %d -j ACCEPT", ConnLabelDNSBypass), fmt.Sprintf("ct label %d accept", ConnLabelDNSBypass))
+		iptRule = fmt.Sprintf("-m connlabel --label %d -j ACCEPT", ConnLabelDNSBypass)
+		nftRule = fmt.Sprintf("ct label %d accept", ConnLabelDNSBypass)
 	}
 	if p.Options.OnFailure == OnFailureOpen {
 		what = append(what, "the LAN's traffic while tpgw is down (on-failure: open)")
@@ -264,22 +265,14 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 			continue
 		}
 		if lines, err := ipt.List("filter", "FORWARD"); err == nil && slices.Contains(lines, "-P FORWARD DROP") {
-			rule := ""
-			if len(add) > 0 {
-				rule = add[0]
-			}
-			warn(iptCommand(f)+" filter FORWARD", rule)
+			warn(iptCommand(f)+" filter FORWARD", iptRule)
 		}
 	}
 	for _, c := range dropPolicyChains(nftables.ChainHookForward) {
 		if c.Name == "FORWARD" {
 			continue // iptables-nft's, seen through iptables above
 		}
-		rule := ""
-		if len(add) > 1 {
-			rule = add[1]
-		}
-		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), rule)
+		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), nftRule)
 	}
 }
 

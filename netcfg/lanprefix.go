@@ -41,10 +41,8 @@ func NotIntercepted(o Options) ([]OutsideLAN, error) {
 			return nil, err
 		}
 		for _, r := range routes {
-			if r.Dst == nil || r.Dst.IP.IsUnspecified() {
-				if ones, _ := maskOf(r); ones == 0 {
-					wan[r.LinkIndex] = true
-				}
+			if isDefault(r) {
+				wan[r.LinkIndex] = true
 			}
 		}
 	}
@@ -86,10 +84,12 @@ func NotIntercepted(o Options) ([]OutsideLAN, error) {
 	return found, nil
 }
 
-// maskOf is the prefix length of a route's destination (0 for a default route).
-func maskOf(r netlink.Route) (int, int) {
+// isDefault reports whether r is a default route (netlink leaves its
+// destination nil, or gives 0.0.0.0/0 or ::/0).
+func isDefault(r netlink.Route) bool {
 	if r.Dst == nil {
-		return 0, 0
+		return true
 	}
-	return r.Dst.Mask.Size()
+	ones, _ := r.Dst.Mask.Size()
+	return ones == 0
 }

@@ -270,17 +270,14 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 	if a.TProxy != nil {
 		// tproxy assigns the packet to a local socket, or breaks out of the rule
 		// when none listens (the fall-through behind on-failure: open).
+		// With an address: the address in register 1, the port in
+		// register 2, as nft does.
+		tp := &expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegPort: reg1}
 		if ad := a.TProxy.Addr; ad.IsValid() {
-			// The address in register 1, the port in register 2, as nft does.
-			es = append(es,
-				&expr.Immediate{Register: reg1, Data: ad.AsSlice()},
-				&expr.Immediate{Register: reg2, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)},
-				&expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegAddr: reg1, RegPort: reg2})
-		} else {
-			es = append(es,
-				&expr.Immediate{Register: reg1, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)},
-				&expr.TProxy{Family: nfprotoOf(a.TProxy.Family), TableFamily: unix.NFPROTO_INET, RegPort: reg1})
+			es = append(es, &expr.Immediate{Register: reg1, Data: ad.AsSlice()})
+			tp.RegAddr, tp.RegPort = reg1, reg2
 		}
+		es = append(es, &expr.Immediate{Register: tp.RegPort, Data: binaryutil.BigEndian.PutUint16(a.TProxy.Port)}, tp)
 	}
 	if a.SetMark != 0 {
 		es = append(es,

@@ -467,15 +467,13 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if _, err := netcfg.BuildPlan(netcfgOptions(c)); err != nil {
+	// The plan a start would install here, with the same warnings.
+	if _, err := hostPlan(c, o.log); err != nil {
 		return err
 	}
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
-	warnMissingInterfaces(c.Gateway.Interfaces, o.log)
-	warnNotIntercepted(netcfgOptions(c), o.log)
-	warnDNSFamily(netcfgOptions(c), o.log)
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)
 	return nil
 }

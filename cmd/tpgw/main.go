@@ -47,6 +47,11 @@ var errUsage = errors.New("usage")
 // stdout and tpgw exits 0.
 var errHelp = errors.New("help requested")
 
+// configFlags are the flags of run, check and rules, in their help.
+const configFlags = `  -c FILE   config file (a mihomo config with a tpgw: section)
+  -v        debug logging
+`
+
 // commandUsage is the help of each command (tpgw CMD -h).
 var commandUsage = map[string]string{
 	"run": `Usage: tpgw run -c FILE [-v]
@@ -55,25 +60,19 @@ fake-ip DNS, and removes every rule, route and sysctl change on exit
 (SIGTERM, SIGINT). SIGHUP reloads FILE without dropping established flows.
 
 Flags:
-  -c FILE   config file (a mihomo config with a tpgw: section)
-  -v        debug logging
-`,
+` + configFlags,
 	"check": `Usage: tpgw check -c FILE [-v]
 Validates FILE (its mihomo part and its tpgw: section) and exits: 0 if tpgw
 would start with it, 1 with the key and line of the first problem.
 
 Flags:
-  -c FILE   config file (a mihomo config with a tpgw: section)
-  -v        debug logging
-`,
+` + configFlags,
 	"rules": `Usage: tpgw rules -c FILE [-v]
 Prints the kernel rules, ip rules, routes and sysctls tpgw would install for
 FILE on this host. Changes nothing.
 
 Flags:
-  -c FILE   config file (a mihomo config with a tpgw: section)
-  -v        debug logging
-`,
+` + configFlags,
 	"cleanup": `Usage: tpgw cleanup [-c FILE] [-v]
 Removes the rules, routes and sysctl changes a crashed run left behind
 (tpgw run does this itself at start). Refused while tpgw runs.

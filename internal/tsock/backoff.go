@@ -9,8 +9,9 @@ import "time"
 // logging 877,003 warnings in 3 s at its descriptor limit.
 type AcceptBackoff struct {
 	delay  time.Duration
-	failed int       // failures since the last warning
-	warned time.Time // when the last warning was due
+	failed int                 // failures since the last warning
+	warned time.Time           // when the last warning was due
+	sleep  func(time.Duration) // time.Sleep; tests count the waits instead
 }
 
 const (
@@ -34,7 +35,10 @@ func (b *AcceptBackoff) Failed() (warn bool, failures int) {
 	} else if b.delay *= 2; b.delay > acceptDelayMax {
 		b.delay = acceptDelayMax
 	}
-	time.Sleep(b.delay)
+	if b.sleep == nil {
+		b.sleep = time.Sleep
+	}
+	b.sleep(b.delay)
 	return warn, failures
 }
 

@@ -1,42 +1,35 @@
 package tsock
 
 import (
+	"slices"
 	"testing"
 	"time"
 )
 
 func TestAcceptBackoff(t *testing.T) {
-	var b AcceptBackoff
-	start := time.Now()
+	var waited []time.Duration
+	b := AcceptBackoff{sleep: func(d time.Duration) { waited = append(waited, d) }}
 	warns, total := 0, 0
-	for range 8 {
+	for range 10 {
 		if warn, n := b.Failed(); warn {
 			warns++
 			total += n
 		}
 	}
-	// 5+10+20+40+80+160+320+640 ms, warned once (the first failure).
-	if took := time.Since(start); took < 1200*time.Millisecond || took > 3*time.Second {
-		t.Errorf("8 failures took %v, want about 1.3 s of backoff", took)
+	ms := time.Millisecond
+	want := []time.Duration{5 * ms, 10 * ms, 20 * ms, 40 * ms, 80 * ms, 160 * ms, 320 * ms, 640 * ms, time.Second, time.Second}
+	if !slices.Equal(waited, want) {
+		t.Errorf("waits %v, want %v (5 ms doubling, capped at 1 s)", waited, want)
 	}
 	if warns != 1 || total != 1 {
 		t.Errorf("%d warnings for %d failures, want 1 for the first", warns, total)
 	}
-	if b.delay != 640*time.Millisecond {
-		t.Errorf("delay %v after 8 failures, want 640ms", b.delay)
-	}
-	b.Failed()
-	b.Failed()
-	if b.delay != time.Second {
-		t.Errorf("delay %v, want it capped at 1s", b.delay)
-	}
 	b.Succeeded()
-	if b.delay != 0 {
-		t.Errorf("delay %v after a success, want 0", b.delay)
-	}
-	// A warning again once 10 s have passed, counting what it did not report.
+	waited = nil
+	// A warning again once 10 s have passed, counting what it did not report;
+	// the wait starts again at 5 ms after a success.
 	b.warned = time.Now().Add(-acceptWarnGap)
-	if warn, n := b.Failed(); !warn || n != 10 {
-		t.Errorf("after 10 s: warn %v for %d failures, want a warning for the 10 since the first", warn, n)
+	if warn, n := b.Failed(); !warn || n != 10 || !slices.Equal(waited, want[:1]) {
+		t.Errorf("after a success and 10 s: warn %v for %d failures, waits %v; want a warning for the 10 since the first and a 5 ms wait", warn, n, waited)
 	}
 }

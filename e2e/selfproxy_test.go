@@ -1,12 +1,14 @@
 package e2e
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tpgw/tpgw/internal/testenv"
 	"github.com/tpgw/tpgw/internal/testnet"
 )
 
@@ -19,6 +21,7 @@ import (
 // restores the kernel state.
 func TestProxySelf(t *testing.T) {
 	requireDNSPeers(t)
+	testenv.RequireTools(t, "ping")
 	for _, backend := range bothBackends {
 		t.Run(backend, func(t *testing.T) {
 			requireBackend(t, backend)
@@ -59,6 +62,12 @@ func TestProxySelf(t *testing.T) {
 			out, err := tp.Gateway.Run(t, 15*time.Second, "curl", "-sS", "--noproxy", "*", "--max-time", "10", "http://web.test:8080/")
 			if err != nil || strings.TrimSpace(out) != "198.51.100.2" {
 				t.Errorf("gateway's own curl http://web.test:8080/: %q, %v; want 198.51.100.2", out, err)
+			}
+			// The gateway's own ping to a name is answered from its fake IP.
+			fake := digAnswer(t, tp.Gateway, "@203.0.113.2", "web.test")
+			out, err = tp.Gateway.Run(t, 15*time.Second, "ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "web.test")
+			if err != nil || !strings.Contains(out, "2 received") || !strings.Contains(out, fmt.Sprintf("from %s:", fake)) {
+				t.Errorf("gateway's own ping web.test: want 2 replies from %s: %v\n%s", fake, err, out)
 			}
 			// The LAN is unaffected.
 			wantSeen(t, tp, "http://203.0.113.2:8080/", "198.51.100.2", "LAN client via ss-server")

@@ -492,3 +492,47 @@ func TestDNSListenOneAddress(t *testing.T) {
 		})
 	}
 }
+
+// TestPingFakeIP: a client pings a name (a fake IP, since the name resolves
+// through tpgw) and gets replies from that fake IP, answered by the gateway,
+// with both backends. Before, the request was forwarded to the WAN with the
+// fake IP as destination and lost there. A ping to a real address still
+// reaches that address. Nothing of it is left after tpgw exits.
+func TestPingFakeIP(t *testing.T) {
+	requireDNSPeers(t)
+	testenv.RequireTools(t, "ping")
+	for _, backend := range bothBackends {
+		t.Run(backend, func(t *testing.T) {
+			requireBackend(t, backend)
+			tp := testnet.New(t)
+			tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+			// Counts what reaches the upstream (the WAN side) addressed to the fake range.
+			tp.Upstream.MustRun(t, "nft", "add table ip leak; add chain ip leak pre { type filter hook prerouting priority 0; }; add rule ip leak pre ip daddr 198.18.0.0/15 counter")
+			before := testnet.Snapshot(t, tp.Gateway)
+			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig+tpgwSection(t, backend))))
+
+			fake := digOne(t, tp, "@192.168.77.1", "web.test")
+			if !fakeRange.Contains(fake) {
+				t.Fatalf("web.test = %s, want a fake IP", fake)
+			}
+			for _, dst := range []string{fake.String(), "web.test", "203.0.113.2"} {
+				out, err := tp.Client.Run(t, 15*time.Second, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst)
+				if err != nil || !strings.Contains(out, "3 received") || strings.Contains(out, "DUP!") {
+					t.Errorf("ping %s: want 3 replies, no duplicates: %v\n%s", dst, err, out)
+				}
+				want := fake.String()
+				if dst == "203.0.113.2" {
+					want = dst
+				}
+				if !strings.Contains(out, "from "+want+":") {
+					t.Errorf("ping %s: replies do not come from %s:\n%s", dst, want, out)
+				}
+			}
+			if out := tp.Upstream.MustRun(t, "nft", "list chain ip leak pre"); !strings.Contains(out, "packets 0 ") {
+				t.Errorf("pings to the fake IP reached the WAN side:\n%s", out)
+			}
+			stopTPGW(t, p, syscall.SIGTERM)
+			sameKernelState(t, tp, before, "after SIGTERM")
+		})
+	}
+}

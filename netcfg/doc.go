@@ -26,6 +26,11 @@
 //
 //  1. DNS (tcp/udp port 53) goes with tproxy to the fake-ip DNS port;
 //  2. the fake-ip range goes to the TPROXY port (before the bypass: it lies in 198.18.0.0/15);
+//     a ping (ICMP echo request) to it gets the mark, so the ip rule
+//     delivers it to the gateway, which answers for the name (IPv6: the
+//     kernel; IPv4: relay.PingResponder, since the kernel does not reply
+//     from an address that is not the gateway's); divert_out does the same
+//     for the gateway's own pings;
 //  3. destinations of the gateway itself, then @bypass4/@bypass6 (reserved
 //     ranges plus Options.Bypass), then sources in @bypass_src4/6 return;
 //     with Options.DNSBypass, destinations in @dns_bypass4/6 return too

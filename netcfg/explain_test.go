@@ -112,7 +112,7 @@ func TestExplainPathAndText(t *testing.T) {
 	}
 
 	e = p.Explain(parseFlow(t, "tcp 192.168.77.2:40000 10.0.0.5:80 lan0"), nil)
-	if got, want := e.String(), "not intercepted: bypassed destination (rule 5 of chain divert) — the kernel forwards it as usual"; got != want {
+	if got, want := e.String(), "not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual"; got != want {
 		t.Errorf("got %q, want %q", got, want)
 	}
 	e = p.Explain(parseFlow(t, "tcp 192.168.77.2:40000 127.0.0.1:80 lan0"), nil)

@@ -509,6 +509,23 @@ func LANSourceRanges(f Family) []netip.Prefix {
 	return append([]netip.Prefix(nil), lanSources4...)
 }
 
+// pingComment names the rule that routes a ping to a fake IP to the gateway
+// (the mark's ip rule delivers it locally). A fake IP stands for a name, so
+// no host would answer, and ICMP cannot be proxied: the gateway answers
+// itself (the kernel for IPv6, tpgw's relay.PingResponder for IPv4), rather
+// than forwarding the request to the WAN, where it is lost.
+const pingComment = "ping to a fake IP: answered by the gateway"
+
+// fakePing matches ICMP echo requests to the fake-ip range r.
+func fakePing(r netip.Prefix) []Match {
+	f := MatchAddr{Prefix: r}.Family()
+	proto, typ := ProtoICMP, uint8(icmpEcho)
+	if f == IPv6 {
+		proto, typ = ProtoICMPv6, icmp6Echo
+	}
+	return []Match{MatchAddr{Prefix: r}, MatchL4Proto{Protos: []uint8{proto}}, MatchICMPType{Family: f, Type: typ}}
+}
+
 // BuildPlan validates o and computes the plan. It has no side effects.
 //
 // The same plan serves both backends; see doc.go for the chains and why each
@@ -662,6 +679,7 @@ func BuildPlan(o Options) (*Plan, error) {
 		if closed {
 			add(&div, "fake-ip with tpgw down (on-failure: closed)", drop, MatchAddr{Prefix: r}, tcpUDP)
 		}
+		add(&div, pingComment, markIt, fakePing(r)...)
 	}
 	// Traffic to the gateway's own addresses (its web UI, SSH, its public WAN
 	// address) is delivered locally, not proxied back to itself.
@@ -712,6 +730,7 @@ func BuildPlan(o Options) (*Plan, error) {
 		for _, r := range fakeRanges {
 			if r.IsValid() {
 				add(&divOut, "fake-ip range", markIt, MatchAddr{Prefix: r}, tcpUDP)
+				add(&divOut, pingComment, markIt, fakePing(r)...)
 			}
 		}
 		for _, s := range p.Sets {
@@ -869,6 +888,8 @@ func (p *Plan) Render(backend string) string {
 const (
 	icmpRedirect  = 5
 	icmp6Redirect = 137
+	icmpEcho      = 8
+	icmp6Echo     = 128
 )
 
 // familyOf is the family of a (non-mapped) address.

@@ -45,6 +45,14 @@
 // in, whichever goroutine asks for them (it matters only to tests, which
 // open listeners inside throwaway namespaces).
 //
+// # Pings to fake IPs
+//
+// netcfg delivers echo requests to the fake-ip range to the gateway. The
+// kernel answers the IPv6 ones; for IPv4 it will not send a reply whose
+// source is not one of the gateway's addresses, so PingResponder does: a raw
+// ICMP socket with a socket filter that lets only echo requests to the range
+// through, and IP_HDRINCL with IP_TRANSPARENT to reply from the fake IP.
+//
 // The socket plumbing (transparent sockets, the control message parser,
 // reply sockets, the namespace) is shared with package dns in internal/tsock.
 package relay

@@ -18,6 +18,7 @@ check ss-server shadowsocks-libev
 check ss-redir shadowsocks-libev
 check gcc gcc
 check strace strace
+check ping iputils-ping
 if [ "${1:-}" = bench ]; then # make bench only
 	check wrk wrk
 	check dnsperf dnsperf

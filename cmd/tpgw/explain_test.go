@@ -45,7 +45,7 @@ func TestExplainCommand(t *testing.T) {
 	}{
 		{"bypassed", []string{"--dst", "192.168.1.10:80"}, []string{
 			"flow: tcp 192.168.77.2:40000 → 192.168.1.10:80 in lan0",
-			"kernel: not intercepted: bypassed destination (rule 5 of chain divert) — the kernel forwards it as usual",
+			"kernel: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
 		}},
 		{"direct", []string{"--dst", "203.0.113.2:80"}, []string{
 			"flow: tcp 192.168.77.2:40000 → 203.0.113.2:80 in lan0",
@@ -63,19 +63,19 @@ func TestExplainCommand(t *testing.T) {
 			"flow: tcp 192.168.77.2:40000 → 198.18.0.9:443 (www.example.com) in lan0",
 			`kernel: intercepted — TPROXY to :7893 (rule "fake-ip range", chain divert)`,
 			"mihomo: rule DomainSuffix,example.com → ss",
-			"if tpgw is down: not intercepted: bypassed destination (rule 5 of chain divert) — the kernel forwards it as usual",
+			"if tpgw is down: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
 		}},
 		{"fake IP without --host", []string{"--dst", "198.18.0.9:443"}, []string{
 			"flow: tcp 192.168.77.2:40000 → 198.18.0.9:443 in lan0",
 			`kernel: intercepted — TPROXY to :7893 (rule "fake-ip range", chain divert)`,
 			"mihomo: 198.18.0.9 is a fake IP: the name it stands for is known only to the running tpgw; pass --host NAME",
-			"if tpgw is down: not intercepted: bypassed destination (rule 5 of chain divert) — the kernel forwards it as usual",
+			"if tpgw is down: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
 		}},
 		{"DNS query", []string{"--proto", "udp", "--dst", "192.168.77.1:53"}, []string{
 			"flow: udp 192.168.77.2:40000 → 192.168.77.1:53 in lan0",
 			`kernel: intercepted — TPROXY to :1053 (rule "DNS hijack", chain divert)`,
 			"dns: answered by tpgw's fake-ip DNS server on :1053",
-			"if tpgw is down: not intercepted: bypassed destination (rule 5 of chain divert) — the kernel forwards it as usual",
+			"if tpgw is down: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
 		}},
 		{"not from the LAN", []string{"--in", "wan0", "--dst", "203.0.113.3:80"}, []string{
 			"flow: tcp 192.168.77.2:40000 → 203.0.113.3:80 in wan0",

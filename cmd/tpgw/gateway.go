@@ -187,6 +187,7 @@ type gateway struct {
 	installed *netcfg.Installed
 	bypass    *dns.Bypass // nil unless tpgw.dns-bypass
 	dns       *dns.Server // nil unless the mihomo dns block is enabled
+	ping      *pinger     // answers pings to the IPv4 fake-ip range
 	log       *slog.Logger
 	verifyErr string // the last error of verifyRules, logged once
 }
@@ -300,6 +301,10 @@ func runGateway(o cmdOpts) (err error) {
 		log.Warn("tpgw.dns-hijack is on but the mihomo dns block is not enabled: client DNS is not hijacked")
 	}
 
+	ping := &pinger{log: log}
+	ping.sync(plan.Options.FakeIPRange)
+	defer ping.close()
+
 	// With on-failure open, a watchdog outside this process removes the
 	// divert rules if tpgw dies, so LAN traffic flows directly. It starts
 	// before the rules go in, so there is no moment with rules and no watchdog.
@@ -337,7 +342,7 @@ func runGateway(o cmdOpts) (err error) {
 	}
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
-	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, log: log}
+	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, ping: ping, log: log}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
@@ -457,6 +462,7 @@ func (gw *gateway) reload(path string) error {
 	// table's sets start empty; Flush also makes answers decided before now
 	// stay out of them.
 	gw.decisionsChanged("reload")
+	gw.ping.sync(plan.Options.FakeIPRange)
 	gw.cfg = c
 	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)
 	return nil
@@ -542,4 +548,46 @@ func printVersion(w io.Writer) {
 		}
 	}
 	fmt.Fprintf(w, "tpgw %s (commit %s, %s, mihomo %s, %s/%s)\n", version, commit, runtime.Version(), mihomo, runtime.GOOS, runtime.GOARCH)
+}
+
+// pinger runs the relay's PingResponder for the IPv4 fake-ip range the plan
+// routes pings to. Answering is a courtesy: when the raw socket cannot be
+// opened, tpgw warns and runs on (pings to fake IPs then go unanswered).
+type pinger struct {
+	log  *slog.Logger
+	resp *relay.PingResponder
+	done chan struct{}
+}
+
+// sync starts the responder for fake (the plan's IPv4 fake-ip range; zero
+// when fake-ip is off) or moves it there.
+func (p *pinger) sync(fake netip.Prefix) {
+	switch {
+	case !fake.IsValid():
+		return // no ping rule in the plan: nothing reaches the responder
+	case p.resp != nil:
+		if err := p.resp.SetPrefix(fake); err != nil {
+			p.log.Warn("pings to fake IPs: cannot follow the new fake-ip-range", "range", fake, "err", err)
+		}
+		return
+	}
+	resp, err := relay.ListenPing(fake, p.log)
+	if err != nil {
+		p.log.Warn("pings to fake IPs go unanswered", "err", err)
+		return
+	}
+	p.resp, p.done = resp, make(chan struct{})
+	go func() {
+		defer close(p.done)
+		if err := resp.Serve(); err != nil {
+			p.log.Warn("pings to fake IPs go unanswered", "err", err)
+		}
+	}()
+}
+
+func (p *pinger) close() {
+	if p.resp != nil {
+		p.resp.Close()
+		<-p.done
+	}
 }

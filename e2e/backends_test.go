@@ -494,25 +494,64 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 	}
 	// A firewall written in nftables cannot be opened from tpgw's table:
 	// the start warns, naming the chain and the rule to add, and that rule
-	// is enough.
-	t.Run("nft policy drop", func(t *testing.T) {
-		tp := testnet.New(t)
-		tp.StartHTTPServer(t, httpPort)
-		tp.Gateway.MustRun(t, "nft", "add table inet hostfw")
-		tp.Gateway.MustRun(t, "nft", "add chain inet hostfw input { type filter hook input priority 0; policy drop; }")
-		tp.Gateway.MustRun(t, "nft", "add rule inet hostfw input ct state established,related accept")
-		tp.Gateway.MustRun(t, "nft", "add rule inet hostfw input iifname lo accept")
-		cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables")))
-		p := runTPGW(t, tp, cfg)
-		want := `chain="inet hostfw input" add_to_it="meta mark 0x29a accept"`
-		if !strings.Contains(p.Output(), want) {
-			t.Fatalf("no warning with %s:\n%s", want, p.Output())
-		}
-		if out, err := tp.Client.Run(t, 10*time.Second, "curl", "-sS", "--max-time", "2", "--noproxy", "*", "http://203.0.113.2:8080/"); err == nil {
-			t.Fatalf("reached the upstream through a firewall that drops the diverted packets: %s", out)
-		}
-		tp.Gateway.MustRun(t, "nft", "insert rule inet hostfw input meta mark 0x29a accept")
-		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, with the rule the warning named")
-		stopTPGW(t, p, syscall.SIGTERM)
-	})
+	// is enough. Two shapes: a chain with policy drop (an nftables.conf),
+	// and firewalld's nftables backend, whose filter_INPUT accepts by policy
+	// but ends with a reject for what no zone allowed; the warning also
+	// names the firewalld command, whose effect (the LAN interface's zone
+	// accepts) is emulated here.
+	for _, c := range []struct {
+		name, setup, want, fix string
+		keys                   []string // of the tpgw section
+	}{
+		{
+			name: "nft policy drop",
+			setup: `table inet hostfw {
+	chain input { type filter hook input priority 0; policy drop;
+		ct state established,related accept
+		iifname lo accept
+	}
+}`,
+			want: `chain="inet hostfw input" drops_by="policy drop" add_to_it="meta mark 0x29a accept"`,
+			fix:  "insert rule inet hostfw input meta mark 0x29a accept",
+		},
+		{
+			name: "firewalld",
+			setup: `table inet firewalld {
+	chain filter_INPUT_dispatch {
+	}
+	chain filter_INPUT { type filter hook input priority filter + 10; policy accept;
+		ct state { established, related } accept
+		ct status dnat accept
+		iifname "lo" accept
+		ct state { invalid } drop
+		jump filter_INPUT_dispatch
+		reject with icmpx admin-prohibited
+	}
+}`,
+			want: `chain="inet firewalld filter_INPUT" drops_by="last rule: reject" add_to_it="meta mark 0x29a accept" firewalld="firewall-cmd --permanent --zone=trusted --add-interface=lan0 && firewall-cmd --reload"`,
+			fix:  `add rule inet firewalld filter_INPUT_dispatch iifname "lan0" accept`,
+			keys: []string{"interfaces: [lan0]"},
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tp := testnet.New(t)
+			tp.StartHTTPServer(t, httpPort)
+			ruleset := filepath.Join(t.TempDir(), "hostfw.nft")
+			if err := os.WriteFile(ruleset, []byte(c.setup+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			tp.Gateway.MustRun(t, "nft", "-f", ruleset)
+			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables", c.keys...)))
+			p := runTPGW(t, tp, cfg)
+			if !strings.Contains(p.Output(), c.want) {
+				t.Fatalf("no warning with %s:\n%s", c.want, p.Output())
+			}
+			if out, err := tp.Client.Run(t, 10*time.Second, "curl", "-sS", "--max-time", "2", "--noproxy", "*", "http://203.0.113.2:8080/"); err == nil {
+				t.Fatalf("reached the upstream through a firewall that drops the diverted packets: %s", out)
+			}
+			tp.Gateway.MustRun(t, "nft", c.fix)
+			wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, with the rule the warning named")
+			stopTPGW(t, p, syscall.SIGTERM)
+		})
+	}
 }

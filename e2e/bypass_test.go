@@ -234,7 +234,7 @@ func TestDNSBypassForwardDrop(t *testing.T) {
 	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,direct.test,DIRECT", "MATCH,DIRECT"},
 		bypassDNSConfig+fmt.Sprintf("tpgw:\n  state-dir: %s\n  dns-bypass: true\n", t.TempDir())))
 	p := startTPGW(t, tp, cfg)
-	want := `chain="iptables filter FORWARD" policy=drop forwarded="the flows dns-bypass hands to the kernel; the LAN's traffic while tpgw is down (on-failure: open)" add_to_it="-m connlabel --label 127 -j ACCEPT"`
+	want := `chain="iptables filter FORWARD" drops_by="policy DROP" forwarded="the flows dns-bypass hands to the kernel; the LAN's traffic while tpgw is down (on-failure: open)" add_to_it="-m connlabel --label 127 -j ACCEPT"`
 	if !strings.Contains(p.Output(), want) {
 		t.Fatalf("no warning with %s:\n%s", want, p.Output())
 	}

@@ -182,7 +182,7 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 	if inst.fwState, err = fw.state(); err != nil {
 		return nil, err
 	}
-	warnInputDrop(log, p.Options.Mark)
+	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces)
 	warnForwardDrop(log, p)
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 

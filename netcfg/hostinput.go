@@ -10,6 +10,7 @@ import (
 
 	"github.com/coreos/go-iptables/iptables"
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 )
 
 // divertedComment is the comment of the input rule that accepts the packets
@@ -211,28 +212,45 @@ func (w *nftFirewall) hostInputState() []string {
 }
 
 // warnInputDrop warns about each nftables base chain on the input hook,
-// outside tpgw's table and iptables' own INPUT, whose policy is drop: a
-// firewall written in nftables (say an /etc/nftables.conf) that tpgw cannot
-// open from its own table. If that chain does not accept the diverted
-// packets some other way, the LAN reaches nothing; the warning says what to
-// add. (firewalld's nftables backend ends its chain with a reject rule, not
-// a drop policy, and is not seen here.)
-func warnInputDrop(log *slog.Logger, mark uint32) {
-	for _, c := range dropPolicyChains(nftables.ChainHookInput) {
+// outside tpgw's table and iptables' own INPUT, that drops or rejects what
+// it did not accept (droppingChains): a firewall written in nftables (an
+// /etc/nftables.conf with policy drop, firewalld's nftables backend, whose
+// chain ends with a reject) that tpgw cannot open from its own table. If
+// that chain does not accept the diverted packets some other way, the LAN
+// reaches nothing; the warning says what to add, and for firewalld which
+// zone to put the LAN in. lan is tpgw.interfaces.
+func warnInputDrop(log *slog.Logger, mark uint32, lan []string) {
+	for _, d := range droppingChains(nftables.ChainHookInput) {
+		c := d.chain
 		family := nftFamilyName(c.Table.Family)
 		if (family == "ip" || family == "ip6") && c.Table.Name == "filter" && c.Name == "INPUT" {
 			continue // iptables-nft's: opened by a rule of ours (syncHostInput, or the iptables backend's input chain)
 		}
-		log.Warn("netcfg: a firewall chain of the host drops incoming packets by default; unless it accepts the packets tpgw diverts, the LAN reaches nothing while tpgw runs",
-			"chain", fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name), "add_to_it", fmt.Sprintf("meta mark %#x accept", mark))
+		args := []any{"chain", fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name), "drops_by", d.how,
+			"add_to_it", fmt.Sprintf("meta mark %#x accept", mark)}
+		if c.Table.Name == firewalldTable {
+			// firewalld's table cannot take rules of others (it may own
+			// it); its zones say what reaches the host.
+			iface := "<LAN interface>"
+			if len(lan) > 0 {
+				iface = strings.Join(lan, ",")
+			}
+			args = append(args, "firewalld", fmt.Sprintf("firewall-cmd --permanent --zone=trusted --add-interface=%s && firewall-cmd --reload", iface))
+		}
+		log.Warn("netcfg: a firewall chain of the host drops or rejects incoming packets by default; unless it accepts the packets tpgw diverts, the LAN reaches nothing while tpgw runs", args...)
 	}
 }
 
+// firewalldTable is the nftables table of firewalld's nftables backend. Its
+// filter_INPUT and filter_FORWARD chains accept by policy but end with
+// an unconditional reject, for whatever no zone allowed.
+const firewalldTable = "firewalld"
+
 // warnForwardDrop warns about a host firewall that drops forwarded packets
 // by default (iptables' FORWARD with policy DROP, which Docker sets, or an
-// nftables forward chain with policy drop) when tpgw counts on forwarding:
-// the flows dns-bypass hands to the kernel, and with on-failure: open the
-// LAN's traffic while tpgw is down. Through tpgw those flows are delivered
+// nftables forward chain that drops or rejects by default, droppingChains)
+// when tpgw counts on forwarding: the flows dns-bypass hands to the kernel,
+// and with on-failure: open the LAN's traffic while tpgw is down. Through tpgw those flows are delivered
 // locally and never meet FORWARD, so they worked until then. tpgw does not
 // open the host's forwarding itself: the warning says what to add.
 func warnForwardDrop(log *slog.Logger, p *Plan) {
@@ -249,8 +267,8 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 	if len(what) == 0 {
 		return
 	}
-	warn := func(chain string, rule string) {
-		args := []any{"chain", chain, "policy", "drop", "forwarded", strings.Join(what, "; ")}
+	warn := func(chain, how, rule string) {
+		args := []any{"chain", chain, "drops_by", how, "forwarded", strings.Join(what, "; ")}
 		if rule != "" {
 			args = append(args, "add_to_it", rule)
 		}
@@ -265,20 +283,30 @@ func warnForwardDrop(log *slog.Logger, p *Plan) {
 			continue
 		}
 		if lines, err := ipt.List("filter", "FORWARD"); err == nil && slices.Contains(lines, "-P FORWARD DROP") {
-			warn(iptCommand(f)+" filter FORWARD", iptRule)
+			warn(iptCommand(f)+" filter FORWARD", "policy DROP", iptRule)
 		}
 	}
-	for _, c := range dropPolicyChains(nftables.ChainHookForward) {
+	for _, d := range droppingChains(nftables.ChainHookForward) {
+		c := d.chain
 		if c.Name == "FORWARD" {
 			continue // iptables-nft's, seen through iptables above
 		}
-		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), nftRule)
+		warn(fmt.Sprintf("%s %s %s", nftFamilyName(c.Table.Family), c.Table.Name, c.Name), d.how, nftRule)
 	}
 }
 
-// dropPolicyChains are the nftables base chains on hook, outside tpgw's
-// table, whose policy is drop (none when nftables cannot be read).
-func dropPolicyChains(hook *nftables.ChainHook) []*nftables.Chain {
+// droppingChain is a base chain of the host that drops what no rule of it
+// accepted, and how it does that.
+type droppingChain struct {
+	chain *nftables.Chain
+	how   string // "policy drop", or "last rule: reject" / "last rule: drop"
+}
+
+// droppingChains are the nftables base chains on hook, outside tpgw's
+// table, that drop or reject what they did not accept: by policy, or by an
+// unconditional drop or reject as their last rule (firewalld's, whose
+// policy is accept). None when nftables cannot be read.
+func droppingChains(hook *nftables.ChainHook) []droppingChain {
 	conn, err := nftables.New()
 	if err != nil {
 		return nil
@@ -287,14 +315,45 @@ func dropPolicyChains(hook *nftables.ChainHook) []*nftables.Chain {
 	if err != nil {
 		return nil
 	}
-	var out []*nftables.Chain
+	var out []droppingChain
 	for _, c := range chains {
-		if c.Table != nil && c.Table.Name != TableName && c.Hooknum != nil && *c.Hooknum == *hook &&
-			c.Policy != nil && *c.Policy == nftables.ChainPolicyDrop {
-			out = append(out, c)
+		if c.Table == nil || c.Table.Name == TableName || c.Hooknum == nil || *c.Hooknum != *hook {
+			continue
+		}
+		if c.Policy != nil && *c.Policy == nftables.ChainPolicyDrop {
+			out = append(out, droppingChain{c, "policy drop"})
+			continue
+		}
+		rules, err := conn.GetRules(c.Table, c)
+		if err != nil || len(rules) == 0 {
+			continue
+		}
+		if how := finalVerdict(rules[len(rules)-1].Exprs); how != "" {
+			out = append(out, droppingChain{c, "last rule: " + how})
 		}
 	}
 	return out
+}
+
+// finalVerdict is "reject" or "drop" for a rule that rejects or drops every
+// packet (no match before the verdict; counters and logs do not match), or
+// "".
+func finalVerdict(exprs []expr.Any) string {
+	for _, e := range exprs {
+		switch e := e.(type) {
+		case *expr.Counter, *expr.Log:
+		case *expr.Reject:
+			return "reject"
+		case *expr.Verdict:
+			if e.Kind == expr.VerdictDrop {
+				return "drop"
+			}
+			return ""
+		default:
+			return ""
+		}
+	}
+	return ""
 }
 
 // nftFamilyName is a table family as nft writes it.

@@ -51,6 +51,16 @@
 // reply sockets, the namespace) is shared with package relay in
 // internal/tsock.
 //
+// # Local names (ForwardLocalNames)
+//
+// A hijacked query for a name only the LAN knows (isLocalName: one label,
+// .lan, .local, .localdomain, .home.arpa, .internal, the reverse zones of
+// private and link-local addresses) is not handed to the engine: it goes to
+// the server the client asked, its original destination (the router's
+// dnsmasq), over the client's transport, from a socket with mihomo's
+// routing-mark, and that server's answer is passed back unchanged and not
+// cached. A name in mihomo's hosts is the engine's. localnames.go says why.
+//
 // # DNS-driven kernel bypass (tpgw.dns-bypass, off by default)
 //
 // Bypass sits in front of the engine. For an A or AAAA query it asks the

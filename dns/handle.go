@@ -35,13 +35,18 @@ const (
 // SERVFAIL. UDP replies are truncated (TC set) to the client's EDNS0 buffer
 // size, or 512 without EDNS0.
 func handleMessage(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verdict) {
-	b, v, _ := handle(ctx, eng, req, udp)
+	b, v, _ := handle(ctx, eng, req, udp, nil)
 	return b, v
 }
 
+// route is asked about each well-formed query before the engine. It may
+// answer the query itself (handled; a nil reply means it failed), and says
+// whether an answer to it may be cached.
+type route func(ctx context.Context, q *D.Msg, req []byte) (reply []byte, handled, cacheable bool)
+
 // handle is handleMessage that also says for how long the reply may be
-// reused for the same query (0: not at all).
-func handle(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verdict, time.Duration) {
+// reused for the same query (0: not at all), with an optional route.
+func handle(ctx context.Context, eng Engine, req []byte, udp bool, rt route) ([]byte, verdict, time.Duration) {
 	if len(req) < headerLen {
 		return nil, malformed, 0
 	}
@@ -59,6 +64,17 @@ func handle(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verd
 		return pack(refusal(q, D.RcodeFormatError), udp, q), malformed, 0
 	}
 
+	cacheable := true
+	if rt != nil {
+		var reply []byte
+		var handled bool
+		if reply, handled, cacheable = rt(ctx, q, req); handled {
+			if reply == nil {
+				return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
+			}
+			return reply, answered, 0
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
 	r, err := eng.ServeDNS(ctx, q)
 	cancel()
@@ -76,6 +92,9 @@ func handle(ctx context.Context, eng Engine, req []byte, udp bool) ([]byte, verd
 		// The engine's answer does not pack (e.g. a record it built is
 		// invalid): the client still deserves an answer.
 		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
+	}
+	if !cacheable {
+		return b, answered, 0
 	}
 	return b, answered, cacheTTL(r)
 }

@@ -68,6 +68,7 @@ type Server struct {
 
 	queries, malformed, errs atomic.Uint64
 	cache                    *replyCache
+	local                    *localForward // ForwardLocalNames; nil: off
 }
 
 // Listen opens the UDP and TCP sockets of the DNS server on addr.
@@ -261,12 +262,18 @@ func (s *Server) Stats() Stats {
 }
 
 // answer handles one message and counts the outcome.
-func (s *Server) answer(req []byte, udp bool) []byte {
+func (s *Server) answer(req []byte, udp bool, origDst netip.AddrPort) []byte {
 	if b := s.cache.get(req, udp); b != nil {
 		s.queries.Add(1)
 		return b
 	}
-	b, v, ttl := handle(s.ctx, s.eng, req, udp)
+	var rt route
+	if s.local != nil {
+		rt = func(ctx context.Context, q *D.Msg, req []byte) ([]byte, bool, bool) {
+			return s.routeLocal(ctx, q, req, udp, origDst)
+		}
+	}
+	b, v, ttl := handle(s.ctx, s.eng, req, udp, rt)
 	if v == answered {
 		s.cache.put(req, b, udp, ttl)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"syscall"
 	"time"
 
@@ -78,6 +79,12 @@ func (s *Server) untrackConn(c net.Conn) {
 // or garbage: the framing can no longer be trusted, so the connection ends).
 func (s *Server) serveConn(c net.Conn) {
 	var lenBuf [2]byte
+	// The accepted socket's local address is the query's original
+	// destination (the kernel diverted it without rewriting it).
+	var origDst netip.AddrPort
+	if a, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		origDst = a.AddrPort()
+	}
 	for {
 		if err := c.SetReadDeadline(time.Now().Add(tcpIdleTimeout)); err != nil {
 			return
@@ -97,7 +104,7 @@ func (s *Server) serveConn(c net.Conn) {
 		if !s.acquire() {
 			return
 		}
-		reply := s.answer(req, false)
+		reply := s.answer(req, false, origDst)
 		s.release()
 		if reply == nil {
 			return

@@ -83,7 +83,7 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *repl
 	go func() {
 		defer s.wg.Done()
 		defer s.release()
-		if reply := s.answer(req, true); reply != nil {
+		if reply := s.answer(req, true, origDst); reply != nil {
 			if err := s.replyUDP(reply, client, origDst); err != nil {
 				s.log.Debug("udp reply", "client", client, "from", origDst, "err", err)
 			}

@@ -536,3 +536,49 @@ func TestPingFakeIP(t *testing.T) {
 		})
 	}
 }
+
+// TestLocalNames: names only the LAN knows are not faked. A hijacked query
+// for one (the router's "router.lan", a single-label name, a reverse lookup
+// of a LAN address) is passed to the server the client asked, here dnsmasq
+// on the gateway (OpenWrt's setup), over UDP and TCP, and a connection by
+// such a name works; before, it got a fake IP that mihomo could not
+// resolve. A name in mihomo's hosts stays mihomo's, other names get fake
+// IPs as before, and a local name asked of another server gets that
+// server's answer.
+func TestLocalNames(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartDNSMasq(t, map[string]string{"web.test": "203.0.113.2"})
+	tp.StartGatewayDNSMasq(t, "--local=/lan/", "--address=/router.lan/192.168.77.1", "--address=/nas.lan/203.0.113.2",
+		"--address=/nas/203.0.113.2", "--ptr-record=2.77.168.192.in-addr.arpa,laptop.lan", "--server=203.0.113.2")
+	cfg := baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig+"hosts:\n  printer.lan: 192.168.77.9\n")
+	p := startTPGW(t, tp, writeConfig(t, cfg))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"@192.168.77.1", "router.lan"}, "192.168.77.1"},
+		{[]string{"@192.168.77.1", "+tcp", "router.lan"}, "192.168.77.1"},
+		{[]string{"@192.168.77.1", "nas"}, "203.0.113.2"},
+		{[]string{"@192.168.77.1", "-x", "192.168.77.2"}, "laptop.lan."},
+		{[]string{"@192.168.77.1", "printer.lan"}, "192.168.77.9"}, // mihomo's hosts
+	} {
+		lines, err := dig(t, tp, c.args...)
+		if err != nil || len(lines) == 0 || lines[len(lines)-1] != c.want {
+			t.Errorf("dig %v = %q, %v; want %s", c.args, lines, err, c.want)
+		}
+	}
+	if a := digOne(t, tp, "@192.168.77.1", "web.test"); !fakeRange.Contains(a) {
+		t.Errorf("dig web.test = %s, want a fake IP", a)
+	}
+	// dnsmasq in the upstream does not know router.lan: its answer, not a fake IP.
+	out, err := tp.Client.Run(t, 15*time.Second, "dig", "+time=3", "+tries=1", "@203.0.113.2", "router.lan")
+	if err != nil || strings.Contains(out, "198.18.") || !strings.Contains(out, "ANSWER: 0") {
+		t.Errorf("dig @203.0.113.2 router.lan: want the upstream's empty answer, no fake IP: %v\n%s", err, out)
+	}
+	// By name, through tpgw: the real address, relayed DIRECT.
+	wantSeen(t, tp, "http://nas.lan:8080/", "203.0.113.1", "a local name, DIRECT through tpgw")
+}

@@ -84,3 +84,10 @@ func (p *udpPacket) Drop() {
 }
 
 func (p *udpPacket) LocalAddr() net.Addr { return net.UDPAddrFromAddrPort(p.src) }
+
+// InHosts reports whether mihomo's hosts (the config's hosts, and the
+// system's with use-system-hosts) has name, which mihomo's DNS then answers.
+func (e *Engine) InHosts(name string) bool {
+	_, ok := resolver.DefaultHosts.Search(name, false)
+	return ok
+}

@@ -294,6 +294,8 @@ func runGateway(o cmdOpts) (err error) {
 			return err
 		}
 		dnsSrv = srv
+		// Names only the LAN knows go to the server the client asked.
+		srv.ForwardLocalNames(c.RoutingMark, eng.InHosts)
 		go func() { serveErr <- srv.Serve() }()
 		defer srv.Close()
 		log.Info("dns server", "listen", srv.Addr().String(), "mode", c.DNS.EnhancedMode, "hijack", c.Gateway.DNSHijack)

@@ -251,6 +251,20 @@ func (tp *Topology) StartDNSMasq(t testing.TB, records map[string]string) *Proc 
 // "--txt-record=name,text" or "--dns-rr=name,65,HEX" for other record types.
 func (tp *Topology) StartDNSMasqArgs(t testing.TB, records map[string]string, extra ...string) *Proc {
 	t.Helper()
+	return startDNSMasq(t, tp.Upstream, tp.UpstreamIP, records, extra...)
+}
+
+// StartGatewayDNSMasq runs dnsmasq on the gateway's LAN address, port 53,
+// as on an OpenWrt router (the LAN's resolver is the gateway itself), with
+// the given options (e.g. "--address=/router.lan/192.168.77.1"), and waits
+// until it answers.
+func (tp *Topology) StartGatewayDNSMasq(t testing.TB, extra ...string) *Proc {
+	t.Helper()
+	return startDNSMasq(t, tp.Gateway, tp.GatewayLAN, nil, extra...)
+}
+
+func startDNSMasq(t testing.TB, ns *NS, listen netip.Addr, records map[string]string, extra ...string) *Proc {
+	t.Helper()
 	requireTool(t, "dnsmasq")
 	dir := t.TempDir()
 	args := []string{
@@ -262,7 +276,7 @@ func (tp *Topology) StartDNSMasqArgs(t testing.TB, records map[string]string, ex
 		"--pid-file=" + filepath.Join(dir, "dnsmasq.pid"),
 		"--dhcp-leasefile=" + filepath.Join(dir, "dnsmasq.leases"),
 		"--port=53",
-		"--listen-address=" + tp.UpstreamIP.String(),
+		"--listen-address=" + listen.String(),
 		"--bind-interfaces",
 		"--log-facility=-",
 		"--log-queries",
@@ -282,11 +296,11 @@ func (tp *Topology) StartDNSMasqArgs(t testing.TB, records map[string]string, ex
 		}
 	}
 	args = append(args, extra...)
-	p := tp.Upstream.Start(t, "dnsmasq", args...)
-	server := netip.AddrPortFrom(tp.UpstreamIP, 53)
+	p := ns.Start(t, "dnsmasq", args...)
+	server := netip.AddrPortFrom(listen, 53)
 	deadline := time.Now().Add(PeerStartTimeout)
 	for {
-		err := probeDNS(tp.Upstream, server)
+		err := probeDNS(ns, server)
 		if err == nil {
 			return p
 		}

@@ -46,9 +46,11 @@ var localReverse = func() []string {
 	return z
 }()
 
-// isLocalName reports whether name (a fully qualified query name) is one
-// of the local network's: a single label, or under localSuffixes or
-// localReverse.
+// IsLocalName reports whether name is one of the local network's, which
+// ForwardLocalNames passes to the server asked: a single label, or under
+// localSuffixes or localReverse.
+func IsLocalName(name string) bool { return isLocalName(name) }
+
 func isLocalName(name string) bool {
 	name = strings.ToLower(D.Fqdn(name))
 	if name == "." {

@@ -555,3 +555,58 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 		})
 	}
 }
+
+// TestHostFirewallLater: a host firewall switched on while tpgw runs
+// (`ufw enable` after tpgw started at boot) no longer leaves the LAN with
+// nothing until a restart. With nftables, tpgw's check opens iptables'
+// INPUT chain once it filters, within seconds, and warns about an nftables
+// chain that drops by default, once. The opening goes with tpgw's exit.
+func TestHostFirewallLater(t *testing.T) {
+	requirePeers(t)
+	testenv.RequireTools(t, "iptables", "nft")
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables")))
+	p := runTPGW(t, tp, cfg)
+	wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, no host firewall")
+
+	// What ufw enable leaves in INPUT, in short.
+	for _, args := range [][]string{
+		{"-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"},
+		{"-A", "INPUT", "-i", "lo", "-j", "ACCEPT"},
+		{"-P", "INPUT", "DROP"},
+	} {
+		tp.Gateway.MustRun(t, "iptables", args...)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := tp.Client.Run(t, 10*time.Second, "curl", "-sS", "--max-time", "1", "--noproxy", "*", "http://203.0.113.2:8080/")
+		if err == nil && strings.TrimSpace(out) == "203.0.113.1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the LAN reaches nothing 10 s after the host firewall came up:\n%s", p.Output())
+		}
+	}
+	if !strings.Contains(p.Output(), "the host's iptables INPUT chain filters incoming packets") {
+		t.Errorf("the opening is not logged:\n%s", p.Output())
+	}
+
+	tp.Gateway.MustRun(t, "nft", "add table inet latefw; add chain inet latefw input { type filter hook input priority 0; policy drop; }; add rule inet latefw input ct state established,related accept")
+	want := `chain="inet latefw input" drops_by="policy drop"`
+	deadline = time.Now().Add(10 * time.Second)
+	for !strings.Contains(p.Output(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warning with %s 10 s after the chain came:\n%s", want, p.Output())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(5 * time.Second) // two more checks
+	if n := strings.Count(p.Output(), want); n != 1 {
+		t.Errorf("warned %d times about the same chain, want once", n)
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+	if out := tp.Gateway.MustRun(t, "iptables", "-S"); strings.Contains(out, "TPGW") {
+		t.Errorf("the opening is left after tpgw's exit:\n%s", out)
+	}
+}

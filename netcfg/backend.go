@@ -136,6 +136,7 @@ type Installed struct {
 	routes   []*netlink.Route
 	sysctls  []sysctlChange
 	removed  bool
+	dropSeen map[string]bool // host nftables chains warned about (warnInputDrop)
 }
 
 // Backend returns the name of the backend that installed it.
@@ -182,7 +183,8 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 	if inst.fwState, err = fw.state(); err != nil {
 		return nil, err
 	}
-	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces)
+	inst.dropSeen = map[string]bool{}
+	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces, inst.dropSeen)
 	warnForwardDrop(log, p)
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 

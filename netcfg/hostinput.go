@@ -36,9 +36,11 @@ const divertedComment = "diverted by tpgw"
 // ACCEPT`, jumped to from INPUT's first rule. Only packets that tpgw's
 // prerouting rules marked for its listeners carry the mark. Remove and
 // Cleanup take it out with the iptables backend's chains; Verify puts it
-// back. A firewall written in nftables itself (firewalld's nftables backend,
-// an /etc/nftables.conf with policy drop) cannot be opened from another
-// table: it must accept `meta mark MARK` itself (doc.go).
+// back, and opens the chain when it starts to filter after the start
+// (watchHost, below). A firewall written in nftables itself (firewalld's
+// nftables backend, an /etc/nftables.conf with policy drop) cannot be
+// opened from another table: it must accept `meta mark MARK` itself
+// (doc.go).
 
 // hostInputPlan is the opening as a plan of its own: p's input chain with
 // its accept rule alone.
@@ -219,14 +221,23 @@ func (w *nftFirewall) hostInputState() []string {
 // that chain does not accept the diverted packets some other way, the LAN
 // reaches nothing; the warning says what to add, and for firewalld which
 // zone to put the LAN in. lan is tpgw.interfaces.
-func warnInputDrop(log *slog.Logger, mark uint32, lan []string) {
+// seen holds the chains warned about before (it may be nil); the chains
+// warned about now are added to it.
+func warnInputDrop(log *slog.Logger, mark uint32, lan []string, seen map[string]bool) {
 	for _, d := range droppingChains(nftables.ChainHookInput) {
 		c := d.chain
 		family := nftFamilyName(c.Table.Family)
 		if (family == "ip" || family == "ip6") && c.Table.Name == "filter" && c.Name == "INPUT" {
 			continue // iptables-nft's: opened by a rule of ours (syncHostInput, or the iptables backend's input chain)
 		}
-		args := []any{"chain", fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name), "drops_by", d.how,
+		name := fmt.Sprintf("%s %s %s", family, c.Table.Name, c.Name)
+		if seen != nil {
+			if seen[name] {
+				continue
+			}
+			seen[name] = true
+		}
+		args := []any{"chain", name, "drops_by", d.how,
 			"add_to_it", fmt.Sprintf("meta mark %#x accept", mark)}
 		if c.Table.Name == firewalldTable {
 			// firewalld's table cannot take rules of others (it may own
@@ -369,4 +380,76 @@ func nftFamilyName(f nftables.TableFamily) string {
 		return "bridge"
 	}
 	return fmt.Sprint(uint32(f))
+}
+
+// A host firewall may also come after tpgw (`ufw enable`, firewalld started
+// later): Verify calls watchHost on each check, which opens iptables' INPUT
+// chain when it has started to filter (nftables backend; the iptables
+// backend's own chain is first in INPUT already), and warns about nftables
+// chains that drop by default and were not there before (warnInputDrop).
+
+// watchHost opens the host's iptables INPUT chain where it filters now and
+// was not opened, and reports whether it did. It reads iptables-nft's chain
+// over netlink, which costs no process; an iptables-legacy firewall that
+// appears later is not seen until a reload.
+func (w *nftFirewall) watchHost(p *Plan) (bool, error) {
+	conn, err := nftables.New()
+	if err != nil {
+		return false, nil
+	}
+	need := false
+	for _, f := range iptFamilies(p) {
+		if w.opened[f] == nil && iptablesNftInputFilters(conn, f) {
+			need = true
+		}
+	}
+	if !need {
+		return false, nil
+	}
+	before := len(w.opened)
+	err = w.syncHostInput(p)
+	return len(w.opened) > before, err
+}
+
+// iptablesNftInputFilters reports whether iptables-nft's filter INPUT chain
+// of family f would stop the diverted packets: a drop policy, or a rule
+// other than a jump to a chain of ours (as hostInputFilters says from
+// iptables' own output).
+func iptablesNftInputFilters(conn *nftables.Conn, f Family) bool {
+	fam := nftables.TableFamilyIPv4
+	if f == IPv6 {
+		fam = nftables.TableFamilyIPv6
+	}
+	chains, err := conn.ListChainsOfTableFamily(fam)
+	if err != nil {
+		return false
+	}
+	for _, c := range chains {
+		if c.Table == nil || c.Table.Name != "filter" || c.Name != "INPUT" || c.Hooknum == nil || *c.Hooknum != *nftables.ChainHookInput {
+			continue
+		}
+		if c.Policy != nil && *c.Policy == nftables.ChainPolicyDrop {
+			return true
+		}
+		rules, err := conn.GetRules(c.Table, c)
+		if err != nil {
+			return false
+		}
+		for _, r := range rules {
+			if !jumpsToOurs(r.Exprs) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// jumpsToOurs reports whether a rule jumps or goes to one of our iptables chains.
+func jumpsToOurs(exprs []expr.Any) bool {
+	for _, e := range exprs {
+		if v, ok := e.(*expr.Verdict); ok && (v.Kind == expr.VerdictJump || v.Kind == expr.VerdictGoto) && strings.HasPrefix(v.Chain, iptPrefix) {
+			return true
+		}
+	}
+	return false
 }

@@ -101,6 +101,23 @@ func (i *Installed) Verify() (restored []string, err error) {
 		}
 		restored = append(restored, i.fw.name()+" rules")
 	}
+	// A host firewall that came after the start (hostinput.go). Opening it
+	// is logged there; nothing of ours was missing.
+	if hw, ok := i.fw.(interface{ watchHost(*Plan) (bool, error) }); ok {
+		opened, err := hw.watchHost(i.plan)
+		if opened {
+			if st, serr := i.fw.state(); serr == nil {
+				i.fwState = st
+			}
+		}
+		if err != nil {
+			return restored, fmt.Errorf("netcfg: open the host's iptables INPUT chain: %w", err)
+		}
+	}
+	if i.dropSeen == nil {
+		i.dropSeen = map[string]bool{}
+	}
+	warnInputDrop(i.log, i.plan.Options.Mark, i.plan.Options.Interfaces, i.dropSeen)
 	rules, err := ourRules()
 	if err != nil {
 		return restored, err

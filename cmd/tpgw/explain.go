@@ -8,6 +8,7 @@ import (
 	"net/netip"
 
 	"github.com/tpgw/tpgw/config"
+	"github.com/tpgw/tpgw/dns"
 	"github.com/tpgw/tpgw/engine"
 	"github.com/tpgw/tpgw/netcfg"
 )
@@ -148,6 +149,11 @@ func explain(c *config.Config, a explainArgs, local []netip.Addr, w io.Writer) e
 		kind := "DNS server"
 		if c.DNS.FakeIP() {
 			kind = "fake-ip DNS server"
+		}
+		if a.host != "" && dns.IsLocalName(a.host) {
+			fmt.Fprintf(w, "dns: %s is a name only the LAN knows: tpgw's %s on :%d passes the query on to %s, the server asked, and its answer back\n",
+				a.host, kind, e.Port, f.Dst)
+			break
 		}
 		fmt.Fprintf(w, "dns: answered by tpgw's %s on :%d\n", kind, e.Port)
 	case e.Port == o.TProxyPort:

@@ -77,6 +77,12 @@ func TestExplainCommand(t *testing.T) {
 			"dns: answered by tpgw's fake-ip DNS server on :1053",
 			"if tpgw is down: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
 		}},
+		{"DNS query for a local name", []string{"--proto", "udp", "--dst", "192.168.77.1:53", "--host", "router.lan"}, []string{
+			"flow: udp 192.168.77.2:40000 → 192.168.77.1:53 (router.lan) in lan0",
+			`kernel: intercepted — TPROXY to :1053 (rule "DNS hijack", chain divert)`,
+			"dns: router.lan is a name only the LAN knows: tpgw's fake-ip DNS server on :1053 passes the query on to 192.168.77.1:53, the server asked, and its answer back",
+			"if tpgw is down: not intercepted: bypassed destination (rule 6 of chain divert) — the kernel forwards it as usual",
+		}},
 		{"not from the LAN", []string{"--in", "wan0", "--dst", "203.0.113.3:80"}, []string{
 			"flow: tcp 192.168.77.2:40000 → 203.0.113.3:80 in wan0",
 			"kernel: not intercepted: no rule of chain prerouting sends it to tpgw — the kernel forwards it as usual",

@@ -107,6 +107,21 @@ func (e *gwEnv) fetch(t *testing.T, timeout time.Duration) string {
 	return fetchFrom(t, e.client, e.network, e.upAddr, timeout, nil)
 }
 
+// waitReady fetches until the fresh namespaces route (IPv6 neighbour
+// discovery on a loaded host has taken more than okTimeout), for at most
+// 10 s, and returns the last answer.
+func (e *gwEnv) waitReady(t *testing.T) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		got := e.fetch(t, okTimeout)
+		if got == "upstream" || time.Now().After(deadline) {
+			return got
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // transparentListen opens an IP_TRANSPARENT TCP listener on port in ns,
 // as the relay does.
 func transparentListen(t *testing.T, ns *testNS, network string, port uint16) net.Listener {
@@ -161,7 +176,7 @@ func TestTProxyPath(t *testing.T) {
 				o.Interfaces = []string{"lan0"}
 				o.IPv6 = a.network == "tcp6"
 				e := newGWEnv(t, a)
-				if got := e.fetch(t, okTimeout); got != "upstream" {
+				if got := e.waitReady(t); got != "upstream" {
 					t.Fatalf("before Apply: got %q, want the upstream", got)
 				}
 				inst, err := apply(t, e.gw, newBackend(t, e.gw, backend, ""), mustPlan(t, o), t.TempDir())
@@ -244,6 +259,9 @@ func TestProxySelf(t *testing.T) {
 				o.ProxySelf = true
 				o.IPv6 = a.network == "tcp6"
 				e := newGWEnv(t, a)
+				if got := e.waitReady(t); got != "upstream" {
+					t.Fatalf("before Apply: got %q, want the upstream", got)
+				}
 				inst, err := apply(t, e.gw, newBackend(t, e.gw, backend, ""), mustPlan(t, o), t.TempDir())
 				if err != nil {
 					t.Fatalf("Apply: %v", err)

@@ -158,8 +158,12 @@ func (p *PingResponder) Serve() error {
 	var n int
 	var rerr error
 	read := func(fd uintptr) bool {
-		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
-		return rerr != unix.EAGAIN && rerr != unix.EINTR
+		for {
+			n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_DONTWAIT)
+			if rerr != unix.EINTR {
+				return rerr != unix.EAGAIN // EAGAIN: wait until readable
+			}
+		}
 	}
 	for {
 		err := p.raw.Read(read)

@@ -76,14 +76,7 @@ func TestPingFakeIP(t *testing.T) {
 	go func() { served <- resp.Serve() }()
 	defer func() {
 		resp.Close()
-		select {
-		case err := <-served:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return within 5s of Close")
-		}
+		waitServe(t, served)
 	}()
 
 	for _, dst := range []string{"198.18.0.5", "198.18.255.254", "fdfe:dcba:9876::5"} {

@@ -88,16 +88,23 @@ func serveUDP(t *testing.T, tp *testnet.Topology, h relay.UDPHandler, opts relay
 		case <-time.After(5 * time.Second):
 			t.Error("Close did not return within 5s")
 		}
-		select {
-		case err := <-served:
-			if err != nil {
-				t.Errorf("Serve: %v", err)
-			}
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return within 5s of Close")
-		}
+		waitServe(t, served)
 	})
 	return l
+}
+
+// waitServe waits (5 s at most) for a Serve that was closed to return, and
+// reports its error.
+func waitServe(t *testing.T, served <-chan error) {
+	t.Helper()
+	select {
+	case err := <-served:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("Serve did not return within 5s of Close")
+	}
 }
 
 // directHandler is a minimal DIRECT engine: one real UDP socket per client

@@ -554,6 +554,55 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 			stopTPGW(t, p, syscall.SIGTERM)
 		})
 	}
+	// OpenWrt's fw4 drops by policy but accepts whatever comes in on the LAN
+	// zone: no warning there, and the flows go through from the start.
+	t.Run("fw4 accepts the LAN", func(t *testing.T) {
+		tp := testnet.New(t)
+		tp.StartHTTPServer(t, httpPort)
+		ruleset := filepath.Join(t.TempDir(), "fw4.nft")
+		fw4 := `table inet fw4 {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iifname "lo" accept
+		ct state vmap { established : accept, related : accept }
+		tcp flags syn / fin,syn,rst,ack jump syn_flood
+		iifname "lan0" jump input_lan
+		iifname "wan0" jump input_wan
+		jump handle_reject
+	}
+	chain handle_reject {
+		meta l4proto tcp reject with tcp reset
+		reject
+	}
+	chain syn_flood {
+		limit rate 25/second burst 50 packets return
+		drop
+	}
+	chain input_lan {
+		ct status dnat accept
+		jump accept_from_lan
+	}
+	chain accept_from_lan {
+		iifname "lan0" counter accept
+	}
+	chain input_wan {
+		icmp type echo-request accept
+		jump handle_reject
+	}
+}
+`
+		if err := os.WriteFile(ruleset, []byte(fw4), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		tp.Gateway.MustRun(t, "nft", "-f", ruleset)
+		cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables", "interfaces: [lan0]")))
+		p := runTPGW(t, tp, cfg)
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, behind fw4")
+		if strings.Contains(p.Output(), `chain="inet fw4 input"`) {
+			t.Errorf("warned about fw4, which accepts the LAN:\n%s", p.Output())
+		}
+		stopTPGW(t, p, syscall.SIGTERM)
+	})
 }
 
 // TestHostFirewallLater: a host firewall switched on while tpgw runs

@@ -237,6 +237,12 @@ func warnInputDrop(log *slog.Logger, mark uint32, lan []string, seen map[string]
 			}
 			seen[name] = true
 		}
+		if acceptsLAN(c, mark, lan) {
+			// OpenWrt's fw4 with the LAN zone's input ACCEPT, firewalld
+			// with the LAN in its trusted zone.
+			log.Debug("netcfg: a host firewall chain drops by default but accepts what tpgw diverts from the LAN", "chain", name, "drops_by", d.how)
+			continue
+		}
 		args := []any{"chain", name, "drops_by", d.how,
 			"add_to_it", fmt.Sprintf("meta mark %#x accept", mark)}
 		if c.Table.Name == firewalldTable {
@@ -250,6 +256,26 @@ func warnInputDrop(log *slog.Logger, mark uint32, lan []string, seen map[string]
 		}
 		log.Warn("netcfg: a firewall chain of the host drops or rejects incoming packets by default; unless it accepts the packets tpgw diverts, the LAN reaches nothing while tpgw runs", args...)
 	}
+}
+
+// acceptsLAN reports whether chain c accepts, for certain, the new
+// connections tpgw diverts from each LAN interface (acceptsFrom). With no
+// interfaces configured the LAN is known by its addresses, and no chain is
+// taken to accept it.
+func acceptsLAN(c *nftables.Chain, mark uint32, lan []string) bool {
+	if len(lan) == 0 {
+		return false
+	}
+	conn, err := nftables.New()
+	if err != nil {
+		return false
+	}
+	for _, iface := range lan {
+		if !acceptsFrom(conn, c, iface, mark) {
+			return false
+		}
+	}
+	return true
 }
 
 // firewalldTable is the nftables table of firewalld's nftables backend. Its

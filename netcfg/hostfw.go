@@ -122,12 +122,16 @@ func (w *fwWalk) rule(exprs []expr.Any, depth int) (matchResult, int) {
 	for _, e := range exprs {
 		switch e := e.(type) {
 		case *expr.Meta:
-			if e.SourceRegister {
+			if e.SourceRegister { // meta mark set ...: later matches may see another packet
+				clear(r)
+				match = matchMaybe
 				continue
 			}
 			r[e.Register] = w.meta(e.Key)
 		case *expr.Ct:
 			if e.SourceRegister {
+				clear(r)
+				match = matchMaybe
 				continue
 			}
 			r[e.Register] = nil

@@ -542,6 +542,10 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 			}
 			tp.Gateway.MustRun(t, "nft", "-f", ruleset)
 			cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, "nftables", c.keys...)))
+			// tpgw check says it before a start.
+			if code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg); code != 0 || !strings.Contains(stderr, c.want) {
+				t.Errorf("tpgw check: exit %d, no warning with %s:\n%s", code, c.want, stderr)
+			}
 			p := runTPGW(t, tp, cfg)
 			if !strings.Contains(p.Output(), c.want) {
 				t.Fatalf("no warning with %s:\n%s", c.want, p.Output())

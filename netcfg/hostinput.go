@@ -278,6 +278,14 @@ func acceptsLAN(c *nftables.Chain, mark uint32, lan []string) bool {
 	return true
 }
 
+// WarnHostFirewall gives the warnings a start gives about the host's
+// firewall (warnInputDrop, warnForwardDrop) for plan p, changing nothing:
+// for `tpgw check`.
+func WarnHostFirewall(log *slog.Logger, p *Plan) {
+	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces, nil)
+	warnForwardDrop(log, p)
+}
+
 // firewalldTable is the nftables table of firewalld's nftables backend. Its
 // filter_INPUT and filter_FORWARD chains accept by policy but end with
 // an unconditional reject, for whatever no zone allowed.

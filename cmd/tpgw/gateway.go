@@ -476,11 +476,16 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 		return err
 	}
 	// The plan a start would install here, with the same warnings.
-	if _, err := hostPlan(c, o.log); err != nil {
+	plan, err := hostPlan(c, o.log)
+	if err != nil {
 		return err
 	}
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
+	}
+	// And what a start would say of the host's firewall (reading it needs root).
+	if os.Geteuid() == 0 {
+		netcfg.WarnHostFirewall(o.log, plan)
 	}
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)
 	return nil

@@ -63,7 +63,9 @@ Flags:
 ` + configFlags,
 	"check": `Usage: tpgw check -c FILE [-v]
 Validates FILE (its mihomo part and its tpgw: section) and exits: 0 if tpgw
-would start with it, 1 with the key and line of the first problem.
+would start with it, 1 with the key and line of the first problem. Warnings
+a start would give go to stderr; as root these include the host's firewall
+chains that would drop what tpgw diverts.
 
 Flags:
 ` + configFlags,

@@ -473,15 +473,7 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 				wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, opening put back")
 			}
 			// A reload keeps the accept in place, once.
-			reloads := strings.Count(p.Output(), "msg=reloaded")
-			if err := p.Signal(syscall.SIGHUP); err != nil {
-				t.Fatal(err)
-			}
-			if waitFor(t, 10*time.Second, func() (string, bool) {
-				return "reloaded", strings.Count(p.Output(), "msg=reloaded") > reloads
-			}) == "" {
-				t.Fatalf("no \"reloaded\" log line within 10s of SIGHUP:\n%s", p.Output())
-			}
+			reloadTPGW(t, p)
 			for _, cmd := range []string{"iptables", "ip6tables"} {
 				if n := strings.Count(tp.Gateway.MustRun(t, cmd, "-S", "INPUT"), "-j TPGW_IN"); n != 1 {
 					t.Errorf("%s INPUT after a reload: %d jumps to TPGW_IN, want 1", cmd, n)
@@ -640,6 +632,7 @@ func TestHostFirewallLater(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the LAN reaches nothing 10 s after the host firewall came up:\n%s", p.Output())
 		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	if !strings.Contains(p.Output(), "the host's iptables INPUT chain filters incoming packets") {
 		t.Errorf("the opening is not logged:\n%s", p.Output())

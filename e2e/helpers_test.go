@@ -124,6 +124,21 @@ func stopTPGW(t testing.TB, p *testnet.Proc, sig os.Signal) {
 	}
 }
 
+// reloadTPGW sends SIGHUP and waits (10 s at most) for one more
+// "reloaded" log line.
+func reloadTPGW(t testing.TB, p *testnet.Proc) {
+	t.Helper()
+	reloads := strings.Count(p.Output(), "msg=reloaded")
+	if err := p.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if waitFor(t, 10*time.Second, func() (string, bool) {
+		return "reloaded", strings.Count(p.Output(), "msg=reloaded") > reloads
+	}) == "" {
+		t.Fatalf("no \"reloaded\" log line within 10s of SIGHUP:\n%s", p.Output())
+	}
+}
+
 // seenBy asks the upstream HTTP server at url which client address it saw.
 func seenBy(t testing.TB, tp *testnet.Topology, url string) string {
 	t.Helper()

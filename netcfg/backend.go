@@ -184,8 +184,7 @@ func applyPlan(log *slog.Logger, fw firewall, beforeStep func(string) error, p *
 		return nil, err
 	}
 	inst.dropSeen = map[string]bool{}
-	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces, inst.dropSeen)
-	warnForwardDrop(log, p)
+	warnHostFirewall(log, p, inst.dropSeen)
 	log.Debug("netcfg: firewall rules added", "backend", fw.name(), "chains", len(p.Chains), "sets", len(p.Sets))
 
 	// 2. Policy routing: marked packets look up our table, which delivers every address locally.

@@ -221,6 +221,7 @@ func (w *nftFirewall) hostInputState() []string {
 // that chain does not accept the diverted packets some other way, the LAN
 // reaches nothing; the warning says what to add, and for firewalld which
 // zone to put the LAN in. lan is tpgw.interfaces.
+//
 // seen holds the chains warned about before (it may be nil); the chains
 // warned about now are added to it.
 func warnInputDrop(log *slog.Logger, mark uint32, lan []string, seen map[string]bool) {
@@ -280,9 +281,12 @@ func acceptsLAN(c *nftables.Chain, mark uint32, lan []string) bool {
 
 // WarnHostFirewall gives the warnings a start gives about the host's
 // firewall (warnInputDrop, warnForwardDrop) for plan p, changing nothing:
-// for `tpgw check`.
-func WarnHostFirewall(log *slog.Logger, p *Plan) {
-	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces, nil)
+// for `tpgw check`, and for Apply, which passes the chains it warned about
+// on to Verify in seen (nil: not kept).
+func WarnHostFirewall(log *slog.Logger, p *Plan) { warnHostFirewall(log, p, nil) }
+
+func warnHostFirewall(log *slog.Logger, p *Plan, seen map[string]bool) {
+	warnInputDrop(log, p.Options.Mark, p.Options.Interfaces, seen)
 	warnForwardDrop(log, p)
 }
 
@@ -295,9 +299,10 @@ const firewalldTable = "firewalld"
 // by default (iptables' FORWARD with policy DROP, which Docker sets, or an
 // nftables forward chain that drops or rejects by default, droppingChains)
 // when tpgw counts on forwarding: the flows dns-bypass hands to the kernel,
-// and with on-failure: open the LAN's traffic while tpgw is down. Through tpgw those flows are delivered
-// locally and never meet FORWARD, so they worked until then. tpgw does not
-// open the host's forwarding itself: the warning says what to add.
+// and with on-failure: open the LAN's traffic while tpgw is down. Through
+// tpgw those flows are delivered locally and never meet FORWARD, so they
+// worked until then. tpgw does not open the host's forwarding itself: the
+// warning says what to add.
 func warnForwardDrop(log *slog.Logger, p *Plan) {
 	var what []string
 	var iptRule, nftRule string // what lets the dns-bypass flows through

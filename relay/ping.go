@@ -14,6 +14,8 @@ import (
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // A fake IP stands for a name, so no host answers a ping to it, and ICMP
@@ -80,9 +82,7 @@ func ListenPing(prefix netip.Prefix, log *slog.Logger) (*PingResponder, error) {
 			serr = fmt.Errorf("IP_HDRINCL: %w", serr)
 			return
 		}
-		if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_TRANSPARENT, 1); serr != nil {
-			serr = fmt.Errorf("IP_TRANSPARENT: %w", serr)
-		}
+		serr = tsock.SetTransparent(int(fd))
 	})
 	if err == nil {
 		err = serr

@@ -21,7 +21,7 @@
 // nothing. tpgw pumps each direction with a short-lived goroutine instead,
 // parks a direction that has nothing to read when the flow starts, or that
 // is quiet for half a second, in one epoll set, and
-// hands a direction that turns bulk to sing's copy, which splices (park.go).
+// splices a direction that turns bulk (park.go, splice.go).
 // An idle DIRECT flow then holds two descriptors and about 3.5 KiB of heap.
 // Flows through other outbounds (shadowsocks, vmess, ...), and every flow
 // while mihomo's sniffer is on, go through mihomo's relay, wrapped so that

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	C "github.com/metacubex/mihomo/constant"
-	"github.com/metacubex/sing/common/bufio"
 	N "github.com/metacubex/sing/common/network"
 	"golang.org/x/sys/unix"
 )
@@ -30,11 +29,11 @@ import (
 //     ends, and the poller starts a new one when data, a FIN or an error
 //     arrives. An idle flow holds no goroutine and no buffer.
 //   - A direction that turns out to be bulk (a full chunk in one read, or
-//     bulkBytes in total) is handed to sing's copy, which splices between
-//     the two sockets until the end, as mihomo's relay would.
+//     bulkBytes in total) splices between the two sockets until the end
+//     (spliceAll), as mihomo's relay would, with a pipe of its own.
 //
 // mihomo's connection statistics see every byte (the tracker's counters are
-// called for each chunk, and sing's copy calls them when splicing), and a
+// called for each chunk, spliced or not), and a
 // connection closed from the dashboard (the tracker's Close) ends the flow.
 // Half-closes pass through: EOF one way shuts that way's write side, and the
 // flow ends when both ways are done or either fails.
@@ -72,10 +71,6 @@ type flow struct {
 type direction struct {
 	src, dst *net.TCPConn
 	raw      syscall.RawConn
-	// in and out are where sing's copy reads and writes when the direction
-	// splices (the tracker on the remote side, for its counters).
-	in       io.Reader
-	out      io.Writer
 	counters []N.CountFunc // mihomo's byte counters of this direction
 	total    int64
 	armed    atomic.Bool // in the epoll set (re-armed with EPOLL_CTL_MOD)
@@ -100,8 +95,8 @@ func (f *flow) start(tracker C.Conn) {
 	_, downCounters := N.UnwrapCountReader(tracker, nil)
 	_, upCounters := N.UnwrapCountWriter(tracker, nil)
 	up, down := &f.dirs[dirUp], &f.dirs[dirDown]
-	*up = direction{src: f.client, dst: f.remote, in: f.client, out: tracker, counters: upCounters}
-	*down = direction{src: f.remote, dst: f.client, in: tracker, out: f.client, counters: downCounters}
+	*up = direction{src: f.client, dst: f.remote, counters: upCounters}
+	*down = direction{src: f.remote, dst: f.client, counters: downCounters}
 	up.readFn, down.readFn = up.readOnce, down.readOnce
 	var err error
 	if up.raw, err = f.client.SyscallConn(); err == nil {
@@ -219,12 +214,12 @@ func (d *direction) readOnce(fd uintptr) bool {
 	return true
 }
 
-// splice hands a bulk direction to sing's copy (splice(2) between the two
-// sockets, counting for mihomo) until EOF.
+// splice moves a bulk direction with splice(2) between the two sockets,
+// counting for mihomo, until EOF.
 func (f *flow) splice(dir int) {
 	d := &f.dirs[dir]
 	_ = d.src.SetReadDeadline(time.Time{})
-	if _, err := bufio.Copy(d.out, d.in); err != nil {
+	if err := spliceAll(d.raw, f.dirs[1-dir].raw, d.counters); err != nil {
 		f.shutdown()
 		return
 	}
@@ -281,7 +276,7 @@ func (f *flow) shutdown() {
 }
 
 // flowRemote is the outbound connection under the tracker. sing unwraps it
-// (Upstream) to reach the socket when splicing.
+// (Upstream) when it gathers a connection's byte counters.
 type flowRemote struct {
 	C.Conn
 	f *flow

@@ -91,7 +91,8 @@ func (r *BatchReader) reset() {
 
 func (r *BatchReader) recvmmsg(fd uintptr) bool {
 	r.reset()
-	n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(len(r.hdrs)),
+	// A raw system call (see doc.go, "Raw system calls"): MSG_DONTWAIT.
+	n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.hdrs[0])), uintptr(len(r.hdrs)),
 		unix.MSG_DONTWAIT, 0, 0)
 	if errno == unix.EAGAIN || errno == unix.EWOULDBLOCK {
 		return false // park until readable
@@ -248,7 +249,8 @@ func (w *BatchWriter) Flush(rc syscall.RawConn) error {
 
 func (w *BatchWriter) sendmmsg(fd uintptr) bool {
 	for w.off < w.n {
-		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off),
+		// A raw system call (see doc.go, "Raw system calls"): MSG_DONTWAIT.
+		n, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off),
 			unix.MSG_DONTWAIT, 0, 0)
 		switch {
 		case errno == unix.EAGAIN || errno == unix.EWOULDBLOCK:

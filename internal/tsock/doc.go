@@ -42,4 +42,17 @@
 // datagrams. RaiseRcvBuf gives them a 4 MiB receive buffer instead of the
 // default of about 208 KiB, which the kernel fills within a millisecond of
 // the reader not being scheduled, and then drops what arrives.
+//
+// # Raw system calls
+//
+// BatchReader and BatchWriter call recvmmsg and sendmmsg with MSG_DONTWAIT
+// as raw system calls (unix.RawSyscall6), outside the Go runtime's syscall
+// bookkeeping; waiting for a socket to become readable or writable still
+// goes through the runtime's poller (RawConn.Read and Write). A system call
+// that cannot wait gains nothing from that bookkeeping, and it cost: the
+// first one after the process had gone idle (every P idle, between two
+// bursts of datagrams) woke the scheduler's monitor thread (sysmon), which
+// then slept and woke every 20 µs for a millisecond before backing off.
+// Under a steady stream of queries that happened thousands of times a
+// second. engine's splice loop does the same for splice(2).
 package tsock

@@ -1,0 +1,102 @@
+package engine
+
+import (
+	"syscall"
+
+	N "github.com/metacubex/sing/common/network"
+	"golang.org/x/sys/unix"
+)
+
+// pipeSize is the capacity asked for a spliced direction's pipe (the default
+// fs.pipe-max-size): one splice call moves up to this much.
+const pipeSize = 1 << 20
+
+// spliceAll moves a direction's bytes from src to dst with splice(2) through
+// a pipe of its own until src's EOF, calling counters for every chunk.
+//
+// The splice calls are raw system calls (as tsock's recvmmsg and sendmmsg;
+// see its doc.go): with both ends non-blocking and SPLICE_F_NONBLOCK they
+// never wait for data or room, and waiting still goes through the
+// runtime's poller (RawConn.Read and Write). Through the runtime's syscall
+// entry (sing's copy, which tpgw used before), the first splice after the
+// process had gone idle, which a bulk flow does between bursts, woke the
+// scheduler's monitor thread (sysmon), and it then slept and woke every
+// 20 µs for a millisecond. Measured with perf stat on the gateway process
+// during 6 s of a single-stream iperf3 upload in the bench's namespaces:
+// about 20,000 nanosleeps, 8,000 futex calls and 46,000 context switches,
+// against about 100, 150 and 13,000 with raw calls; the process's CPU per
+// GB moved fell by 16–26%.
+func spliceAll(src, dst syscall.RawConn, counters []N.CountFunc) error {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return err
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	// A smaller pipe (fs.pipe-max-size or the user's pipe quota) still works.
+	_, _ = unix.FcntlInt(uintptr(p[0]), unix.F_SETPIPE_SZ, pipeSize)
+
+	var inPipe int   // bytes in the pipe, not yet written on
+	var errIn error  // the last read's error
+	var errOut error // the last write's error
+	fill := func(fd uintptr) bool {
+		n, err := rawSplice(int(fd), p[1], pipeSize)
+		if err == unix.EAGAIN {
+			return false
+		}
+		inPipe, errIn = n, err
+		return true
+	}
+	drain := func(fd uintptr) bool {
+		for inPipe > 0 {
+			n, err := rawSplice(p[0], int(fd), inPipe)
+			if err == unix.EAGAIN {
+				return false
+			}
+			if err != nil {
+				errOut = err
+				return true
+			}
+			inPipe -= n
+		}
+		return true
+	}
+	for {
+		if err := src.Read(fill); err != nil {
+			return err
+		}
+		if errIn != nil {
+			return errIn
+		}
+		if inPipe == 0 {
+			return nil // EOF
+		}
+		n := inPipe
+		if err := dst.Write(drain); err != nil {
+			return err
+		}
+		if errOut != nil {
+			return errOut
+		}
+		for _, count := range counters {
+			count(int64(n))
+		}
+	}
+}
+
+// rawSplice is one splice(2) of up to n bytes between non-blocking
+// descriptors, retried on EINTR. It returns unix.EAGAIN when it would wait.
+func rawSplice(in, out, n int) (int, error) {
+	for {
+		r, _, e := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n),
+			unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		switch e {
+		case 0:
+			return int(r), nil
+		case unix.EINTR:
+			continue
+		default:
+			return 0, e
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"io"
 	"syscall"
 
 	N "github.com/metacubex/sing/common/network"
@@ -52,6 +53,11 @@ func spliceAll(src, dst syscall.RawConn, counters []N.CountFunc) error {
 			n, err := rawSplice(p[0], int(fd), inPipe)
 			if err == unix.EAGAIN {
 				return false
+			}
+			if err == nil && n == 0 {
+				// Not expected from a pipe that holds data and has a
+				// writer; do not spin on it.
+				err = io.ErrNoProgress
 			}
 			if err != nil {
 				errOut = err

@@ -79,6 +79,11 @@ type direction struct {
 	buf    *[]byte
 	n      int
 	err    error
+	// The state of one write (write, writeAll) to dst, through dstRaw.
+	dstRaw  syscall.RawConn
+	writeFn func(fd uintptr) bool
+	wbuf    []byte
+	werr    error
 }
 
 func newFlow(p *parker, client, remote *net.TCPConn) *flow {
@@ -98,10 +103,12 @@ func (f *flow) start(tracker C.Conn) {
 	*up = direction{src: f.client, dst: f.remote, counters: upCounters}
 	*down = direction{src: f.remote, dst: f.client, counters: downCounters}
 	up.readFn, down.readFn = up.readOnce, down.readOnce
+	up.writeFn, down.writeFn = up.writeAll, down.writeAll
 	var err error
 	if up.raw, err = f.client.SyscallConn(); err == nil {
 		down.raw, err = f.remote.SyscallConn()
 	}
+	up.dstRaw, down.dstRaw = down.raw, up.raw
 	if err != nil || !f.p.add(f) {
 		f.shutdown()
 		return
@@ -142,7 +149,7 @@ func (f *flow) pump(dir int) {
 		_ = d.src.SetReadDeadline(time.Now().Add(idleAfter))
 		bp, n, err := d.read()
 		if n > 0 {
-			_, werr := d.dst.Write((*bp)[:n])
+			werr := d.write((*bp)[:n])
 			chunkPool.Put(bp)
 			if werr != nil {
 				f.shutdown()
@@ -200,16 +207,43 @@ func (d *direction) read() (bp *[]byte, n int, err error) {
 // empty.
 func (d *direction) readOnce(fd uintptr) bool {
 	d.buf = chunkPool.Get().(*[]byte)
-	for {
-		d.n, d.err = unix.Read(int(fd), *d.buf)
-		if d.err != unix.EINTR {
-			break
-		}
-	}
+	d.n, d.err = rawRead(int(fd), *d.buf)
 	if d.err == unix.EAGAIN {
 		chunkPool.Put(d.buf)
 		d.buf = nil
 		return false
+	}
+	return true
+}
+
+// write writes all of b to the direction's destination, waiting in the
+// poller while its send buffer is full. Like read, it allocates nothing.
+func (d *direction) write(b []byte) error {
+	d.wbuf, d.werr = b, nil
+	err := d.dstRaw.Write(d.writeFn)
+	d.wbuf = nil
+	if err != nil {
+		return err
+	}
+	return d.werr
+}
+
+// writeAll is d's RawConn.Write function: false (wait) while the socket
+// takes no more.
+func (d *direction) writeAll(fd uintptr) bool {
+	for len(d.wbuf) > 0 {
+		n, err := rawWrite(int(fd), d.wbuf)
+		if err == unix.EAGAIN {
+			return false
+		}
+		if err == nil && n == 0 {
+			err = io.ErrNoProgress // not from a socket; do not spin
+		}
+		if err != nil {
+			d.werr = err
+			return true
+		}
+		d.wbuf = d.wbuf[n:]
 	}
 	return true
 }

@@ -164,3 +164,40 @@ func writeUntil(c net.Conn, stop <-chan struct{}) {
 		}
 	}
 }
+
+// TestDirectionWriteWaits: a chunk written to a destination whose peer reads
+// slowly is written whole: the raw write waits in the poller while the send
+// buffer is full, and resumes where it stopped.
+func TestDirectionWriteWaits(t *testing.T) {
+	out, reader := tcpPair(t)
+	defer out.Close()
+	defer reader.Close()
+	// More than the socket buffers hold (tcp_wmem and tcp_rmem grow to
+	// 4 and 6 MiB by default). Tiny buffers instead would test the
+	// loopback's zero-window probing, which can stall for seconds.
+	data := make([]byte, 32<<20)
+	for i := range data {
+		data[i] = byte(i * 13 / 7)
+	}
+	d := &direction{dstRaw: rawOf(t, out)}
+	d.writeFn = d.writeAll
+	done := make(chan error, 1)
+	go func() { done <- d.write(data) }()
+	time.Sleep(100 * time.Millisecond) // the send buffer fills; write waits
+	select {
+	case err := <-done:
+		t.Fatalf("write of %d bytes returned before the peer read anything: %v", len(data), err)
+	default:
+	}
+	reader.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, len(data))
+	if _, err := io.ReadFull(reader, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the bytes read differ from the bytes written")
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+}

@@ -54,5 +54,6 @@
 // bursts of datagrams) woke the scheduler's monitor thread (sysmon), which
 // then slept and woke every 20 µs for a millisecond before backing off.
 // Under a steady stream of queries that happened thousands of times a
-// second. engine's splice loop does the same for splice(2).
+// second. engine's DIRECT relay does the same for its
+// reads, writes and splices.
 package tsock

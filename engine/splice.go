@@ -27,10 +27,11 @@ const pipeSize = 1 << 20
 // during 6 s of a single-stream iperf3 upload in the bench's namespaces:
 // about 20,000 nanosleeps, 8,000 futex calls and 46,000 context switches,
 // against about 100, 150 and 13,000 with raw calls; the process's CPU per
-// GB moved fell by 16–26%. The chunked reads and writes of a flow that is not
+// GB moved fell by 14–26%. The chunked reads and writes of a flow that is not
 // bulk (park.go) are raw calls too: a request after a quiet moment woke
-// sysmon the same way, and the added latency of a keep-alive request (wrk
-// -c1, median) fell from 120–124 µs to 84–102 µs in a 3-round A/B.
+// sysmon the same way. Over 7 alternating rounds the added median latency
+// of a keep-alive request (wrk -c1) was 120 µs on average before and 106
+// after, with a wide spread (79–147 µs).
 func spliceAll(src, dst syscall.RawConn, counters []N.CountFunc) error {
 	var p [2]int
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {

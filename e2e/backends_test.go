@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tpgw/tpgw/internal/hostfwtest"
 	"github.com/tpgw/tpgw/internal/testenv"
 	"github.com/tpgw/tpgw/internal/testnet"
 )
@@ -507,22 +508,11 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 			fix:  "insert rule inet hostfw input meta mark 0x29a accept",
 		},
 		{
-			name: "firewalld",
-			setup: `table inet firewalld {
-	chain filter_INPUT_dispatch {
-	}
-	chain filter_INPUT { type filter hook input priority filter + 10; policy accept;
-		ct state { established, related } accept
-		ct status dnat accept
-		iifname "lo" accept
-		ct state { invalid } drop
-		jump filter_INPUT_dispatch
-		reject with icmpx admin-prohibited
-	}
-}`,
-			want: `chain="inet firewalld filter_INPUT" drops_by="last rule: reject" add_to_it="meta mark 0x29a accept" firewalld="firewall-cmd --permanent --zone=trusted --add-interface=lan0 && firewall-cmd --reload"`,
-			fix:  `add rule inet firewalld filter_INPUT_dispatch iifname "lan0" accept`,
-			keys: []string{"interfaces: [lan0]"},
+			name:  "firewalld",
+			setup: hostfwtest.Firewalld(""),
+			want:  `chain="inet firewalld filter_INPUT" drops_by="last rule: reject" add_to_it="meta mark 0x29a accept" firewalld="firewall-cmd --permanent --zone=trusted --add-interface=lan0 && firewall-cmd --reload"`,
+			fix:   `add rule inet firewalld filter_INPUT_dispatch iifname "lan0" accept`,
+			keys:  []string{"interfaces: [lan0]"},
 		},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -556,38 +546,7 @@ func TestHostFirewallDeniesInput(t *testing.T) {
 		tp := testnet.New(t)
 		tp.StartHTTPServer(t, httpPort)
 		ruleset := filepath.Join(t.TempDir(), "fw4.nft")
-		fw4 := `table inet fw4 {
-	chain input {
-		type filter hook input priority filter; policy drop;
-		iifname "lo" accept
-		ct state vmap { established : accept, related : accept }
-		tcp flags syn / fin,syn,rst,ack jump syn_flood
-		iifname "lan0" jump input_lan
-		iifname "wan0" jump input_wan
-		jump handle_reject
-	}
-	chain handle_reject {
-		meta l4proto tcp reject with tcp reset
-		reject
-	}
-	chain syn_flood {
-		limit rate 25/second burst 50 packets return
-		drop
-	}
-	chain input_lan {
-		ct status dnat accept
-		jump accept_from_lan
-	}
-	chain accept_from_lan {
-		iifname "lan0" counter accept
-	}
-	chain input_wan {
-		icmp type echo-request accept
-		jump handle_reject
-	}
-}
-`
-		if err := os.WriteFile(ruleset, []byte(fw4), 0o600); err != nil {
+		if err := os.WriteFile(ruleset, []byte(hostfwtest.FW4), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		tp.Gateway.MustRun(t, "nft", "-f", ruleset)

@@ -108,6 +108,26 @@ func TestDNSBypass(t *testing.T) {
 	}
 	// A new connection to the address, not in the set any more, goes through tpgw again.
 	wantSeen(t, tp, "http://203.0.113.2:8080/", "198.51.100.2", "address expired: IP literal through tpgw, MATCH,ss")
+	// The reverse: a connection tpgw relays keeps going through tpgw when
+	// its address joins the set (another name resolving to it is asked):
+	// only new connections bypass. Forwarded mid-flow, its next segment
+	// would reach the upstream, which knows no such connection and resets
+	// it. TCP's early demux would hide that (it hands the segment to the
+	// relay's socket before routing), so it is off here, as some routers
+	// run.
+	tp.Gateway.MustRun(t, "sysctl", "-qw", "net.ipv4.tcp_early_demux=0")
+	relayed := dialClient(t, tp, "203.0.113.2:8080")
+	defer relayed.Close()
+	if got := httpOn(t, relayed); got != "198.51.100.2" {
+		t.Fatalf("IP literal through tpgw: upstream saw %q, want ss's 198.51.100.2", got)
+	}
+	tp.Gateway.MustRun(t, "nft", "add", "element", "inet", "tpgw", "dns_bypass4", "{ 203.0.113.2 timeout 1m }")
+	if got := httpOn(t, relayed); got != "198.51.100.2" {
+		t.Fatalf("relayed connection after its address joined the set: upstream saw %q, want ss's 198.51.100.2", got)
+	}
+	wantSeenVia(t, tp, "-4", "http://203.0.113.2:8080/", "192.168.77.2", "a new connection to the address: forwarded by the kernel")
+	relayed.Close()
+	tp.Gateway.MustRun(t, "sysctl", "-qw", "net.ipv4.tcp_early_demux=1")
 
 	// SIGHUP: the rules may have changed, so the sets are emptied.
 	digOne(t, tp, "direct.test", "A")

@@ -33,9 +33,9 @@
 //     for the gateway's own pings;
 //  3. destinations of the gateway itself, then @bypass4/@bypass6 (reserved
 //     ranges plus Options.Bypass), then sources in @bypass_src4/6 return;
-//     with Options.DNSBypass, destinations in @dns_bypass4/6 return too
-//     and label their connection 127 (prerouting returns labelled
-//     connections at its first rule);
+//     with Options.DNSBypass, new connections to destinations in
+//     @dns_bypass4/6 return too and get conntrack label 127 (prerouting
+//     returns labelled connections at its first rule);
 //  4. packets of connections a transparent socket already owns get the mark;
 //  5. all other TCP and UDP goes with tproxy to the TPROXY port;
 //  6. with on-failure: closed, drop rules follow 1, 2 and 5 (see below).
@@ -127,8 +127,8 @@
 // # DNS-driven bypass (Options.DNSBypass, nftables only)
 //
 // The plan adds two sets, dns_bypass4 and dns_bypass6 (flags timeout, empty
-// in the plan); in divert (and divert_out) after the bypass returns, "ip
-// daddr @dns_bypass4 ct label set 127 return" (and ip6); and "ct label 127
+// in the plan); in divert (and divert_out) after the bypass returns, "ct
+// state new ip daddr @dns_bypass4 ct label set 127 return" (and ip6); and "ct label 127
 // return" as the first rule of prerouting (in divert_out for the gateway's
 // own connections), so that the later packets of a bypassed connection meet
 // one rule (only connections that were neither DNS, nor to a fake IP, nor to
@@ -138,7 +138,13 @@
 // kernel. The label keeps a connection in the kernel when its address
 // expires from the set mid-flow: without it the next packet would meet the
 // tproxy rule, and a TCP segment that is not a SYN delivered to the
-// listener is answered with a reset. The sets live in table inet tpgw, so
+// listener is answered with a reset. "ct state new" is the converse: a
+// connection tpgw already relays when its address joins the set (another
+// name resolves to it) stays with tpgw; forwarded mid-flow, its next
+// segment would reach a server that never saw its SYN and be reset. TCP's
+// early demux hides this when it is on (it hands the segment to the
+// relay's socket before routing); with net.ipv4.tcp_early_demux=0 it does
+// not (e2e's TestDNSBypass). The sets live in table inet tpgw, so
 // Remove and Cleanup delete them with the table, and Update (a reload)
 // starts them empty. The iptables backend refuses such a plan
 // (ErrDNSBypassIPTables): it would need ipsets with timeouts and connlabel

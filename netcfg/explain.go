@@ -243,6 +243,8 @@ func (w *walker) match(m Match, mark uint32) (ok, known bool) {
 		return (mark == m.Mark) != m.Negate, true
 	case MatchCTReply:
 		return false, true // the first packet of a flow is in the original direction
+	case MatchCTStateNew:
+		return true, true // the explanation follows a flow's first packet
 	case MatchL4Proto:
 		p, ok := w.proto()
 		if !ok {

@@ -207,6 +207,14 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 				&expr.Cmp{Op: op, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(m.Mark)})
 		case MatchCTReply:
 			es = append(es, &expr.Ct{Key: expr.CtKeyDIRECTION, Register: reg1}, cmpEq([]byte{1})) // IP_CT_DIR_REPLY
+		case MatchCTStateNew:
+			// What nft generates for "ct state new": the state bitmap masked to NEW, not zero.
+			zero := make([]byte, 4)
+			es = append(es,
+				&expr.Ct{Key: expr.CtKeySTATE, Register: reg1},
+				&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+					Mask: binaryutil.NativeEndian.PutUint32(ctStateNew), Xor: zero},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: zero})
 		case MatchL4Proto:
 			es = append(es, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg1})
 			if len(m.Protos) == 1 {

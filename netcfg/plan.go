@@ -168,6 +168,11 @@ type MatchMark struct {
 // MatchCTReply holds for packets in the reply direction of a tracked connection.
 type MatchCTReply struct{}
 
+// MatchCTStateNew holds for packets of a connection that has not seen a
+// reply yet ("ct state new"): a TCP handshake's SYN, the datagrams of a UDP
+// flow before the first answer.
+type MatchCTStateNew struct{}
+
 // MatchL4Proto holds when the transport protocol is one of Protos (IPPROTO_* numbers).
 type MatchL4Proto struct{ Protos []uint8 }
 
@@ -217,6 +222,7 @@ func (MatchIIfName) isMatch()           {}
 func (MatchIIfNameSet) isMatch()        {}
 func (MatchMark) isMatch()              {}
 func (MatchCTReply) isMatch()           {}
+func (MatchCTStateNew) isMatch()        {}
 func (MatchL4Proto) isMatch()           {}
 func (MatchDstPort) isMatch()           {}
 func (MatchAddr) isMatch()              {}
@@ -249,7 +255,8 @@ func (m MatchMark) String() string {
 	return fmt.Sprintf("meta mark %#x", m.Mark)
 }
 
-func (MatchCTReply) String() string { return "ct direction reply" }
+func (MatchCTReply) String() string    { return "ct direction reply" }
+func (MatchCTStateNew) String() string { return "ct state new" }
 
 func protoName(p uint8) string {
 	switch p {
@@ -597,7 +604,10 @@ func BuildPlan(o Options) (*Plan, error) {
 			add(c, "flow to a dns-bypass address", ret, MatchCTLabel{Bit: ConnLabelDNSBypass})
 		}
 		for _, s := range dnsBypassSets {
-			add(c, "dns-bypass: DIRECT for certain", Action{SetCTLabel: true, Verdict: VerdictReturn}, MatchAddrSet{Family: s.Family, Set: s.Name})
+			// New connections only: one tpgw relays already stays with
+			// tpgw when its address joins the set (forwarded mid-flow, its
+			// next segment would reach a server that never saw its SYN).
+			add(c, "dns-bypass: DIRECT for certain", Action{SetCTLabel: true, Verdict: VerdictReturn}, MatchCTStateNew{}, MatchAddrSet{Family: s.Family, Set: s.Name})
 		}
 	}
 	var lanSets []Set // with no interfaces given, the LAN is known by its source addresses

@@ -35,7 +35,7 @@ func TestExplainDNSBypass(t *testing.T) {
 	if code := realMain([]string{"rules", "-c", cfg}, &stdout, &stderr); code != 0 {
 		t.Fatalf("rules: exit %d: %s", code, stderr.String())
 	}
-	for _, want := range []string{"set dns_bypass4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n", "ip daddr @dns_bypass4 ct label set 127 return"} {
+	for _, want := range []string{"set dns_bypass4 {\n\t\ttype ipv4_addr\n\t\tflags timeout\n", "ct state new ip daddr @dns_bypass4 ct label set 127 return"} {
 		if !strings.Contains(stdout.String(), want) {
 			t.Errorf("tpgw rules lacks %q:\n%s", want, stdout.String())
 		}

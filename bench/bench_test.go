@@ -169,8 +169,57 @@ func sampleReport() *Report {
 		}
 	}
 	rep := &Report{Machine: Machine{Kernel: "6.18", CPU: "Test CPU", Cores: 2}, Reps: 2}
-	buildFigures(rep, s, 10000)
+	buildFigures(rep, s, 10000, 2)
 	return rep
+}
+
+// TestPerRepetitionRatios: a ratio check gives the ratio within each
+// repetition beside the medians' ratio, in the JSON and in the table, and
+// none when the runs cannot be paired (a setup that failed to start has
+// fewer runs).
+func TestPerRepetitionRatios(t *testing.T) {
+	s := samples{}
+	for _, v := range []struct{ tpgw, mihomo float64 }{{5500, 5000}, {4050, 5000}, {5000, 5000}} {
+		s.add("conn_rate", SetupTPGW, v.tpgw)
+		s.add("conn_rate", SetupMihomo, v.mihomo)
+		s.add("tcp1_up", SetupK, 10)
+		s.add("tcp1_up", SetupTPGW, 9)
+	}
+	s.add("tcp1_up", SetupMihomo, 8) // one run of three
+	s.add("idle_bulk", SetupK, 10)
+	s.add("idle_bulk", SetupTPGW, 9)
+	rep := &Report{Reps: 3}
+	buildFigures(rep, s, 100, 3)
+
+	c := rep.Figure("conn_rate").Checks[0]
+	want := []float64{1.10, 0.81, 1.00}
+	if !c.Met || c.Actual != "1.00×" || len(c.PerRep) != 3 {
+		t.Fatalf("conn_rate check = %+v, want met at 1.00× with 3 per-repetition ratios", c)
+	}
+	for i, w := range want {
+		if math.Abs(float64(c.PerRep[i])-w) > 1e-9 {
+			t.Fatalf("per-repetition ratios %v, want %v", c.PerRep, want)
+		}
+	}
+	md := rep.Markdown()
+	if !strings.Contains(md, "tpgw ≥ mihomo-tproxy (1.00×; reps 1.10/0.81/1.00) | ✓ |") {
+		t.Fatalf("table lacks the per-repetition ratios:\n%s", md)
+	}
+	if c := rep.Figure("tcp1_up").Checks[0]; len(c.PerRep) != 3 || float64(c.PerRep[0]) != 0.9 {
+		t.Fatalf("tcp1_up tpgw/K check = %+v", c)
+	}
+	// tpgw ss has no runs: not measured, nothing to pair.
+	if c := rep.Figure("tcp1_up").Checks[1]; c.PerRep != nil || c.Actual != "not measured" {
+		t.Fatalf("unmeasured check = %+v, want no per-repetition ratios", c)
+	}
+	// The idle figures run once: no per-repetition ratios.
+	if c := rep.Figure("idle_bulk").Checks[0]; c.PerRep != nil || c.Actual != "0.90×" {
+		t.Fatalf("idle_bulk check = %+v", c)
+	}
+	b, err := json.Marshal(rep.Figure("conn_rate").Checks[0])
+	if err != nil || !strings.Contains(string(b), `"per_repetition":[1.1`) {
+		t.Fatalf("JSON of the check: %s, %v", b, err)
+	}
 }
 
 func TestFiguresAndChecks(t *testing.T) {
@@ -203,7 +252,7 @@ func TestMarkdown(t *testing.T) {
 	for _, want := range []string{
 		"kernel 6.18, Test CPU, 2 cores",
 		"| Figure | Unit | K | tpgw | mihomo-tproxy | tpgw ss | ss-redir | tpgw dns-bypass | Target (measured) | Met |",
-		"| TCP 1 stream, upload | Gbit/s | 10 | 9.50 | 7 | 1.50 | 0.80 | 9.80 | tpgw ≥ 0.90×K (0.95×); tpgw ss ≥ ss-redir (1.88×); tpgw dns-bypass ≥ 0.97×K (0.98×) | ✓ ✓ ✓ |",
+		"| TCP 1 stream, upload | Gbit/s | 10 | 9.50 | 7 | 1.50 | 0.80 | 9.80 | tpgw ≥ 0.90×K (0.95×; reps 0.95/0.95); tpgw ss ≥ ss-redir (1.88×; reps 1.88/1.88); tpgw dns-bypass ≥ 0.97×K (0.98×; reps 0.98/0.98) | ✓ ✓ ✓ |",
 		"| Gateway process CPU per GB (the 4 TCP runs) | CPU s/GB | n/a | 0.20 |",
 	} {
 		if !strings.Contains(md, want) {

@@ -268,3 +268,47 @@ func TestDNSBypassForwardDrop(t *testing.T) {
 	wantSeenVia(t, tp, "-4", "http://direct.test:8080/", "192.168.77.2", "dns-bypass, with the rule the warning named")
 	stopTPGW(t, p, syscall.SIGTERM)
 }
+
+// TestDNSBypassProxySelfOpenConnection: with proxy-self, a connection the
+// gateway itself has open through tpgw stays with tpgw when its address
+// joins the dns-bypass set; only its later connections go out directly.
+// Unmarked mid-flow, its next segment would leave by the WAN route for a
+// server that never saw its SYN (no early demux on the output path).
+func TestDNSBypassProxySelfOpenConnection(t *testing.T) {
+	requireDNSPeers(t)
+	requireBackend(t, "nftables")
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
+	tp.StartDNSMasq(t, map[string]string{"direct.test": "203.0.113.2"})
+	before := testnet.Snapshot(t, tp.Gateway)
+	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,direct.test,DIRECT", "MATCH,ss"},
+		bypassDNSConfig+tpgwSection(t, "nftables", "proxy-self: true", "dns-bypass: true")))
+	p := runTPGW(t, tp, cfg)
+
+	var c net.Conn
+	if err := tp.Gateway.Do(func() (err error) { c, err = net.DialTimeout("tcp", "203.0.113.2:8080", 5*time.Second); return err }); err != nil {
+		t.Fatalf("dial from the gateway: %v", err)
+	}
+	defer c.Close()
+	if got := httpOn(t, c); got != "198.51.100.2" {
+		t.Fatalf("gateway's own connection (proxy-self, MATCH,ss): upstream saw %q, want ss's 198.51.100.2", got)
+	}
+	// The address joins the set as the answer to a DIRECT name.
+	if a := digAnswer(t, tp.Gateway, "@203.0.113.2", "direct.test"); a != netip.MustParseAddr("203.0.113.2") {
+		t.Fatalf("gateway's own dig direct.test = %v, want the real 203.0.113.2", a)
+	}
+	if out := tp.Gateway.MustRun(t, "nft", "list", "set", "inet", "tpgw", "dns_bypass4"); !strings.Contains(out, "203.0.113.2 timeout") {
+		t.Fatalf("203.0.113.2 not in the set:\n%s", out)
+	}
+	if got := httpOn(t, c); got != "198.51.100.2" {
+		t.Fatalf("open connection after its address joined the set: upstream saw %q, want ss's 198.51.100.2", got)
+	}
+	out, err := tp.Gateway.Run(t, 15*time.Second, "curl", "-sS", "--noproxy", "*", "--max-time", "10", "http://203.0.113.2:8080/")
+	if err != nil || strings.TrimSpace(out) != tp.GatewayWAN.String() {
+		t.Fatalf("gateway's new connection to the address: upstream saw %q (%v), want the gateway's own %s (not through tpgw)", out, err, tp.GatewayWAN)
+	}
+	c.Close()
+	stopTPGW(t, p, syscall.SIGTERM)
+	sameKernelState(t, tp, before, "after SIGTERM")
+}

@@ -141,10 +141,11 @@
 // listener is answered with a reset. "ct state new" is the converse: a
 // connection tpgw already relays when its address joins the set (another
 // name resolves to it) stays with tpgw; forwarded mid-flow, its next
-// segment would reach a server that never saw its SYN and be reset. TCP's
-// early demux hides this when it is on (it hands the segment to the
-// relay's socket before routing); with net.ipv4.tcp_early_demux=0 it does
-// not (e2e's TestDNSBypass). The sets live in table inet tpgw, so
+// segment would reach a server that never saw its SYN and be reset. For
+// the gateway's own connections (proxy-self) that is what happened (e2e's
+// TestDNSBypassProxySelfOpenConnection); for the LAN's, TCP's early demux
+// hid it while on (it hands the segment to the relay's socket before
+// routing), not with net.ipv4.tcp_early_demux=0 (TestDNSBypass). The sets live in table inet tpgw, so
 // Remove and Cleanup delete them with the table, and Update (a reload)
 // starts them empty. The iptables backend refuses such a plan
 // (ErrDNSBypassIPTables): it would need ipsets with timeouts and connlabel

@@ -61,7 +61,8 @@ func (r *runner) report(started time.Time) *Report {
 }
 
 // buildFigures fills rep.Figures from s and attaches the targets of issue 5;
-// reps is the number of interleaved repetitions (the idle figures have one run).
+// reps is the number of interleaved repetitions (a figure with fewer runs,
+// such as one whose setup failed once, gets no per-repetition ratios).
 func buildFigures(rep *Report, s samples, idleConns, reps int) {
 	for _, d := range figureDefs {
 		f := Figure{Key: d.key, Name: d.name, Unit: d.unit, Values: map[string]*Value{}}
@@ -139,6 +140,7 @@ func methodNotes(o Options) []string {
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
 		"Whole-machine CPU per GB: busy time of all CPUs (/proc/stat: user, nice, system, irq, softirq; not idle, iowait or steal) over the same runs, divided by the same payload. It counts what the process figure cannot: softirq work (K's forwarding, the TCP receive path that runs in the sender's context) and the client and server, which cost the same per GB in every setup; the row below subtracts K's, leaving what the gateway path costs beyond forwarding. Other work on the machine adds to both.",
 		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
+		fmt.Sprintf("Idle connections: K, tpgw and mihomo-tproxy in turn, %d interleaved repetitions like the rest (medians); each time the gateway starts afresh and the upstream listens anew.", o.Reps),
 		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
 		"DNS: dnsperf over 1000 distinct A names. First one pass over the new names (-n 1 -q 50: each allocates a fake IP), then -c 4 -T 1 -q 500 -l 5 over the same, now known, names (500 queries outstanding: with fewer, a loaded 2-core host measures round-trip latency, not the server; one dnsperf thread, so that on 2 cores client and server each get one instead of fighting over both): hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053).",
 		"Target (measured): a ratio target gives the ratio of the two medians, which decides ✓ or ✗, then (reps a/b/c) the ratio within each repetition, whose setups ran side by side: a target met in some repetitions and missed in others is within the noise of this host; one missed in every repetition is not.",

@@ -171,7 +171,7 @@ func (r *runner) measureIdle(setup string) {
 			fit := probe + int(float64(int(nofileLimit())-after.Total-500)/perConn)
 			if fit < n {
 				r.logf("  %.1f fds per connection: %d connections fit RLIMIT_NOFILE %d", perConn, fit, nofileLimit())
-				r.notes = append(r.notes, fmt.Sprintf("%s holds %.1f fds per idle connection: %d of %d connections fit its RLIMIT_NOFILE of %d (raising it needs CAP_SYS_RESOURCE, which this host lacks), so its idle figures are at %d connections.",
+				r.noteOnce(fmt.Sprintf("%s holds %.1f fds per idle connection: %d of %d connections fit its RLIMIT_NOFILE of %d (raising it needs CAP_SYS_RESOURCE, which this host lacks), so its idle figures are at %d connections.",
 					setup, perConn, fit, n, nofileLimit(), fit))
 				n = fit
 			}

@@ -207,8 +207,6 @@ func iptRuleSpecs(p *Plan, r Rule, f Family, chainName func(string) string) ([][
 			}
 		case MatchCTReply:
 			each("-m", "conntrack", "--ctdir", "REPLY")
-		case MatchCTStateNew:
-			each("-m", "conntrack", "--ctstate", "NEW")
 		case MatchL4Proto:
 			var choices [][]string
 			var protos []string

@@ -95,6 +95,14 @@ func writeConfig(t testing.TB, content string) string {
 func startTPGW(t testing.TB, tp *testnet.Topology, cfg string) *testnet.Proc {
 	t.Helper()
 	p := tp.Gateway.Start(t, tpgwBin, "run", "-c", cfg)
+	// A test that fails later shows what tpgw logged (the end of it): a
+	// failure seen once in CI is otherwise hard to explain.
+	t.Cleanup(func() {
+		if t.Failed() {
+			out := p.Output()
+			t.Logf("tpgw output (last 4000 bytes):\n%s", out[max(0, len(out)-4000):])
+		}
+	})
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
 		if strings.Contains(p.Output(), "gateway running") {

@@ -253,7 +253,7 @@ func (d *direction) writeAll(fd uintptr) bool {
 func (f *flow) splice(dir int) {
 	d := &f.dirs[dir]
 	_ = d.src.SetReadDeadline(time.Time{})
-	if err := spliceAll(d.raw, f.dirs[1-dir].raw, d.counters); err != nil {
+	if err := spliceAll(d.raw, d.dstRaw, d.counters); err != nil {
 		f.shutdown()
 		return
 	}

@@ -208,13 +208,7 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 		case MatchCTReply:
 			es = append(es, &expr.Ct{Key: expr.CtKeyDIRECTION, Register: reg1}, cmpEq([]byte{1})) // IP_CT_DIR_REPLY
 		case MatchCTStateNew:
-			// What nft generates for "ct state new": the state bitmap masked to NEW, not zero.
-			zero := make([]byte, 4)
-			es = append(es,
-				&expr.Ct{Key: expr.CtKeySTATE, Register: reg1},
-				&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
-					Mask: binaryutil.NativeEndian.PutUint32(ctStateNew), Xor: zero},
-				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: zero})
+			es = append(es, ctBits(expr.CtKeySTATE, binaryutil.NativeEndian.PutUint32(ctStateNew))...)
 		case MatchL4Proto:
 			es = append(es, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg1})
 			if len(m.Protos) == 1 {
@@ -264,12 +258,7 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 		case MatchSocketTransparent:
 			es = append(es, &expr.Socket{Key: expr.SocketKeyTransparent, Register: reg1}, cmpEq([]byte{1}))
 		case MatchCTLabel:
-			// What nft generates for "ct label N": the label bitmap masked to the bit, not zero.
-			zero := make([]byte, ctLabelSize)
-			es = append(es,
-				&expr.Ct{Key: expr.CtKeyLABELS, Register: reg1},
-				&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: ctLabelSize, Mask: ctLabelBit(m.Bit), Xor: zero},
-				&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: zero})
+			es = append(es, ctBits(expr.CtKeyLABELS, ctLabelBit(m.Bit))...)
 		default:
 			return nil, fmt.Errorf("match %T not supported by the nftables backend", m)
 		}
@@ -308,6 +297,17 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 		es = append(es, &expr.Verdict{Kind: expr.VerdictReturn})
 	}
 	return es, nil
+}
+
+// ctBits is what nft generates for "ct state new" or "ct label N": the
+// conntrack bitmap key masked to the bits of mask, not zero.
+func ctBits(key expr.CtKey, mask []byte) []expr.Any {
+	zero := make([]byte, len(mask))
+	return []expr.Any{
+		&expr.Ct{Key: key, Register: reg1},
+		&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: uint32(len(mask)), Mask: mask, Xor: zero},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: zero},
+	}
 }
 
 // ctLabelSize is the size of the conntrack label bitmap (128 bits).

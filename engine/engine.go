@@ -315,7 +315,12 @@ func (e *Engine) metadata(network C.NetWork, src, dst netip.AddrPort) *C.Metadat
 	}
 }
 
-// Close ends the DIRECT flows tpgw relays, stops mihomo's listeners and
+// AbortFlows resets (RST) every DIRECT flow tpgw relays itself, at once; a
+// gateway that stops calls it (with the relay's Abort) while its rules still
+// bring the clients' packets here. Close does it too.
+func (e *Engine) AbortFlows() { e.parker.closeAll() }
+
+// Close resets the DIRECT flows tpgw relays, stops mihomo's listeners and
 // persists the fake-ip pool state.
 func (e *Engine) Close() error {
 	e.once.Do(func() {

@@ -393,7 +393,9 @@ func (p *parker) remove(f *flow) {
 	p.mu.Unlock()
 }
 
-// closeAll ends every flow (engine shutdown).
+// closeAll ends every flow with a reset on both sockets (engine shutdown):
+// the client and the server learn that the stream was cut, not finished,
+// and neither socket stays behind in the kernel.
 func (p *parker) closeAll() {
 	p.mu.Lock()
 	flows := make([]*flow, 0, len(p.flows))
@@ -402,6 +404,8 @@ func (p *parker) closeAll() {
 	}
 	p.mu.Unlock()
 	for _, f := range flows {
+		_ = f.client.SetLinger(0)
+		_ = f.remote.SetLinger(0)
 		f.shutdown()
 	}
 }

@@ -2,12 +2,14 @@ package engine
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"runtime/pprof"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -187,14 +189,77 @@ func TestDashboardClosesParkedFlow(t *testing.T) {
 	}
 }
 
-// TestCloseAllEndsParkedFlows: the engine's Close ends parked flows (the
-// relay no longer holds them).
-func TestCloseAllEndsParkedFlows(t *testing.T) {
-	f := parkedFlow(t)
-	testEngine.parker.closeAll()
-	f.wantEOF(t, "after closeAll")
+// TestAbortFlowsResetsBothEnds: AbortFlows (a gateway that stops; the
+// engine's Close) ends every flow the engine relays, parked or moving
+// bytes, with a reset to the client and to the server: neither may take a
+// cut-off stream for a finished one.
+func TestAbortFlowsResetsBothEnds(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	serverErr := make(chan error, 2)
+	testsrv.ServeEach(ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		r := bufio.NewReader(c)
+		line, err := r.ReadString('\n')
+		switch {
+		case err != nil:
+		case line == "stream\n": // bulk: write until the flow ends
+			buf := make([]byte, 64<<10)
+			for err == nil {
+				_, err = c.Write(buf)
+			}
+		default: // answer, then wait for the flow to end
+			c.Write([]byte("ok\n"))
+			_, err = r.ReadString('\n')
+		}
+		serverErr <- err
+	})
+	dst := ln.Addr().(*net.TCPAddr).AddrPort()
+	start := func(first string) (net.Conn, <-chan struct{}) {
+		client, inbound := tcpPair(t)
+		done := relayAsync(inbound, client, dst)
+		client.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := client.Write([]byte(first + "\n")); err != nil {
+			t.Fatal(err)
+		}
+		return client, done
+	}
+
+	idle, idleDone := start("hello")
+	if line, err := bufio.NewReader(idle).ReadString('\n'); err != nil || line != "ok\n" {
+		t.Fatalf("idle flow's answer %q, %v", line, err)
+	}
+	waitParked(t)
+	bulk, bulkDone := start("stream")
+	if _, err := io.CopyN(io.Discard, bulk, 4<<20); err != nil {
+		t.Fatalf("bulk flow: %v", err)
+	}
+
+	testEngine.AbortFlows()
+	for name, c := range map[string]net.Conn{"idle": idle, "bulk": bulk} {
+		if _, err := io.Copy(io.Discard, c); !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("%s flow's client after AbortFlows: %v, want a reset (ECONNRESET)", name, err)
+		}
+	}
+	for range 2 {
+		select {
+		case err := <-serverErr:
+			// The idle server reads (a FIN would be io.EOF); the bulk one
+			// writes (ECONNRESET, or EPIPE on the write after it).
+			if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+				t.Errorf("server after AbortFlows: %v, want a reset", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("a server did not see its flow end within 5s of AbortFlows")
+		}
+	}
+	waitDone(t, idleDone)
+	waitDone(t, bulkDone)
 	if n := testEngine.parker.count(); n != 0 {
-		t.Errorf("parker holds %d flows after closeAll", n)
+		t.Errorf("parker holds %d flows after AbortFlows", n)
 	}
 }
 

@@ -129,21 +129,41 @@ func isLocalListener(dst, ln netip.AddrPort) bool {
 	return dst.Port() == ln.Port() && dst.Addr().IsLoopback()
 }
 
-// Close stops accepting, closes the flows whose handlers still run and waits
-// for those handlers. (Flows a handler went on relaying without its goroutine
-// are the handler's to end: the engine's Close.)
-func (l *TCPListener) Close() error {
+// Abort stops accepting and resets (RST) the flows whose handlers still
+// run, without waiting for the handlers; Close waits. A gateway that stops
+// aborts its flows while its rules still bring the clients' packets here: a
+// flow closed after the rules are gone ends with a FIN (a cut-off download
+// would look complete), and the client's answers to it, routed past the
+// socket, are dropped, so the socket lingers, retrying its FIN. (Flows a
+// handler went on relaying without its goroutine are the handler's to end:
+// the engine's AbortFlows.)
+func (l *TCPListener) Abort() error {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	if l.closed {
-		l.mu.Unlock()
 		return nil
 	}
 	l.closed = true
 	err := l.ln.Close()
 	for c := range l.conns {
-		c.Close()
+		reset(c)
 	}
-	l.mu.Unlock()
+	return err
+}
+
+// Close is Abort, then waits for the handlers to return.
+func (l *TCPListener) Close() error {
+	err := l.Abort()
 	l.wg.Wait()
 	return err
+}
+
+// reset closes c with a reset (RST) rather than a FIN when it is a TCP
+// connection (SO_LINGER 0): the peer learns at once that the stream was cut,
+// and no socket stays behind in the kernel.
+func reset(c net.Conn) error {
+	if tc, ok := c.(interface{ SetLinger(int) error }); ok {
+		_ = tc.SetLinger(0)
+	}
+	return c.Close()
 }

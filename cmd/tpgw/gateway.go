@@ -227,7 +227,8 @@ func runGateway(o cmdOpts) (err error) {
 		"ipv6", plan.Options.IPv6)
 
 	// Start-up order: engine, listeners, then kernel rules, so that a failure
-	// before the last step has installed nothing; shutdown is the reverse.
+	// before the last step has installed nothing; shutdown is the reverse,
+	// except that the relayed TCP flows are reset before the rules go.
 	// The external-controller's reload and mode switches run on the main
 	// loop below, like SIGHUP, once the gateway is running.
 	requests := make(chan func())
@@ -324,6 +325,15 @@ func runGateway(o cmdOpts) (err error) {
 	}
 	defer func() {
 		wd.stop() // first: a clean exit must not look like a crash
+		// The relayed TCP flows end with a reset while the rules still
+		// bring the clients' packets to their sockets: each client learns
+		// at once that its stream was cut, and no socket lingers (see
+		// relay.TCPListener.Abort). New flows in the moment before the
+		// rules go find no listener: nftables' tproxy then lets them pass
+		// to the kernel's forwarding, iptables' TPROXY drops them and the
+		// client's retry goes direct.
+		_ = tcp.Abort()
+		eng.AbortFlows()
 		if rerr := installed.Remove(); rerr != nil {
 			log.Error("removing kernel rules", "err", rerr)
 			if err == nil {

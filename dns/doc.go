@@ -30,9 +30,14 @@
 // are few (clients use few DNS servers), so they are cached by destination,
 // at most 64, closed after 30s unused; they are never connected and never
 // read, so incoming queries keep going to the listener. A destination that is
-// one of the gateway's own addresses (clients asking the router) gets a
-// socket for the one reply instead: a cached one would take datagrams meant
-// for a local resolver on that address. A query sent to the listener's own
+// one of the gateway's own addresses (clients asking the router, where
+// dnsmasq listens) gets no socket at all: its replies leave from a raw socket
+// (IPPROTO_RAW, which receives nothing) that writes the IP and UDP headers
+// itself. A socket bound there, cached or made for the one reply, would take
+// the datagrams that reach that address meanwhile, such as tpgw's own
+// forward of a local name to that dnsmasq (lost, and a SERVFAIL 3 s later).
+// Without CAP_NET_RAW such replies fall back to a socket per reply, with a
+// warning. A query sent to the listener's own
 // port is answered from the listener, with IP_PKTINFO setting the source.
 //
 // The server records its network namespace at Listen and makes reply sockets

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -36,12 +37,17 @@ const (
 // take, and never read, the datagrams that reach that address without being
 // hijacked (from the gateway itself, or from a LAN interface tpgw does not
 // serve) while a local resolver such as dnsmasq listens on it. Replies from
-// such addresses use a socket made for the one reply and closed at once.
+// such addresses leave from a raw socket that writes the UDP header itself
+// (sendLocal): no socket is ever bound there, not even for the one send,
+// which would take the datagrams that arrive meanwhile (such as tpgw's own
+// forward of a local name to that dnsmasq, lost with a SERVFAIL 3 s later).
 type replySockets struct {
 	ns          *tsock.Netns // the server's: sockets are made there, whichever thread sends
 	transparent bool
 	log         *slog.Logger
 	isLocal     func(netip.Addr) bool // isLocalAddr; tests replace it
+	raw         rawSender             // replies from local addresses
+	rawDenied   atomic.Bool           // no CAP_NET_RAW: sendOnce instead
 
 	mu     sync.Mutex
 	socks  map[netip.AddrPort]*replySocket
@@ -68,10 +74,17 @@ type replySocket struct {
 	lastUsed time.Time
 }
 
+// rawSender sends a datagram with any source: *tsock.RawUDP.
+type rawSender interface {
+	Send(payload []byte, src, dst netip.AddrPort) error
+	Close() error
+}
+
 // newReplySockets makes replySockets that make their sockets in ns, which
 // they own (close closes it).
 func newReplySockets(ns *tsock.Netns, transparent bool, log *slog.Logger) *replySockets {
-	return &replySockets{isLocal: isLocalAddr, ns: ns, transparent: transparent, log: log, socks: map[netip.AddrPort]*replySocket{}, local: map[netip.Addr]localCheck{}}
+	return &replySockets{isLocal: isLocalAddr, ns: ns, transparent: transparent, log: log, raw: tsock.NewRawUDP(),
+		socks: map[netip.AddrPort]*replySocket{}, local: map[netip.Addr]localCheck{}}
 }
 
 // send writes b to client from a socket bound to from.
@@ -93,7 +106,7 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 	r.mu.Unlock()
 
 	if fresh && check.local {
-		return r.ns.Do(func() error { return r.sendOnce(b, client, from) })
+		return r.ns.Do(func() error { return r.sendLocal(b, client, from) })
 	}
 	// Not cached yet: check whether from is local and make its socket, in one
 	// visit to the server's namespace.
@@ -104,7 +117,7 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 			local = r.isLocal(from.Addr())
 		}
 		if local {
-			return r.sendOnce(b, client, from)
+			return r.sendLocal(b, client, from)
 		}
 		conn, err = r.bind(from)
 		return err
@@ -264,14 +277,30 @@ func (r *replySockets) close() error {
 		}
 		delete(r.socks, k)
 	}
-	return r.ns.Close()
+	return errors.Join(r.raw.Close(), r.ns.Close())
 }
 
 // isLocalAddr reports whether a is an address of this host, in the calling
 // thread's namespace: binding it without IP_TRANSPARENT succeeds only then
-// (or everywhere with net.ipv4.ip_nonlocal_bind=1, which just makes every
-// reply socket a one-off). Port 0 never conflicts with a bound socket.
+// (or everywhere with net.ipv4.ip_nonlocal_bind=1, which just sends every
+// reply from the raw socket). Port 0 never conflicts with a bound socket.
 func isLocalAddr(a netip.Addr) bool { return tsock.TryBind(a) == nil }
+
+// sendLocal sends b to client from from, an address of this host, through
+// the raw socket, in the calling thread's namespace. Without CAP_NET_RAW it
+// falls back to sendOnce, with the window that it has.
+func (r *replySockets) sendLocal(b []byte, client, from netip.AddrPort) error {
+	if !r.rawDenied.Load() {
+		err := r.raw.Send(b, from, client)
+		if !errors.Is(err, unix.EPERM) {
+			return err
+		}
+		if !r.rawDenied.Swap(true) {
+			r.log.Warn("no CAP_NET_RAW: DNS replies from this host's own addresses leave from a socket bound there for each reply, which can take a datagram sent to that address meanwhile", "err", err)
+		}
+	}
+	return r.sendOnce(b, client, from)
+}
 
 // sendOnce sends b to client from a socket bound to from for this one
 // datagram, in the calling thread's namespace. Plain syscalls: the runtime's

@@ -1,12 +1,18 @@
 package dns
 
 import (
+	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"testing"
+	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/testenv"
 	"github.com/tpgw/tpgw/internal/tsock"
 )
 
@@ -96,32 +102,129 @@ func TestReplySockets(t *testing.T) {
 	}
 }
 
-// A reply from one of the host's own addresses uses a one-off socket, so that
-// nothing stays bound there to take datagrams meant for a local resolver.
-func TestReplySocketsLocalNotCached(t *testing.T) {
+// TestReplySocketsLocalAddress: replies from one of the host's own addresses,
+// where a resolver listens (as dnsmasq on the router's :53), arrive from
+// that address and port, nothing is cached for it, and the resolver gets
+// every datagram sent to it meanwhile. With a socket bound there for each
+// reply (before), the datagrams that came during a send went to that
+// socket, which closed unread.
+func TestReplySocketsLocalAddress(t *testing.T) {
+	testenv.RequireRoot(t) // the raw socket (CAP_NET_RAW)
 	if !isLocalAddr(netip.MustParseAddr("127.0.0.2")) || isLocalAddr(netip.MustParseAddr("192.0.2.1")) {
 		t.Fatal("isLocalAddr: 127.0.0.2 must be local, 192.0.2.1 not")
 	}
 	r := newTestReplySockets(t)
 	target, to := replyTarget(t)
-	from := freeLoopbackPort(t)
-	if err := r.send([]byte("hi"), to, from); err != nil {
+	// The resolver, bound with SO_REUSEADDR as dnsmasq is.
+	lc := net.ListenConfig{Control: tsock.Control(func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+	})}
+	pc, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.2:0")
+	if err != nil {
 		t.Fatal(err)
 	}
-	buf := make([]byte, 16)
-	if _, src, err := target.ReadFromUDPAddrPort(buf); err != nil || src != from {
-		t.Fatalf("reply from %v (%v), want from %v", src, err, from)
+	resolver := pc.(*net.UDPConn)
+	defer resolver.Close()
+	from := resolver.LocalAddr().(*net.UDPAddr).AddrPort()
+	asker, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(from))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer asker.Close()
+
+	// Both receivers read while the sends go on, with buffers that hold
+	// every datagram: a loss is a datagram taken by another socket.
+	const n = 2000
+	for _, c := range []*net.UDPConn{target, resolver} {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) { tsock.RaiseRcvBuf(int(fd)) })
+	}
+	recv := func(conn *net.UDPConn, want string, wantSrc netip.AddrPort) <-chan error {
+		done := make(chan error, 1)
+		go func() {
+			buf := make([]byte, 16)
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			for i := range n {
+				k, src, err := conn.ReadFromUDPAddrPort(buf)
+				if err != nil {
+					done <- fmt.Errorf("received %d of %d datagrams: %w", i, n, err)
+					return
+				}
+				if src != wantSrc || string(buf[:k]) != want {
+					done <- fmt.Errorf("received %q from %v, want %q from %v", buf[:k], src, want, wantSrc)
+					return
+				}
+			}
+			done <- nil
+		}()
+		return done
+	}
+	client := recv(target, "reply", from)
+	server := recv(resolver, "query", asker.LocalAddr().(*net.UDPAddr).AddrPort())
+	go func() {
+		for range n {
+			if err := r.send([]byte("reply"), to, from); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for range n {
+		if _, err := asker.Write([]byte("query")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-client; err != nil {
+		t.Errorf("client: %v", err)
+	}
+	if err := <-server; err != nil {
+		t.Errorf("resolver (while replies left from its address): %v", err)
 	}
 	r.mu.Lock()
-	n := len(r.socks)
+	cached := len(r.socks)
 	r.mu.Unlock()
-	if n != 0 {
-		t.Errorf("%d sockets cached after a reply from a local address, want 0", n)
+	if cached != 0 {
+		t.Errorf("%d sockets cached after replies from a local address, want 0", cached)
 	}
-	// Nothing is left bound there: a resolver can take the port.
+}
+
+// deniedRaw is a raw sender without CAP_NET_RAW.
+type deniedRaw struct{ sends *int }
+
+func (d deniedRaw) Send([]byte, netip.AddrPort, netip.AddrPort) error {
+	*d.sends++
+	return fmt.Errorf("tsock: raw udp socket: %w", unix.EPERM)
+}
+func (deniedRaw) Close() error { return nil }
+
+// TestReplySocketsLocalWithoutRaw: without CAP_NET_RAW, replies from a local
+// address still arrive from it (a socket bound there for each reply), the
+// raw socket is tried once, and nothing stays bound there.
+func TestReplySocketsLocalWithoutRaw(t *testing.T) {
+	r := newTestReplySockets(t)
+	var tries int
+	r.raw = deniedRaw{&tries}
+	target, to := replyTarget(t)
+	from := freeLoopbackPort(t)
+	buf := make([]byte, 16)
+	for range 3 {
+		if err := r.send([]byte("hi"), to, from); err != nil {
+			t.Fatal(err)
+		}
+		target.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if n, src, err := target.ReadFromUDPAddrPort(buf); err != nil || src != from || string(buf[:n]) != "hi" {
+			t.Fatalf("reply %q from %v (%v), want \"hi\" from %v", buf[:n], src, err, from)
+		}
+	}
+	if tries != 1 || !r.rawDenied.Load() {
+		t.Errorf("raw socket tried %d times (denied: %v), want once", tries, r.rawDenied.Load())
+	}
 	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(from))
 	if err != nil {
-		t.Fatalf("port still taken after the reply: %v", err)
+		t.Fatalf("port still taken after the replies: %v", err)
 	}
 	c.Close()
 }

@@ -294,3 +294,37 @@ func TestSVG(t *testing.T) {
 		t.Error("SVG contains NaN")
 	}
 }
+
+// TestAddedLatencyPaired: added latency is taken within each repetition
+// (the setups ran side by side) and its median reported, with the runs; a
+// setup short of runs falls back to the medians' difference. The note gives
+// K's own p99 spread.
+func TestAddedLatencyPaired(t *testing.T) {
+	s := samples{}
+	// The runs of the bench at 58b5a8c.
+	for i, v := range []struct{ k50, t50, k99, t99 float64 }{{67, 164, 623, 547}, {75, 139, 197, 249}, {82, 138, 793, 245}} {
+		s.add("lat_p50", SetupK, v.k50)
+		s.add("lat_p50", SetupTPGW, v.t50)
+		s.add("lat_p99", SetupK, v.k99)
+		s.add("lat_p99", SetupTPGW, v.t99)
+		if i == 0 {
+			s.add("lat_p50", SetupMihomo, 150) // one run of three
+		}
+	}
+	rep := &Report{Reps: 3}
+	buildFigures(rep, s, 100, 3)
+	p50 := rep.Figure("lat_added_p50").Values[SetupTPGW]
+	if p50 == nil || p50.Median != 64 || len(p50.Runs) != 3 || p50.Runs[0] != 97 || p50.Runs[2] != 56 {
+		t.Fatalf("added p50 of tpgw = %+v, want runs 97/64/56, median 64", p50)
+	}
+	if p99 := rep.Figure("lat_added_p99").Median(SetupTPGW); p99 != -76 {
+		t.Fatalf("added p99 of tpgw = %v, want the median of -76, 52, -548", p99)
+	}
+	if m := rep.Figure("lat_added_p50").Values[SetupMihomo]; m == nil || m.Median != 150-75 || m.Runs != nil {
+		t.Fatalf("added p50 of a setup with one run = %+v, want 150 minus K's median 75, no runs", m)
+	}
+	note := latencyNote(rep)
+	if len(note) != 1 || !strings.Contains(note[0], "197–793 µs") {
+		t.Fatalf("latency note = %q, want K's p99 spread 197–793 µs", note)
+	}
+}

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -55,6 +56,7 @@ func (r *runner) report(started time.Time) *Report {
 	}
 	buildFigures(rep, r.s, r.opts.IdleConns, r.opts.Reps)
 	rep.Notes = append(methodNotes(r.opts), r.notes...)
+	rep.Notes = append(rep.Notes, latencyNote(rep)...)
 	rep.Notes = append(rep.Notes, spliceNotes(r.splice)...)
 	rep.NotMeasured = notMeasured()
 	return rep
@@ -74,13 +76,12 @@ func buildFigures(rep *Report, s samples, idleConns, reps int) {
 		}
 		rep.Figures = append(rep.Figures, f)
 	}
-	// Added latency and CPU: a setup's median minus K's.
+	// Added latency and CPU: a setup's figure minus K's (addedValue).
 	for _, p := range []struct{ added, abs string }{{"lat_added_p50", "lat_p50"}, {"lat_added_p99", "lat_p99"}, {"host_cpu_added", "host_cpu_per_gb"}} {
 		abs, added := rep.Figure(p.abs), rep.Figure(p.added)
-		k := abs.Median(SetupK)
-		for setup := range abs.Values {
+		for setup, v := range abs.Values {
 			if setup != SetupK {
-				added.Values[setup] = &Value{Median: JSONFloat(abs.Median(setup) - k)}
+				added.Values[setup] = addedValue(v, abs.Values[SetupK], reps)
 			}
 		}
 	}
@@ -118,6 +119,39 @@ func buildFigures(rep *Report, s samples, idleConns, reps int) {
 	check("idle_mem_per_conn", limitCheck("tpgw ≤ 16 KiB", m("idle_mem_per_conn", SetupTPGW), 16, false, "%.1f KiB"))
 	ratio("idle_bulk", "tpgw ≥ 0.8×K", SetupTPGW, SetupK, 0.8, true)
 	check("splice_calls", limitCheck("tpgw DIRECT splices", m("splice_calls", SetupTPGW), 1, true, "%.0f calls"))
+}
+
+// addedValue is v minus K's k: within each repetition, whose setups ran
+// side by side, and the median of those differences; the difference of the
+// medians when the runs cannot be paired (a figure short of runs).
+func addedValue(v, k *Value, reps int) *Value {
+	if k == nil || len(v.Runs) != reps || len(k.Runs) != reps {
+		return &Value{Median: JSONFloat(float64(v.Median) - float64(k.medianOrNaN()))}
+	}
+	diffs := make([]float64, reps)
+	for i := range reps {
+		diffs[i] = float64(v.Runs[i]) - float64(k.Runs[i])
+	}
+	return newValue(diffs)
+}
+
+// latencyNote says how far K's own p99 moved between repetitions: the
+// noise that an added p99 is measured against.
+func latencyNote(rep *Report) []string {
+	k := rep.Figure("lat_p99").Values[SetupK]
+	if k == nil || len(k.Runs) < 2 {
+		return nil
+	}
+	lo, hi := math.Inf(1), math.Inf(-1)
+	for _, r := range k.Runs {
+		if x := float64(r); !math.IsNaN(x) {
+			lo, hi = min(lo, x), max(hi, x)
+		}
+	}
+	if math.IsInf(lo, 0) {
+		return nil
+	}
+	return []string{fmt.Sprintf("Added latency: the setup's figure minus K's within each repetition, then the median of those. The p99 of one keep-alive connection over 3 s is set by the host's scheduling more than by the path: K's own p99 was %.0f–%.0f µs across the repetitions here, so an added p99 within that spread, or below zero, means the gateway's share was lost in that noise.", lo, hi)}
 }
 
 func replaceN(name string, n int) string {

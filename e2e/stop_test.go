@@ -21,15 +21,18 @@ import (
 // client port to the same server had its SYN dropped too (the kernel does
 // not forward a packet that belongs to a local socket).
 //
-// Both paths: DIRECT (spliced, then parked while idle) and ss (mihomo's
-// relay).
+// Both paths, DIRECT (spliced, then parked while idle) and ss (mihomo's
+// relay), with both backends.
 func TestStopResetsOpenConnections(t *testing.T) {
 	requirePeers(t)
-	for _, c := range []struct{ name, rule, seen string }{
-		{"DIRECT", "MATCH,DIRECT", "203.0.113.1"},
-		{"ss", "MATCH,ss", "198.51.100.2"},
+	for _, c := range []struct{ name, backend, rule, seen string }{
+		{"DIRECT", "nftables", "MATCH,DIRECT", "203.0.113.1"},
+		{"ss", "nftables", "MATCH,ss", "198.51.100.2"},
+		{"DIRECT-iptables", "iptables", "MATCH,DIRECT", "203.0.113.1"},
+		{"ss-iptables", "iptables", "MATCH,ss", "198.51.100.2"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
+			requireBackend(t, c.backend)
 			tp := testnet.New(t)
 			tp.StartHTTPServer(t, httpPort)
 			tp.StartSSServer(t, ssPort, ssPassword, ssMethod)
@@ -37,7 +40,7 @@ func TestStopResetsOpenConnections(t *testing.T) {
 			// reaches the server once tpgw is gone.
 			tp.Gateway.SetSysctl(t, "net.ipv4.ip_forward", "1")
 			before := testnet.Snapshot(t, tp.Gateway)
-			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{c.rule}, "")))
+			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{c.rule}, tpgwSection(t, c.backend))))
 
 			server := net.JoinHostPort(tp.UpstreamIP.String(), fmt.Sprint(httpPort))
 			conn := dialClient(t, tp, server)

@@ -338,9 +338,9 @@ func (r *runner) measureDNS(g *gateway) {
 		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "1"}},
 	} {
 		args := append([]string{"-s", c.server, "-p", c.port, "-d", r.queries, "-t", "2"}, c.extra...)
-		before := g.cpu()
-		out, err := c.ns.Run(r.env, 60*time.Second, "dnsperf", args...)
-		cpu := g.cpu() - before
+		before, start := g.cpu(), time.Now()
+		out, clientCPU, err := c.ns.RunCPU(r.env, 60*time.Second, "dnsperf", args...)
+		cpu, wall := g.cpu()-before, time.Since(start).Seconds()
 		res, perr := ParseDNSPerf(out)
 		if err != nil || perr != nil {
 			r.fail(g.setup+" "+c.key, errors.Join(err, perr))
@@ -353,6 +353,9 @@ func (r *runner) measureDNS(g *gateway) {
 			continue
 		}
 		r.s.add("dns_lost_hijack", g.setup, float64(res.Lost))
+		r.s.add("dns_client_cores", g.setup, clientCPU.Seconds()/wall)
+		r.s.add("dns_gateway_cores", g.setup, cpu/wall)
+		r.logf("  hijacked: dnsperf kept %.2f cores busy, the gateway %.2f", clientCPU.Seconds()/wall, cpu/wall)
 		if cpu > 0 && res.Completed > 0 {
 			// What the server could answer with a whole core: the figure
 			// above is bounded by dnsperf, which shares the 2 cores.

@@ -33,6 +33,15 @@ type NS struct {
 // error that includes the command line and its stderr.
 func (n *NS) Run(t testing.TB, timeout time.Duration, name string, args ...string) (string, error) {
 	t.Helper()
+	out, _, err := n.RunCPU(t, timeout, name, args...)
+	return out, err
+}
+
+// RunCPU is Run that also returns the CPU time (user and system) the
+// program used (`ip netns exec` becomes the program, so its usage is the
+// program's, with that of children it waited for); 0 when it did not run.
+func (n *NS) RunCPU(t testing.TB, timeout time.Duration, name string, args ...string) (string, time.Duration, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, n.ipPath, n.execArgs(name, args)...)
@@ -41,14 +50,18 @@ func (n *NS) Run(t testing.TB, timeout time.Duration, name string, args ...strin
 	// A grandchild that keeps the pipes open must not make Run hang.
 	cmd.WaitDelay = 2 * time.Second
 	err := cmd.Run()
+	var cpu time.Duration
+	if ps := cmd.ProcessState; ps != nil {
+		cpu = ps.UserTime() + ps.SystemTime()
+	}
 	if ctx.Err() != nil {
 		err = fmt.Errorf("timed out after %v: %w", timeout, err)
 	}
 	if err != nil {
-		return stdout.String(), fmt.Errorf("testnet: %s: %s: %w; stderr: %s",
+		return stdout.String(), cpu, fmt.Errorf("testnet: %s: %s: %w; stderr: %s",
 			n.Name, commandLine(name, args), err, strings.TrimSpace(stderr.String()))
 	}
-	return stdout.String(), nil
+	return stdout.String(), cpu, nil
 }
 
 // MustRun is Run with MustRunTimeout that fails the test on error.

@@ -401,3 +401,30 @@ func TestNormalizeNFT(t *testing.T) {
 		t.Errorf("normalizeNFT:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// TestRunCPU: RunCPU reports the CPU time the program itself used (the
+// bench's "cores kept busy" rows): a busy loop uses about its wall time, a
+// sleep next to none.
+func TestRunCPU(t *testing.T) {
+	t.Parallel()
+	tp := New(t)
+	start := time.Now()
+	_, busy, err := tp.Client.RunCPU(t, 30*time.Second, "sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done")
+	wall := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if busy < wall/4 || busy > wall+50*time.Millisecond {
+		t.Fatalf("busy loop: %v of CPU in %v; want most of it", busy, wall)
+	}
+	_, idle, err := tp.Client.RunCPU(t, 30*time.Second, "sleep", "0.3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idle > 100*time.Millisecond {
+		t.Fatalf("sleep 0.3: %v of CPU; want next to none", idle)
+	}
+	if _, _, err := tp.Client.RunCPU(t, 5*time.Second, "false"); err == nil {
+		t.Fatal("false: no error")
+	}
+}

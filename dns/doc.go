@@ -36,8 +36,9 @@
 // itself. A socket bound there, cached or made for the one reply, would take
 // the datagrams that reach that address meanwhile, such as tpgw's own
 // forward of a local name to that dnsmasq (lost, and a SERVFAIL 3 s later).
-// Without CAP_NET_RAW such replies fall back to a socket per reply, with a
-// warning. A query sent to the listener's own
+// Without CAP_NET_RAW (with a warning), and for a reply larger than the
+// link's MTU (the kernel fragments what a UDP socket sends, not what a raw
+// one does), such replies fall back to a socket per reply. A query sent to the listener's own
 // port is answered from the listener, with IP_PKTINFO setting the source.
 //
 // The server records its network namespace at Listen and makes reply sockets

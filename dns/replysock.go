@@ -287,12 +287,17 @@ func (r *replySockets) close() error {
 func isLocalAddr(a netip.Addr) bool { return tsock.TryBind(a) == nil }
 
 // sendLocal sends b to client from from, an address of this host, through
-// the raw socket, in the calling thread's namespace. Without CAP_NET_RAW it
-// falls back to sendOnce, with the window that it has.
+// the raw socket, in the calling thread's namespace. It falls back to
+// sendOnce, with the window that it has, without CAP_NET_RAW and for a reply
+// larger than the link's MTU (a client's EDNS0 buffer may allow 4096 bytes):
+// the kernel fragments what a UDP socket sends, not what a raw one does.
 func (r *replySockets) sendLocal(b []byte, client, from netip.AddrPort) error {
 	if !r.rawDenied.Load() {
 		err := r.raw.Send(b, from, client)
-		if !errors.Is(err, unix.EPERM) {
+		switch {
+		case errors.Is(err, unix.EMSGSIZE):
+			return r.sendOnce(b, client, from)
+		case !errors.Is(err, unix.EPERM):
 			return err
 		}
 		if !r.rawDenied.Swap(true) {

@@ -191,37 +191,55 @@ func TestReplySocketsLocalAddress(t *testing.T) {
 	}
 }
 
-// deniedRaw is a raw sender without CAP_NET_RAW.
-type deniedRaw struct{ sends *int }
-
-func (d deniedRaw) Send([]byte, netip.AddrPort, netip.AddrPort) error {
-	*d.sends++
-	return fmt.Errorf("tsock: raw udp socket: %w", unix.EPERM)
+// failingRaw is a raw sender whose sends fail with err: EPERM without
+// CAP_NET_RAW, EMSGSIZE for a datagram over the link's MTU.
+type failingRaw struct {
+	sends *int
+	err   error
 }
-func (deniedRaw) Close() error { return nil }
 
-// TestReplySocketsLocalWithoutRaw: without CAP_NET_RAW, replies from a local
-// address still arrive from it (a socket bound there for each reply), the
-// raw socket is tried once, and nothing stays bound there.
+func (d failingRaw) Send([]byte, netip.AddrPort, netip.AddrPort) error {
+	*d.sends++
+	return fmt.Errorf("tsock: raw udp: %w", d.err)
+}
+func (failingRaw) Close() error { return nil }
+
+// TestReplySocketsLocalWithoutRaw: when the raw socket cannot send (no
+// CAP_NET_RAW; a reply over the link's MTU, which only a UDP socket's send
+// fragments), replies from a local address still arrive from it (a socket
+// bound there for each reply), and nothing stays bound there. Without the
+// capability the raw socket is tried once; a reply too large for it does
+// not stop the next one from using it.
 func TestReplySocketsLocalWithoutRaw(t *testing.T) {
-	r := newTestReplySockets(t)
-	var tries int
-	r.raw = deniedRaw{&tries}
-	target, to := replyTarget(t)
-	from := freeLoopbackPort(t)
-	buf := make([]byte, 16)
-	for range 3 {
-		if err := r.send([]byte("hi"), to, from); err != nil {
-			t.Fatal(err)
+	for _, c := range []struct {
+		err       error
+		wantTries int
+	}{{unix.EPERM, 1}, {unix.EMSGSIZE, 3}} {
+		r := newTestReplySockets(t)
+		var tries int
+		r.raw = failingRaw{&tries, c.err}
+		target, to := replyTarget(t)
+		from := freeLoopbackPort(t)
+		buf := make([]byte, 16)
+		for range 3 {
+			if err := r.send([]byte("hi"), to, from); err != nil {
+				t.Fatal(err)
+			}
+			target.SetReadDeadline(time.Now().Add(2 * time.Second))
+			if n, src, err := target.ReadFromUDPAddrPort(buf); err != nil || src != from || string(buf[:n]) != "hi" {
+				t.Fatalf("%v: reply %q from %v (%v), want \"hi\" from %v", c.err, buf[:n], src, err, from)
+			}
 		}
-		target.SetReadDeadline(time.Now().Add(2 * time.Second))
-		if n, src, err := target.ReadFromUDPAddrPort(buf); err != nil || src != from || string(buf[:n]) != "hi" {
-			t.Fatalf("reply %q from %v (%v), want \"hi\" from %v", buf[:n], src, err, from)
+		if tries != c.wantTries || r.rawDenied.Load() != (c.err == unix.EPERM) {
+			t.Errorf("%v: raw socket tried %d times (denied: %v), want %d", c.err, tries, r.rawDenied.Load(), c.wantTries)
 		}
+		checkUnbound(t, from)
 	}
-	if tries != 1 || !r.rawDenied.Load() {
-		t.Errorf("raw socket tried %d times (denied: %v), want once", tries, r.rawDenied.Load())
-	}
+}
+
+// checkUnbound fails if a socket is left bound to from.
+func checkUnbound(t *testing.T, from netip.AddrPort) {
+	t.Helper()
 	c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(from))
 	if err != nil {
 		t.Fatalf("port still taken after the replies: %v", err)

@@ -113,6 +113,31 @@ func TestFakeIPDNS(t *testing.T) {
 	}
 }
 
+// bigTXT is a dnsmasq option for a TXT record of 12 strings of 250
+// characters: its answer (about 3 KB) needs more than one 1500-byte packet.
+var bigTXT = "--txt-record=big.web.test" + strings.Repeat(","+strings.Repeat("x", 250), 12)
+
+// TestLargeUDPAnswers: an answer larger than the link's MTU, to a client that
+// allows it (EDNS0 4096), arrives over UDP whole (fragmented), also when the
+// query went to the router's own address, whose replies leave from a raw
+// socket that cannot fragment (they fall back to a socket bound for the one
+// reply).
+func TestLargeUDPAnswers(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartDNSMasqArgs(t, map[string]string{"web.test": "203.0.113.2"}, bigTXT, "--edns-packet-max=4096")
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig)))
+	defer stopTPGW(t, p, syscall.SIGTERM)
+	for _, server := range []string{"@203.0.113.2", "@192.168.77.1", "@fd77::1"} {
+		out, err := tp.Client.Run(t, 15*time.Second, "dig", "+time=3", "+tries=1", "+notcp", "+ignore", "+bufsize=4096",
+			server, "big.web.test", "TXT")
+		if err != nil || !strings.Contains(out, "status: NOERROR") || strings.Contains(out, " tc") ||
+			strings.Count(out, strings.Repeat("x", 250)) != 12 {
+			t.Errorf("dig %s big.web.test TXT over UDP: want the 12 strings, not truncated: %v\n%s", server, err, out)
+		}
+	}
+}
+
 // TestDomainRules: a request by name goes through the proxy its
 // DOMAIN-SUFFIX rule names (the fake IP maps back to the name); a request by
 // IP literal falls to MATCH,DIRECT.

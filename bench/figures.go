@@ -127,8 +127,11 @@ func buildFigures(rep *Report, s samples, idleConns, reps int) {
 // side by side, and the median of those differences; the difference of the
 // medians when the runs cannot be paired (a figure short of runs).
 func addedValue(v, k *Value, reps int) *Value {
-	if k == nil || len(v.Runs) != reps || len(k.Runs) != reps {
-		return &Value{Median: JSONFloat(float64(v.Median) - float64(k.medianOrNaN()))}
+	if k == nil {
+		return &Value{Median: JSONFloat(math.NaN())}
+	}
+	if len(v.Runs) != reps || len(k.Runs) != reps {
+		return &Value{Median: v.Median - k.Median}
 	}
 	diffs := make([]float64, reps)
 	for i := range reps {

@@ -118,14 +118,6 @@ func (f *Figure) Median(setup string) float64 {
 	return float64(f.Values[setup].Median)
 }
 
-// medianOrNaN is v's median, NaN for a missing value.
-func (v *Value) medianOrNaN() JSONFloat {
-	if v == nil {
-		return JSONFloat(math.NaN())
-	}
-	return v.Median
-}
-
 func newValue(runs []float64) *Value {
 	v := &Value{Median: JSONFloat(Median(runs))}
 	for _, r := range runs {

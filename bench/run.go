@@ -353,9 +353,10 @@ func (r *runner) measureDNS(g *gateway) {
 			continue
 		}
 		r.s.add("dns_lost_hijack", g.setup, float64(res.Lost))
-		r.s.add("dns_client_cores", g.setup, clientCPU.Seconds()/wall)
-		r.s.add("dns_gateway_cores", g.setup, cpu/wall)
-		r.logf("  hijacked: dnsperf kept %.2f cores busy, the gateway %.2f", clientCPU.Seconds()/wall, cpu/wall)
+		clientCores, gatewayCores := clientCPU.Seconds()/wall, cpu/wall
+		r.s.add("dns_client_cores", g.setup, clientCores)
+		r.s.add("dns_gateway_cores", g.setup, gatewayCores)
+		r.logf("  hijacked: dnsperf kept %.2f cores busy, the gateway %.2f", clientCores, gatewayCores)
 		if cpu > 0 && res.Completed > 0 {
 			// What the server could answer with a whole core: the figure
 			// above is bounded by dnsperf, which shares the 2 cores.

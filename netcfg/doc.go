@@ -145,8 +145,8 @@
 // the gateway's own connections (proxy-self) that is what happened (e2e's
 // TestDNSBypassProxySelfOpenConnection); for the LAN's, TCP's early demux
 // hid it while on (it hands the segment to the relay's socket before
-// routing), not with net.ipv4.tcp_early_demux=0 (TestDNSBypass). The sets live in table inet tpgw, so
-// Remove and Cleanup delete them with the table, and Update (a reload)
+// routing), not with net.ipv4.tcp_early_demux=0 (TestDNSBypass). The sets
+// live in table inet tpgw, so Remove and Cleanup delete them with the table, and Update (a reload)
 // starts them empty. The iptables backend refuses such a plan
 // (ErrDNSBypassIPTables): it would need ipsets with timeouts and connlabel
 // matches. Plan.Explain assumes an address is not in the sets.

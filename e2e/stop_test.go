@@ -3,6 +3,7 @@ package e2e
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"syscall"
@@ -23,7 +24,16 @@ import (
 //
 // Both paths, DIRECT (spliced, then parked while idle) and ss (mihomo's
 // relay), with both backends.
-func TestStopResetsOpenConnections(t *testing.T) {
+func TestStopResetsOpenConnections(t *testing.T) { testEndResetsOpenConnections(t, syscall.SIGTERM) }
+
+// TestCrashResetsOpenConnections: the same when tpgw dies (kill -9). The
+// kernel closes a dead process's sockets; each relayed one is armed to
+// reset then, so the client sees the cut, and on-failure: open's watchdog
+// then removes the rules. Before, each ended with a FIN as after a stop
+// that came too late (above), so a crash left the same lingering sockets.
+func TestCrashResetsOpenConnections(t *testing.T) { testEndResetsOpenConnections(t, syscall.SIGKILL) }
+
+func testEndResetsOpenConnections(t *testing.T, sig syscall.Signal) {
 	requirePeers(t)
 	for _, c := range []struct{ name, backend, rule, seen string }{
 		{"DIRECT", "nftables", "MATCH,DIRECT", "203.0.113.1"},
@@ -49,14 +59,36 @@ func TestStopResetsOpenConnections(t *testing.T) {
 				t.Fatalf("through tpgw (%s): upstream saw %q, want %q", c.rule, got, c.seen)
 			}
 			local := conn.LocalAddr().(*net.TCPAddr)
+			// An upload in progress: a server that reads until its
+			// connection ends must learn that it was cut (DIRECT: it talks
+			// to tpgw's socket; behind ss-server it is ss-server's to say).
+			var upload <-chan error
+			if c.rule == "MATCH,DIRECT" {
+				upload = startUpload(t, tp)
+			}
 
-			stopTPGW(t, p, syscall.SIGTERM)
+			stopTPGW(t, p, sig)
+			if sig == syscall.SIGKILL {
+				if left := waitWatchdogGone(p.Cmd.Process.Pid, 5*time.Second); len(left) > 0 {
+					t.Fatalf("watchdog %v still running", left)
+				}
+			}
 			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
 			n, err := conn.Read(make([]byte, 1))
 			if !errors.Is(err, syscall.ECONNRESET) {
-				t.Fatalf("the open connection after tpgw stopped: read %d bytes, %v; want a reset (ECONNRESET)", n, err)
+				t.Fatalf("the open connection after tpgw ended (%v): read %d bytes, %v; want a reset (ECONNRESET)", sig, n, err)
 			}
 			conn.Close()
+			if upload != nil {
+				select {
+				case err := <-upload:
+					if !errors.Is(err, syscall.ECONNRESET) {
+						t.Fatalf("the server of an upload in progress after tpgw ended (%v): %v; want a reset (ECONNRESET), not the end of a complete upload", sig, err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("the server of an upload in progress saw no end within 5s of tpgw's end (%v)", sig)
+				}
+			}
 
 			tuple := fmt.Sprintf("%s:%d", tp.ClientIP, local.Port)
 			if left := waitFor(t, 3*time.Second, func() (string, bool) {
@@ -64,7 +96,7 @@ func TestStopResetsOpenConnections(t *testing.T) {
 				return "none", !strings.Contains(out, tuple)
 			}); left == "" {
 				out := tp.Gateway.MustRun(t, "ss", "-tanH")
-				t.Fatalf("the gateway still holds a socket for %s after tpgw stopped:\n%s", tuple, out)
+				t.Fatalf("the gateway still holds a socket for %s after tpgw ended (%v):\n%s", tuple, sig, out)
 			}
 
 			// The same client port to the same server again: tpgw is gone,
@@ -81,7 +113,63 @@ func TestStopResetsOpenConnections(t *testing.T) {
 			if got := httpOn(t, again); got != tp.ClientIP.String() {
 				t.Fatalf("the new connection after tpgw stopped: upstream saw %q, want the client's %s (forwarded)", got, tp.ClientIP)
 			}
-			sameKernelState(t, tp, before, "after SIGTERM")
+			if sig == syscall.SIGTERM {
+				sameKernelState(t, tp, before, "after SIGTERM")
+			}
 		})
 	}
+}
+
+// startUpload opens a connection from the client through tpgw to a server
+// in the upstream namespace and keeps writing to it; the channel gets the
+// server's read error when the connection ends (nil for a clean EOF). It
+// returns once bytes flow.
+func startUpload(t *testing.T, tp *testnet.Topology) <-chan error {
+	t.Helper()
+	var ln net.Listener
+	if err := tp.Upstream.Do(func() (err error) { ln, err = net.Listen("tcp", ":9300"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	got := make(chan error, 1)
+	flowing := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- err
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		buf := make([]byte, 64<<10)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			got <- err
+			return
+		}
+		close(flowing)
+		for err == nil {
+			_, err = c.Read(buf)
+		}
+		if err == io.EOF {
+			err = nil
+		}
+		got <- err
+	}()
+	up := dialClient(t, tp, net.JoinHostPort(tp.UpstreamIP.String(), "9300"))
+	t.Cleanup(func() { up.Close() })
+	go func() {
+		buf := make([]byte, 64<<10)
+		up.SetWriteDeadline(time.Now().Add(20 * time.Second))
+		for {
+			if _, err := up.Write(buf); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-flowing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no upload through tpgw within 5s")
+	}
+	return got
 }

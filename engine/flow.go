@@ -89,9 +89,11 @@ func (e *Engine) handleTCP(conn *net.TCPConn, md *C.Metadata) {
 	// The client's side as mihomo's relay reads it; made only when needed
 	// (its reader holds a 4 KiB buffer).
 	var buffered *N.BufferedConn
+	var lc *lazySpliceConn
 	client := func() *N.BufferedConn {
 		if buffered == nil {
-			buffered = lazySplice(conn)
+			lc = newLazySplice(conn)
+			buffered = lc.buffered
 		}
 		return buffered
 	}
@@ -111,7 +113,12 @@ func (e *Engine) handleTCP(conn *net.TCPConn, md *C.Metadata) {
 		return
 	}
 	tracker := statistic.NewTCPTracker(remote, statistic.DefaultManager, md, rule, int64(sent), 0, true)
-	N.Relay(client(), tracker) // closes both
+	// The client's socket is armed to reset if tpgw dies (tcpconn.go). The
+	// outbound's is left to the outbound: under an encrypting or multiplexing
+	// one the socket's FIN is not the stream's end.
+	left := client()
+	lc.arm()
+	N.Relay(left, tracker) // closes both
 }
 
 // dialFlow dials the outbound, retrying as mihomo does. When the outbound

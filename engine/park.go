@@ -64,6 +64,7 @@ type flow struct {
 	dirs    [2]direction
 	done    atomic.Int32 // directions finished with EOF
 	closed  atomic.Bool
+	aborted atomic.Bool // closeAll: shutdown resets both ends
 }
 
 // direction is one way of a flow. Only its current pump goroutine touches
@@ -109,6 +110,8 @@ func (f *flow) start(tracker C.Conn) {
 		down.raw, err = f.remote.SyscallConn()
 	}
 	up.dstRaw, down.dstRaw = down.raw, up.raw
+	armReset(f.client)
+	armReset(f.remote)
 	if err != nil || !f.p.add(f) {
 		f.shutdown()
 		return
@@ -301,6 +304,12 @@ func (f *flow) shutdown() {
 			_ = raw.Control(func(fd uintptr) { _ = unix.EpollCtl(f.p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
 		}
 	}
+	// Both sockets are armed to reset if tpgw dies (tcpconn.go); closed
+	// here, gracefully unless the flow is aborted.
+	if !f.aborted.Load() {
+		disarm(f.client)
+		disarm(f.remote)
+	}
 	f.client.Close()
 	if f.tracker != nil {
 		f.tracker.Close() // → flowRemote.Close → the outbound's Close
@@ -404,8 +413,7 @@ func (p *parker) closeAll() {
 	}
 	p.mu.Unlock()
 	for _, f := range flows {
-		_ = f.client.SetLinger(0)
-		_ = f.remote.SetLinger(0)
+		f.aborted.Store(true) // its sockets stay armed to reset (start)
 		f.shutdown()
 	}
 }

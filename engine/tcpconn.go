@@ -7,6 +7,29 @@ import (
 	N "github.com/metacubex/mihomo/common/net"
 )
 
+// The sockets of a flow tpgw relays are armed to reset (SO_LINGER 0) while
+// the flow runs, and tpgw disarms them before it closes them itself, except
+// when it aborts (AbortFlows, relay.Abort). The kernel closes the sockets of
+// a process that dies as the process would have: unarmed, a crashed or
+// killed gateway ended each flow with a FIN, so a download or upload cut
+// short looked complete to the client (and for DIRECT to the server), and,
+// once on-failure's watchdog had removed the rules, the client's answers to
+// that FIN were routed past the orphaned socket and dropped (as after a stop
+// that closed too late, relay.Abort), so both ends lingered and the
+// client's port stayed taken. Armed, each end gets a reset at once.
+//
+// A close by tpgw stays graceful even when the flow was cut at the other end
+// (a reset, an error): a reset would also discard what is still queued in
+// the socket for this end, bytes a router would have delivered before
+// passing the reset on. mihomo ends such flows with a FIN too.
+
+// armReset makes closing c, by the kernel when tpgw dies included, send a
+// reset.
+func armReset(c *net.TCPConn) { _ = c.SetLinger(0) }
+
+// disarm makes closing c graceful again: queued bytes and a FIN go out.
+func disarm(c *net.TCPConn) { _ = c.SetLinger(-1) }
+
 // bulkChunk is the size of one chunk from the remote end that marks a flow as
 // bulk: a read that returns this much means data is queued faster than it
 // is sent on, and splicing it pays off.
@@ -40,14 +63,32 @@ type lazySpliceConn struct {
 	// buffered is the BufferedConn mihomo reads this connection through
 	// (sniffing, the first-byte peek), until the relay starts.
 	buffered *N.BufferedConn
+	armed    atomic.Bool // armReset (Close disarms)
 }
 
 // lazySplice wraps c and returns the mihomo BufferedConn around the wrapper,
 // to hand to mihomo's tunnel (which would otherwise make one itself).
-func lazySplice(c *net.TCPConn) *N.BufferedConn {
+func lazySplice(c *net.TCPConn) *N.BufferedConn { return newLazySplice(c).buffered }
+
+func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 	lc := &lazySpliceConn{TCPConn: c}
 	lc.buffered = N.NewBufferedConn(lc)
-	return lc.buffered
+	return lc
+}
+
+// arm arms the socket to reset if the process dies (armReset) for the
+// relay that starts.
+func (c *lazySpliceConn) arm() {
+	armReset(c.TCPConn)
+	c.armed.Store(true)
+}
+
+// Close ends the connection gracefully, disarming it first.
+func (c *lazySpliceConn) Close() error {
+	if c.armed.Load() {
+		disarm(c.TCPConn)
+	}
+	return c.TCPConn.Close()
 }
 
 // dropPeekBuffer lets the 4 KiB bufio.Reader of mihomo's BufferedConn go

@@ -1,0 +1,177 @@
+package engine
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// queuedSize is more than the loopback sockets' buffers hold, so that much of
+// it is still queued in the kernel when a flow's sockets close.
+const queuedSize = 256 << 10
+
+// TestParkedFlowEndsGracefully: a client and a server each send a bulk
+// message and half-close without reading what the other sent. Both
+// directions end with EOF, so the flow ends with much of both messages still
+// queued in its sockets; they were armed to reset while the flow ran and are
+// disarmed before they close: each end then reads every byte and EOF, not a
+// reset that would drop what was queued.
+func TestParkedFlowEndsGracefully(t *testing.T) {
+	up := bytes.Repeat([]byte("client->server.."), queuedSize/16)
+	down := bytes.Repeat([]byte("server->client.."), queuedSize/16)
+	ended := make(chan struct{})
+	serverGot := make(chan error, 1)
+	dst := serveOne(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(down)
+		c.(*net.TCPConn).CloseWrite()
+		<-ended
+		got, err := io.ReadAll(c)
+		if err == nil && !bytes.Equal(got, up) {
+			err = fmt.Errorf("read %d of %d bytes, then EOF", len(got), len(up))
+		}
+		serverGot <- err
+	})
+	client, inbound := tcpPair(t)
+	done := relayAsync(inbound, client, dst)
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	client.Write(up)
+	client.(*net.TCPConn).CloseWrite()
+	waitDone(t, done) // the flow ended, with both messages still queued
+	close(ended)
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, down) {
+		t.Errorf("client read %d of %d bytes, then %v; want all of them and EOF", len(got), len(down), err)
+	}
+	if err := <-serverGot; err != nil {
+		t.Errorf("server: %v; want all of the client's bytes and EOF", err)
+	}
+}
+
+// TestCutFlowDeliversQueuedBytes: a server that resets its connection
+// right after a bulk answer, which the client has not read yet. tpgw closes
+// the client's side gracefully: the bytes queued in its socket reach the
+// client, then EOF; a reset there would have discarded them.
+func TestCutFlowDeliversQueuedBytes(t *testing.T) {
+	down := bytes.Repeat([]byte("server->client.."), queuedSize/16)
+	dst := serveOne(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c.Write(down)
+		// Reset only once tpgw's kernel has taken every byte: a reset
+		// discards what the server's own socket still holds.
+		waitSent(t, c.(*net.TCPConn))
+		c.(*net.TCPConn).SetLinger(0) // serveOne's Close resets
+	})
+	client, inbound := tcpPair(t)
+	done := relayAsync(inbound, client, dst)
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	waitDone(t, done) // the flow ended, the answer still queued
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, down) {
+		t.Fatalf("client read %d of %d bytes, then %v; want all of them and EOF", len(got), len(down), err)
+	}
+}
+
+// waitSent waits (bounded) until c's send queue is empty: its peer's kernel
+// has acknowledged every byte.
+func waitSent(t *testing.T, c *net.TCPConn) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		queued := -1
+		rc.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) })
+		if queued == 0 {
+			return
+		}
+	}
+	t.Error("the server's send queue did not empty within 5s")
+}
+
+// TestParkedFlowArmedToReset: while a DIRECT flow runs, both of its sockets
+// are armed to reset, so closing them as the kernel does for a process that
+// died (the descriptors closed, nothing else) resets the client and the
+// server; neither takes the cut for the end of the stream.
+func TestParkedFlowArmedToReset(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	serverErr := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			serverErr <- err
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, err = io.Copy(io.Discard, c)
+		serverErr <- err
+	}()
+	client, inbound := tcpPair(t)
+	done := relayAsync(inbound, client, ln.Addr().(*net.TCPAddr).AddrPort())
+	client.SetDeadline(time.Now().Add(10 * time.Second))
+	client.Write([]byte("hello"))
+	var flows []*flow
+	for deadline := time.Now().Add(5 * time.Second); len(flows) == 0 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		testEngine.parker.mu.Lock()
+		for _, f := range testEngine.parker.flows {
+			flows = append(flows, f)
+		}
+		testEngine.parker.mu.Unlock()
+	}
+	if len(flows) != 1 {
+		t.Fatalf("the parker holds %d flows, want 1", len(flows))
+	}
+	waitParked(t)
+	// What the process's death does to the sockets.
+	flows[0].client.Close()
+	flows[0].remote.Close()
+	if _, err := io.ReadAll(client); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("client after its flow's sockets closed unarmed: %v; want a reset (ECONNRESET)", err)
+	}
+	if err := <-serverErr; !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("server after its flow's sockets closed unarmed: %v; want a reset (ECONNRESET)", err)
+	}
+	flows[0].shutdown() // leaves the parker and the statistics
+	waitDone(t, done)
+}
+
+// TestLazySpliceConnClose: the client side of a flow mihomo relays is armed
+// to reset when the process dies, and its Close disarms it.
+func TestLazySpliceConnClose(t *testing.T) {
+	t.Run("death", func(t *testing.T) {
+		client, inbound := tcpPair(t)
+		lc := newLazySplice(inbound.(*net.TCPConn))
+		lc.arm()
+		lc.TCPConn.Close() // the descriptor closed, as by the kernel
+		client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("peer of an armed connection whose descriptor closed: %v, want ECONNRESET", err)
+		}
+	})
+	t.Run("Close", func(t *testing.T) {
+		client, inbound := tcpPair(t)
+		lc := newLazySplice(inbound.(*net.TCPConn))
+		lc.arm()
+		payload := bytes.Repeat([]byte("x"), queuedSize)
+		go func() { lc.Write(payload); lc.Close() }()
+		client.SetReadDeadline(time.Now().Add(10 * time.Second))
+		time.Sleep(100 * time.Millisecond) // Close comes while most of it is queued
+		got, err := io.ReadAll(client)
+		if err != nil || len(got) != len(payload) {
+			t.Fatalf("peer read %d of %d bytes, then %v; want all and EOF", len(got), len(payload), err)
+		}
+	})
+}

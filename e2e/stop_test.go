@@ -35,11 +35,15 @@ func TestCrashResetsOpenConnections(t *testing.T) { testEndResetsOpenConnections
 
 func testEndResetsOpenConnections(t *testing.T, sig syscall.Signal) {
 	requirePeers(t)
-	for _, c := range []struct{ name, backend, rule, seen string }{
-		{"DIRECT", "nftables", "MATCH,DIRECT", "203.0.113.1"},
-		{"ss", "nftables", "MATCH,ss", "198.51.100.2"},
-		{"DIRECT-iptables", "iptables", "MATCH,DIRECT", "203.0.113.1"},
-		{"ss-iptables", "iptables", "MATCH,ss", "198.51.100.2"},
+	// With mihomo's sniffer on, mihomo's tunnel relays the flow (tpgw arms
+	// the client's side only).
+	const sniffer = "sniffer:\n  enable: true\n  sniff:\n    HTTP:\n      ports: [8080]\n      override-destination: false\n"
+	for _, c := range []struct{ name, backend, rule, seen, extra string }{
+		{"DIRECT", "nftables", "MATCH,DIRECT", "203.0.113.1", ""},
+		{"ss", "nftables", "MATCH,ss", "198.51.100.2", ""},
+		{"DIRECT-sniffer", "nftables", "MATCH,DIRECT", "203.0.113.1", sniffer},
+		{"DIRECT-iptables", "iptables", "MATCH,DIRECT", "203.0.113.1", ""},
+		{"ss-iptables", "iptables", "MATCH,ss", "198.51.100.2", ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			requireBackend(t, c.backend)
@@ -50,7 +54,7 @@ func testEndResetsOpenConnections(t *testing.T, sig syscall.Signal) {
 			// reaches the server once tpgw is gone.
 			tp.Gateway.SetSysctl(t, "net.ipv4.ip_forward", "1")
 			before := testnet.Snapshot(t, tp.Gateway)
-			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{c.rule}, tpgwSection(t, c.backend))))
+			p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{c.rule}, tpgwSection(t, c.backend))+c.extra))
 
 			server := net.JoinHostPort(tp.UpstreamIP.String(), fmt.Sprint(httpPort))
 			conn := dialClient(t, tp, server)
@@ -63,7 +67,7 @@ func testEndResetsOpenConnections(t *testing.T, sig syscall.Signal) {
 			// connection ends must learn that it was cut (DIRECT: it talks
 			// to tpgw's socket; behind ss-server it is ss-server's to say).
 			var upload <-chan error
-			if c.rule == "MATCH,DIRECT" {
+			if c.rule == "MATCH,DIRECT" && c.extra == "" {
 				upload = startUpload(t, tp)
 			}
 

@@ -32,9 +32,9 @@
 // Each direction's EOF is passed on as a FIN (half-close), and an error at
 // one end closes the other gracefully, as mihomo does. A stop resets every
 // flow (AbortFlows, relay.Abort), and the client's socket of every flow,
-// and for DIRECT the server's, is armed to reset while the flow runs, so
-// that the kernel's close of a dead gateway's sockets resets them too
-// (tcpconn.go).
+// and the server's of one tpgw relays itself (DIRECT without the sniffer),
+// is armed to reset while the flow runs, so that the kernel's close of a
+// dead gateway's sockets resets them too (tcpconn.go).
 //
 // # Why splice and not a sockmap
 //

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"net"
+	"sync"
 	"sync/atomic"
 
 	N "github.com/metacubex/mihomo/common/net"
@@ -64,6 +65,8 @@ type lazySpliceConn struct {
 	// (sniffing, the first-byte peek), until the relay starts.
 	buffered *N.BufferedConn
 	armed    atomic.Bool // armReset (Close disarms)
+	mu       sync.Mutex  // orders arm and Close
+	closed   bool
 }
 
 // lazySplice wraps c and returns the mihomo BufferedConn around the wrapper,
@@ -77,17 +80,25 @@ func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 }
 
 // arm arms the socket to reset if the process dies (armReset) for the
-// relay that starts.
+// relay that starts: tpgw's relay arms it before mihomo's relay starts,
+// mihomo's tunnel (the sniffer is on) at its relay's first read.
 func (c *lazySpliceConn) arm() {
-	armReset(c.TCPConn)
-	c.armed.Store(true)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.closed && !c.armed.Load() {
+		armReset(c.TCPConn)
+		c.armed.Store(true)
+	}
 }
 
 // Close ends the connection gracefully, disarming it first.
 func (c *lazySpliceConn) Close() error {
+	c.mu.Lock()
+	c.closed = true
 	if c.armed.Load() {
 		disarm(c.TCPConn)
 	}
+	c.mu.Unlock()
 	return c.TCPConn.Close()
 }
 
@@ -122,6 +133,9 @@ func (c *lazySpliceConn) WriterReplaceable() bool { return false }
 // call means the relay has started.
 func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool {
 	c.dropPeekBuffer()
+	if !c.armed.Load() {
+		c.arm() // a flow mihomo's tunnel handles (the sniffer is on)
+	}
 	return true
 }
 

@@ -10,14 +10,15 @@ import (
 
 // The sockets of a flow tpgw relays are armed to reset (SO_LINGER 0) while
 // the flow runs, and tpgw disarms them before it closes them itself, except
-// when it aborts (AbortFlows, relay.Abort). The kernel closes the sockets of
-// a process that dies as the process would have: unarmed, a crashed or
-// killed gateway ended each flow with a FIN, so a download or upload cut
-// short looked complete to the client (and for DIRECT to the server), and,
-// once on-failure's watchdog had removed the rules, the client's answers to
-// that FIN were routed past the orphaned socket and dropped (as after a stop
-// that closed too late, relay.Abort), so both ends lingered and the
-// client's port stayed taken. Armed, each end gets a reset at once.
+// when it aborts (AbortFlows, the relay listener's Abort). The kernel closes
+// the sockets of a process that dies as the process would have: unarmed, a
+// crashed or killed gateway ended each flow with a FIN, so a download or
+// upload cut short looked complete to the client (and for DIRECT to the
+// server), and, once on-failure's watchdog had removed the rules, the
+// client's answers to that FIN were routed past the orphaned socket and
+// dropped (as after a stop that closed too late: the listener's Abort), so
+// both ends lingered and the client's port stayed taken. Armed, each end
+// gets a reset at once.
 //
 // A close by tpgw stays graceful even when the flow was cut at the other end
 // (a reset, an error): a reset would also discard what is still queued in

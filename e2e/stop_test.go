@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tpgw/tpgw/internal/testnet"
 )
 
@@ -176,4 +178,48 @@ func startUpload(t *testing.T, tp *testnet.Topology) <-chan error {
 		t.Fatal("no upload through tpgw within 5s")
 	}
 	return got
+}
+
+// TestServerResetReachesClient: a server that aborts a download with a
+// reset; through tpgw (DIRECT) the client reads every byte sent before it,
+// then the reset, as through a router, not a FIN that would make the cut
+// download look complete.
+func TestServerResetReachesClient(t *testing.T) {
+	tp := testnet.New(t)
+	startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, tpgwSection(t, ""))))
+	var ln net.Listener
+	if err := tp.Upstream.Do(func() (err error) { ln, err = net.Listen("tcp", ":9301"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	body := strings.Repeat("part of a download that is cut short\n", 20000) // 740 KB
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		tc := c.(*net.TCPConn)
+		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(tc, body)
+		// Reset once tpgw's kernel has taken every byte (the server's own
+		// reset discards what its socket still holds).
+		rc, _ := tc.SyscallConn()
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			queued := -1
+			rc.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) })
+			if queued == 0 {
+				break
+			}
+		}
+		tc.SetLinger(0)
+		tc.Close()
+	}()
+	conn := dialClient(t, tp, net.JoinHostPort(tp.UpstreamIP.String(), "9301"))
+	defer conn.Close()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	time.Sleep(200 * time.Millisecond) // the rest waits in tpgw's socket
+	got, err := io.ReadAll(conn)
+	if len(got) != len(body) || !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read %d of %d bytes, then %v; want all of them, then a reset (ECONNRESET)", len(got), len(body), err)
+	}
 }

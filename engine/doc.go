@@ -29,12 +29,15 @@
 //
 // # How a flow ends
 //
-// Each direction's EOF is passed on as a FIN (half-close), and an error at
-// one end closes the other gracefully, as mihomo does. A stop resets every
-// flow (AbortFlows, relay.Abort), and the client's socket of every flow,
-// and the server's of one tpgw relays itself (DIRECT without the sniffer),
-// is armed to reset while the flow runs, so that the kernel's close of a
-// dead gateway's sockets resets them too (tcpconn.go).
+// Each direction's EOF is passed on as a FIN (half-close). A flow tpgw
+// relays itself that is cut at one end (a reset, a failed read or write)
+// ends with a reset at the other once the bytes queued for that end are
+// delivered, as through a router; mihomo's relay (other outbounds, the
+// sniffer) ends such a flow with a FIN, as mihomo does. A stop resets every
+// flow (AbortFlows, the relay listener's Abort), and the client's socket of
+// every flow, and the server's of one tpgw relays itself, is armed to reset
+// while the flow runs, so that the kernel's close of a dead gateway's
+// sockets resets them too (tcpconn.go).
 //
 // # Why splice and not a sockmap
 //

@@ -113,7 +113,7 @@ func (f *flow) start(tracker C.Conn) {
 	armReset(f.client)
 	armReset(f.remote)
 	if err != nil || !f.p.add(f) {
-		f.shutdown()
+		f.cut()
 		return
 	}
 	// The client usually speaks first: if its bytes are there, pump them at
@@ -125,11 +125,11 @@ func (f *flow) start(tracker C.Conn) {
 	if f.readable(dirUp) {
 		go f.pump(dirUp)
 	} else if !f.park(dirUp) {
-		f.shutdown()
+		f.cut()
 		return
 	}
 	if !f.park(dirDown) {
-		f.shutdown()
+		f.cut()
 	}
 }
 
@@ -155,7 +155,7 @@ func (f *flow) pump(dir int) {
 			werr := d.write((*bp)[:n])
 			chunkPool.Put(bp)
 			if werr != nil {
-				f.shutdown()
+				f.cut()
 				return
 			}
 			for _, count := range d.counters {
@@ -171,14 +171,14 @@ func (f *flow) pump(dir int) {
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if !f.park(dir) {
-				f.shutdown()
+				f.cut()
 			}
 			return
 		case err == io.EOF:
 			f.finish(dir)
 			return
 		default:
-			f.shutdown()
+			f.cut()
 			return
 		}
 	}
@@ -257,7 +257,7 @@ func (f *flow) splice(dir int) {
 	d := &f.dirs[dir]
 	_ = d.src.SetReadDeadline(time.Time{})
 	if err := spliceAll(d.raw, d.dstRaw, d.counters); err != nil {
-		f.shutdown()
+		f.cut()
 		return
 	}
 	f.finish(dir)
@@ -266,7 +266,9 @@ func (f *flow) splice(dir int) {
 // finish passes a direction's EOF on (shutting down the write side of its
 // destination) and ends the flow when both directions are done.
 func (f *flow) finish(dir int) {
-	if f.dirs[dir].dst.CloseWrite() != nil || f.done.Add(1) == 2 {
+	if f.dirs[dir].dst.CloseWrite() != nil {
+		f.cut()
+	} else if f.done.Add(1) == 2 {
 		f.shutdown()
 	}
 }
@@ -293,8 +295,17 @@ func (f *flow) park(dir int) bool {
 }
 
 // shutdown ends the flow once: both sockets leave the epoll set and close,
-// and the tracker leaves mihomo's statistics.
-func (f *flow) shutdown() {
+// and the tracker leaves mihomo's statistics. Both directions have ended (or
+// mihomo closes the flow: the dashboard): the sockets close gracefully.
+func (f *flow) shutdown() { f.end(false) }
+
+// cut ends the flow once after an error at either end (a reset, a failed
+// read or write) or in tpgw: each end gets what is queued for it, then a
+// reset, as a router passes a reset on behind the bytes before it. A FIN
+// would make a stream cut short look complete.
+func (f *flow) cut() { f.end(true) }
+
+func (f *flow) end(cut bool) {
 	if !f.closed.CompareAndSwap(false, true) {
 		return
 	}
@@ -304,9 +315,14 @@ func (f *flow) shutdown() {
 			_ = raw.Control(func(fd uintptr) { _ = unix.EpollCtl(f.p.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
 		}
 	}
-	// Both sockets are armed to reset if tpgw dies (tcpconn.go); closed
-	// here, gracefully unless the flow is aborted.
-	if !f.aborted.Load() {
+	// Both sockets are armed to reset if tpgw dies (tcpconn.go): an aborted
+	// flow closes with resets at once, a cut one once its queued bytes are
+	// delivered, a finished one gracefully.
+	switch {
+	case f.aborted.Load():
+	case cut:
+		drainSends(f.client, f.remote)
+	default:
 		disarm(f.client)
 		disarm(f.remote)
 	}

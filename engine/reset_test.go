@@ -55,28 +55,65 @@ func TestParkedFlowEndsGracefully(t *testing.T) {
 	}
 }
 
-// TestCutFlowDeliversQueuedBytes: a server that resets its connection
-// right after a bulk answer, which the client has not read yet. tpgw closes
-// the client's side gracefully: the bytes queued in its socket reach the
-// client, then EOF; a reset there would have discarded them.
-func TestCutFlowDeliversQueuedBytes(t *testing.T) {
-	down := bytes.Repeat([]byte("server->client.."), queuedSize/16)
-	dst := serveOne(t, func(c net.Conn) {
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		c.Write(down)
-		// Reset only once tpgw's kernel has taken every byte: a reset
-		// discards what the server's own socket still holds.
-		waitSent(t, c.(*net.TCPConn))
-		c.(*net.TCPConn).SetLinger(0) // serveOne's Close resets
-	})
-	client, inbound := tcpPair(t)
-	done := relayAsync(inbound, client, dst)
-	client.SetDeadline(time.Now().Add(10 * time.Second))
-	waitDone(t, done) // the flow ended, the answer still queued
-	got, err := io.ReadAll(client)
-	if err != nil || !bytes.Equal(got, down) {
-		t.Fatalf("client read %d of %d bytes, then %v; want all of them and EOF", len(got), len(down), err)
+// TestCutFlowPassesResetOn: one end resets its connection right after a
+// bulk message that the other end reads only later. tpgw passes the reset
+// on as a router would, behind the bytes: the other end reads every byte,
+// then ECONNRESET; not a FIN, which would make the cut stream look complete,
+// and not a reset at once, which would discard the bytes still queued in
+// tpgw's socket.
+func TestCutFlowPassesResetOn(t *testing.T) {
+	msg := bytes.Repeat([]byte("before the cut.."), queuedSize/16)
+	// readLater reads c after a pause (tpgw's socket towards it fills
+	// meanwhile) and reports what it read and how the stream ended.
+	readLater := func(c net.Conn) <-chan error {
+		got := make(chan error, 1)
+		go func() {
+			time.Sleep(200 * time.Millisecond)
+			b, err := io.ReadAll(c)
+			if !bytes.Equal(b, msg) {
+				err = fmt.Errorf("read %d of %d bytes, then %v", len(b), len(msg), err)
+			}
+			got <- err
+		}()
+		return got
 	}
+	// sendAndReset writes msg to c, waits until c's peer (tpgw) has taken
+	// every byte (a reset discards what c itself still holds), and resets.
+	sendAndReset := func(c net.Conn) {
+		c.Write(msg)
+		waitSent(t, c.(*net.TCPConn))
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+	t.Run("server resets", func(t *testing.T) {
+		dst := serveOne(t, func(c net.Conn) {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			sendAndReset(c)
+		})
+		client, inbound := tcpPair(t)
+		client.SetDeadline(time.Now().Add(10 * time.Second))
+		got := readLater(client)
+		done := relayAsync(inbound, client, dst)
+		if err := <-got; !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("client: %v; want every byte, then a reset (ECONNRESET)", err)
+		}
+		waitDone(t, done)
+	})
+	t.Run("client resets", func(t *testing.T) {
+		serverGot := make(chan error, 1)
+		dst := serveOne(t, func(c net.Conn) {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			serverGot <- <-readLater(c)
+		})
+		client, inbound := tcpPair(t)
+		client.SetDeadline(time.Now().Add(10 * time.Second))
+		done := relayAsync(inbound, client, dst)
+		sendAndReset(client)
+		if err := <-serverGot; !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("server: %v; want every byte, then a reset (ECONNRESET)", err)
+		}
+		waitDone(t, done)
+	})
 }
 
 // waitSent waits (bounded) until c's send queue is empty: its peer's kernel
@@ -174,4 +211,36 @@ func TestLazySpliceConnClose(t *testing.T) {
 			t.Fatalf("peer read %d of %d bytes, then %v; want all and EOF", len(got), len(payload), err)
 		}
 	})
+}
+
+// TestDrainSendsBounded: a cut flow waits for its queued bytes only while
+// its peer takes them; one that stopped reading holds it for drainStall.
+func TestDrainSendsBounded(t *testing.T) {
+	client, inbound := tcpPair(t)
+	defer client.Close()
+	defer inbound.Close()
+	inbound.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	for { // fill the send queue: the peer does not read
+		if _, err := inbound.Write(make([]byte, 64<<10)); err != nil {
+			break
+		}
+	}
+	if sendQueued(inbound.(*net.TCPConn)) == 0 {
+		t.Fatal("nothing queued")
+	}
+	start := time.Now()
+	drainSends(inbound.(*net.TCPConn))
+	if took := time.Since(start); took < drainStall || took > drainStall+time.Second {
+		t.Errorf("drainSends with a peer that does not read took %v, want about %v", took, drainStall)
+	}
+
+	go io.Copy(io.Discard, client) // now it reads
+	start = time.Now()
+	drainSends(inbound.(*net.TCPConn))
+	if took := time.Since(start); took > drainStall/2 {
+		t.Errorf("drainSends with a reading peer took %v", took)
+	}
+	if n := sendQueued(inbound.(*net.TCPConn)); n != 0 {
+		t.Errorf("%d bytes still queued after drainSends with a reading peer", n)
+	}
 }

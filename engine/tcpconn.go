@@ -4,8 +4,10 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	N "github.com/metacubex/mihomo/common/net"
+	"golang.org/x/sys/unix"
 )
 
 // The sockets of a flow tpgw relays are armed to reset (SO_LINGER 0) while
@@ -20,10 +22,12 @@ import (
 // both ends lingered and the client's port stayed taken. Armed, each end
 // gets a reset at once.
 //
-// A close by tpgw stays graceful even when the flow was cut at the other end
-// (a reset, an error): a reset would also discard what is still queued in
-// the socket for this end, bytes a router would have delivered before
-// passing the reset on. mihomo ends such flows with a FIN too.
+// A flow tpgw relays itself (park.go) that is cut at one end (a reset, a
+// failed read or write) ends with a reset at the other too, as through a
+// router, but only once the bytes queued in tpgw's socket for that end have
+// been delivered (drainSends): a reset at once would discard them, a FIN
+// would make the cut stream look complete. Flows mihomo's relay copies
+// (other outbounds, the sniffer) end such flows with a FIN, as mihomo does.
 
 // armReset makes closing c, by the kernel when tpgw dies included, send a
 // reset.
@@ -31,6 +35,49 @@ func armReset(c *net.TCPConn) { _ = c.SetLinger(0) }
 
 // disarm makes closing c graceful again: queued bytes and a FIN go out.
 func disarm(c *net.TCPConn) { _ = c.SetLinger(-1) }
+
+// A cut flow's sockets close once their send queues are empty, or when a
+// queue has not shrunk for drainStall (a peer that stopped reading), and
+// after drainMax at most.
+const (
+	drainStall = time.Second
+	drainMax   = 5 * time.Second
+)
+
+// drainSends waits, bounded, until the peers of the armed sockets cs have
+// acknowledged every byte queued in them (a reset socket holds none).
+func drainSends(cs ...*net.TCPConn) {
+	start := time.Now()
+	last, lastMoved := -1, start
+	for {
+		queued := 0
+		for _, c := range cs {
+			queued += sendQueued(c)
+		}
+		now := time.Now()
+		if queued == 0 || now.Sub(start) >= drainMax {
+			return
+		}
+		if last < 0 || queued < last {
+			last, lastMoved = queued, now
+		} else if now.Sub(lastMoved) >= drainStall {
+			return
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// sendQueued is the number of bytes in c's send queue not yet acknowledged
+// by its peer (SIOCOUTQ); 0 when it cannot be read.
+func sendQueued(c *net.TCPConn) int {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	_ = rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+	return n
+}
 
 // bulkChunk is the size of one chunk from the remote end that marks a flow as
 // bulk: a read that returns this much means data is queued faster than it

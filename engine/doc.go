@@ -32,8 +32,8 @@
 // Each direction's EOF is passed on as a FIN (half-close). A flow tpgw
 // relays itself that is cut at one end (a reset, a failed read or write)
 // ends with a reset at the other once the bytes queued for that end are
-// delivered, as through a router; mihomo's relay (other outbounds, the
-// sniffer) ends such a flow with a FIN, as mihomo does. A stop resets every
+// delivered, as through a router; a flow mihomo's relay copies (other
+// outbounds, the sniffer) does so at the client's side. A stop resets every
 // flow (AbortFlows, the relay listener's Abort), and the client's socket of
 // every flow, and the server's of one tpgw relays itself, is armed to reset
 // while the flow runs, so that the kernel's close of a dead gateway's

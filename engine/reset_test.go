@@ -186,8 +186,10 @@ func TestParkedFlowArmedToReset(t *testing.T) {
 }
 
 // TestLazySpliceConnClose: the client side of a flow mihomo relays is armed
-// to reset when the process dies, and its Close disarms it.
+// to reset when the process dies; its Close is graceful once both FINs have
+// passed and otherwise resets behind the queued bytes.
 func TestLazySpliceConnClose(t *testing.T) {
+	payload := bytes.Repeat([]byte("x"), queuedSize)
 	t.Run("death", func(t *testing.T) {
 		client, inbound := tcpPair(t)
 		lc := newLazySplice(inbound.(*net.TCPConn))
@@ -198,17 +200,33 @@ func TestLazySpliceConnClose(t *testing.T) {
 			t.Fatalf("peer of an armed connection whose descriptor closed: %v, want ECONNRESET", err)
 		}
 	})
-	t.Run("Close", func(t *testing.T) {
+	t.Run("finished", func(t *testing.T) {
 		client, inbound := tcpPair(t)
 		lc := newLazySplice(inbound.(*net.TCPConn))
 		lc.arm()
-		payload := bytes.Repeat([]byte("x"), queuedSize)
-		go func() { lc.Write(payload); lc.Close() }()
+		client.(*net.TCPConn).CloseWrite()
+		inbound.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadAll(lc.buffered); err != nil {
+			t.Fatal(err)
+		}
+		go func() { lc.Write(payload); lc.CloseWrite(); lc.Close() }()
 		client.SetReadDeadline(time.Now().Add(10 * time.Second))
 		time.Sleep(100 * time.Millisecond) // Close comes while most of it is queued
 		got, err := io.ReadAll(client)
 		if err != nil || len(got) != len(payload) {
 			t.Fatalf("peer read %d of %d bytes, then %v; want all and EOF", len(got), len(payload), err)
+		}
+	})
+	t.Run("cut", func(t *testing.T) {
+		client, inbound := tcpPair(t)
+		lc := newLazySplice(inbound.(*net.TCPConn))
+		lc.arm()
+		go func() { lc.Write(payload); lc.Close() }() // no FIN either way
+		client.SetReadDeadline(time.Now().Add(10 * time.Second))
+		time.Sleep(100 * time.Millisecond)
+		got, err := io.ReadAll(client)
+		if len(got) != len(payload) || !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("peer read %d of %d bytes, then %v; want all, then a reset (ECONNRESET)", len(got), len(payload), err)
 		}
 	})
 }

@@ -26,8 +26,9 @@ import (
 // failed read or write) ends with a reset at the other too, as through a
 // router, but only once the bytes queued in tpgw's socket for that end have
 // been delivered (drainSends): a reset at once would discard them, a FIN
-// would make the cut stream look complete. Flows mihomo's relay copies
-// (other outbounds, the sniffer) end such flows with a FIN, as mihomo does.
+// would make the cut stream look complete. For a flow mihomo's relay copies
+// (other outbounds, the sniffer) the same holds at the client's side: its
+// Close tells a cut from an end by the socket's state (finished).
 
 // armReset makes closing c, by the kernel when tpgw dies included, send a
 // reset.
@@ -139,15 +140,53 @@ func (c *lazySpliceConn) arm() {
 	}
 }
 
-// Close ends the connection gracefully, disarming it first.
+// Close ends the connection: gracefully once both of its FINs have passed
+// (the relay ended with EOF both ways); otherwise the flow was cut (an error
+// at the other end, the dashboard) and the client gets a reset, once the
+// bytes queued for it are delivered (drainSends).
 func (c *lazySpliceConn) Close() error {
 	c.mu.Lock()
 	c.closed = true
-	if c.armed.Load() {
-		disarm(c.TCPConn)
-	}
+	armed := c.armed.Load()
 	c.mu.Unlock()
+	if armed {
+		if finished(c.TCPConn) {
+			disarm(c.TCPConn)
+		} else {
+			drainSends(c.TCPConn)
+		}
+	}
 	return c.TCPConn.Close()
+}
+
+// The TCP states in which both FINs have passed (include/net/tcp_states.h).
+const (
+	tcpTimeWait = 6
+	tcpClose    = 7
+	tcpLastAck  = 9
+	tcpClosing  = 11
+)
+
+// finished reports whether both FINs have passed on c: one came in and one
+// went out (or the connection is gone).
+func finished(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var state uint8
+	if rc.Control(func(fd uintptr) {
+		if info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			state = info.State
+		}
+	}) != nil {
+		return false
+	}
+	switch state {
+	case tcpTimeWait, tcpClose, tcpLastAck, tcpClosing:
+		return true
+	}
+	return false
 }
 
 // dropPeekBuffer lets the 4 KiB bufio.Reader of mihomo's BufferedConn go

@@ -11,16 +11,18 @@ import (
 )
 
 // The sockets of a flow tpgw relays are armed to reset (SO_LINGER 0) while
-// the flow runs, and tpgw disarms them before it closes them itself, except
-// when it aborts (AbortFlows, the relay listener's Abort). The kernel closes
-// the sockets of a process that dies as the process would have: unarmed, a
-// crashed or killed gateway ended each flow with a FIN, so a download or
-// upload cut short looked complete to the client (and for DIRECT to the
-// server), and, once on-failure's watchdog had removed the rules, the
-// client's answers to that FIN were routed past the orphaned socket and
-// dropped (as after a stop that closed too late: the listener's Abort), so
-// both ends lingered and the client's port stayed taken. Armed, each end
-// gets a reset at once.
+// the flow runs. tpgw disarms them before it closes a flow that ended (EOF
+// both ways), closes an aborted one armed at once (AbortFlows, the relay
+// listener's Abort) and a cut one armed after its queued bytes (below).
+//
+// The kernel closes the sockets of a process that dies as the process would
+// have: unarmed, a crashed or killed gateway ended each flow with a FIN, so
+// a download or upload cut short looked complete to the client (and for
+// DIRECT to the server), and, once on-failure's watchdog had removed the
+// rules, the client's answers to that FIN were routed past the orphaned
+// socket and dropped (as after a stop that closed too late: the listener's
+// Abort), so both ends lingered and the client's port stayed taken. Armed,
+// each end gets a reset at once.
 //
 // A flow tpgw relays itself (park.go) that is cut at one end (a reset, a
 // failed read or write) ends with a reset at the other too, as through a

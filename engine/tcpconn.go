@@ -52,6 +52,10 @@ const (
 func drainSends(cs ...*net.TCPConn) {
 	start := time.Now()
 	last, lastMoved := -1, start
+	// The checks back off from 1 ms to 50 ms: many flows cut at once (an
+	// uplink that failed) toward clients that do not read would otherwise
+	// poll thousands of times a second each.
+	wait := time.Millisecond
 	for {
 		queued := 0
 		for _, c := range cs {
@@ -66,7 +70,8 @@ func drainSends(cs ...*net.TCPConn) {
 		} else if now.Sub(lastMoved) >= drainStall {
 			return
 		}
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(wait)
+		wait = min(2*wait, 50*time.Millisecond)
 	}
 }
 

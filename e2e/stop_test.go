@@ -10,9 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/tpgw/tpgw/internal/testnet"
+	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
 // TestStopResetsOpenConnections: when tpgw stops, each connection it relays
@@ -201,16 +200,7 @@ func TestServerResetReachesClient(t *testing.T) {
 		tc := c.(*net.TCPConn)
 		tc.SetDeadline(time.Now().Add(10 * time.Second))
 		io.WriteString(tc, body)
-		// Reset once tpgw's kernel has taken every byte (the server's own
-		// reset discards what its socket still holds).
-		rc, _ := tc.SyscallConn()
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-			queued := -1
-			rc.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) })
-			if queued == 0 {
-				break
-			}
-		}
+		testsrv.WaitSent(tc, 5*time.Second) // tpgw's kernel has every byte
 		tc.SetLinger(0)
 		tc.Close()
 	}()

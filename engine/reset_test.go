@@ -10,11 +10,12 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
-// queuedSize is more than the loopback sockets' buffers hold, so that much of
-// it is still queued in the kernel when a flow's sockets close.
+// queuedSize is a message the loopback sockets' buffers hold whole while its
+// reader waits, about half of it in the send queue of tpgw's socket: a
+// reset at the wrong moment discards that half.
 const queuedSize = 256 << 10
 
 // TestParkedFlowEndsGracefully: a client and a server each send a bulk
@@ -81,7 +82,9 @@ func TestCutFlowPassesResetOn(t *testing.T) {
 	// every byte (a reset discards what c itself still holds), and resets.
 	sendAndReset := func(c net.Conn) {
 		c.Write(msg)
-		waitSent(t, c.(*net.TCPConn))
+		if err := testsrv.WaitSent(c.(*net.TCPConn), 5*time.Second); err != nil {
+			t.Error(err)
+		}
 		c.(*net.TCPConn).SetLinger(0)
 		c.Close()
 	}
@@ -116,48 +119,19 @@ func TestCutFlowPassesResetOn(t *testing.T) {
 	})
 }
 
-// waitSent waits (bounded) until c's send queue is empty: its peer's kernel
-// has acknowledged every byte.
-func waitSent(t *testing.T, c *net.TCPConn) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		queued := -1
-		rc.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) })
-		if queued == 0 {
-			return
-		}
-	}
-	t.Error("the server's send queue did not empty within 5s")
-}
-
 // TestParkedFlowArmedToReset: while a DIRECT flow runs, both of its sockets
 // are armed to reset, so closing them as the kernel does for a process that
 // died (the descriptors closed, nothing else) resets the client and the
 // server; neither takes the cut for the end of the stream.
 func TestParkedFlowArmedToReset(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	serverErr := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			serverErr <- err
-			return
-		}
-		defer c.Close()
+	dst := serveOne(t, func(c net.Conn) {
 		c.SetDeadline(time.Now().Add(10 * time.Second))
-		_, err = io.Copy(io.Discard, c)
+		_, err := io.Copy(io.Discard, c)
 		serverErr <- err
-	}()
+	})
 	client, inbound := tcpPair(t)
-	done := relayAsync(inbound, client, ln.Addr().(*net.TCPAddr).AddrPort())
+	done := relayAsync(inbound, client, dst)
 	client.SetDeadline(time.Now().Add(10 * time.Second))
 	client.Write([]byte("hello"))
 	var flows []*flow

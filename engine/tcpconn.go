@@ -120,8 +120,8 @@ type lazySpliceConn struct {
 	// buffered is the BufferedConn mihomo reads this connection through
 	// (sniffing, the first-byte peek), until the relay starts.
 	buffered *N.BufferedConn
-	armed    atomic.Bool // armReset (Close disarms)
-	mu       sync.Mutex  // orders arm and Close
+	mu       sync.Mutex // guards armed and closed
+	armed    bool       // armReset (Close disarms or drains)
 	closed   bool
 }
 
@@ -141,9 +141,9 @@ func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 func (c *lazySpliceConn) arm() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.closed && !c.armed.Load() {
+	if !c.closed && !c.armed {
 		armReset(c.TCPConn)
-		c.armed.Store(true)
+		c.armed = true
 	}
 }
 
@@ -154,7 +154,7 @@ func (c *lazySpliceConn) arm() {
 func (c *lazySpliceConn) Close() error {
 	c.mu.Lock()
 	c.closed = true
-	armed := c.armed.Load()
+	armed := c.armed
 	c.mu.Unlock()
 	if armed {
 		if finished(c.TCPConn) {
@@ -227,9 +227,7 @@ func (c *lazySpliceConn) WriterReplaceable() bool { return false }
 // call means the relay has started.
 func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool {
 	c.dropPeekBuffer()
-	if !c.armed.Load() {
-		c.arm() // a flow mihomo's tunnel handles (the sniffer is on)
-	}
+	c.arm() // a flow mihomo's tunnel handles (the sniffer is on)
 	return true
 }
 

@@ -240,7 +240,7 @@ func echoReply(pkt, out []byte, prefix netip.Prefix) (netip.Addr, []byte) {
 	src := netip.AddrFrom4([4]byte(pkt[12:16]))
 	dst := netip.AddrFrom4([4]byte(pkt[16:20]))
 	msg := pkt[ihl:total]
-	if !prefix.Contains(dst) || msg[0] != icmpEchoRequest || msg[1] != 0 || checksum(msg) != 0 {
+	if !prefix.Contains(dst) || msg[0] != icmpEchoRequest || msg[1] != 0 || tsock.Checksum(msg) != 0 {
 		return netip.Addr{}, nil
 	}
 	n := 20 + len(msg)
@@ -261,23 +261,6 @@ func echoReply(pkt, out []byte, prefix netip.Prefix) (netip.Addr, []byte) {
 	copy(m, msg)
 	m[0] = icmpEchoReply
 	binary.BigEndian.PutUint16(m[2:4], 0)
-	binary.BigEndian.PutUint16(m[2:4], checksum(m))
+	binary.BigEndian.PutUint16(m[2:4], tsock.Checksum(m))
 	return src, out[:n]
-}
-
-// checksum is the Internet checksum (RFC 1071) of b; over a message that
-// holds its own checksum it is 0.
-func checksum(b []byte) uint16 {
-	var sum uint32
-	for len(b) >= 2 {
-		sum += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		sum += uint32(b[0]) << 8
-	}
-	for sum > 0xffff {
-		sum = sum>>16 + sum&0xffff
-	}
-	return ^uint16(sum)
 }

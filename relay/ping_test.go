@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"golang.org/x/net/bpf"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 var fakeRange = netip.MustParsePrefix("198.18.0.0/16")
@@ -15,7 +17,7 @@ var fakeRange = netip.MustParsePrefix("198.18.0.0/16")
 // type typ (id 0x1234, sequence 7, payload "tpgw ping").
 func echoRequest(src, dst string, typ uint8) []byte {
 	msg := append([]byte{typ, 0, 0, 0, 0x12, 0x34, 0, 7}, "tpgw ping"...)
-	binary.BigEndian.PutUint16(msg[2:4], checksum(msg))
+	binary.BigEndian.PutUint16(msg[2:4], tsock.Checksum(msg))
 	h := make([]byte, 20)
 	h[0] = 0x45
 	binary.BigEndian.PutUint16(h[2:4], uint16(20+len(msg)))
@@ -47,7 +49,7 @@ func TestEchoReply(t *testing.T) {
 		t.Errorf("bad IP header % x", reply[:20])
 	}
 	msg := reply[20:]
-	if msg[0] != icmpEchoReply || msg[1] != 0 || checksum(msg) != 0 {
+	if msg[0] != icmpEchoReply || msg[1] != 0 || tsock.Checksum(msg) != 0 {
 		t.Errorf("ICMP message % x: want type 0 code 0 and a valid checksum", msg)
 	}
 	if string(msg[4:]) != string(req[24:]) {

@@ -129,7 +129,7 @@ func AppendUDPPacket(b, payload []byte, src, dst netip.AddrPort) []byte {
 		h[9] = unix.IPPROTO_UDP
 		copy(h[12:16], s[:])
 		copy(h[16:20], d[:])
-		binary.BigEndian.PutUint16(h[10:], ^uint16(fold(sum(0, h[:]))))
+		binary.BigEndian.PutUint16(h[10:], Checksum(h[:]))
 		b = append(b, h[:]...)
 		pseudo = sum(sum(0, s[:]), d[:])
 	} else {
@@ -158,6 +158,10 @@ func AppendUDPPacket(b, payload []byte, src, dst netip.AddrPort) []byte {
 	binary.BigEndian.PutUint16(b[u+6:], c)
 	return b
 }
+
+// Checksum is the Internet checksum (RFC 1071) of b; over a message that
+// holds its own checksum it is 0.
+func Checksum(b []byte) uint16 { return ^uint16(fold(sum(0, b))) }
 
 // sum adds b to the one's complement sum acc as big-endian 16-bit words
 // (an odd last byte padded with zero).

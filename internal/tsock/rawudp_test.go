@@ -118,3 +118,20 @@ func TestRawUDPSend(t *testing.T) {
 		t.Errorf("Send after Close: %v, want ErrRawClosed", err)
 	}
 }
+
+// TestChecksum: RFC 1071's worked example (sum ddf2, so checksum 220d), an
+// odd length, and a message that holds its own checksum.
+func TestChecksum(t *testing.T) {
+	if got := Checksum([]byte{0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7}); got != 0x220d {
+		t.Errorf("RFC 1071 example: %#04x, want 0x220d", got)
+	}
+	if got := Checksum([]byte{0x01}); got != ^uint16(0x0100) {
+		t.Errorf("odd length: %#04x, want %#04x", got, ^uint16(0x0100))
+	}
+	msg := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 7, 'x'}
+	c := Checksum(msg)
+	msg[2], msg[3] = byte(c>>8), byte(c)
+	if got := Checksum(msg); got != 0 {
+		t.Errorf("over a message holding its checksum: %#04x, want 0", got)
+	}
+}

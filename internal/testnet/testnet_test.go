@@ -1,6 +1,7 @@
 package testnet
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"os"
@@ -428,4 +429,90 @@ func TestRunCPU(t *testing.T) {
 	if _, _, err := tp.Client.RunCPU(t, 5*time.Second, "false"); err == nil {
 		t.Fatal("false: no error")
 	}
+}
+
+// rundirChildEnv runs TestNamespacesSurviveIPNetnsAdd's body in the child
+// that the test starts in a mount namespace of its own.
+const rundirChildEnv = "TPGW_TESTNET_RUNDIR_CHILD"
+
+// On a fresh machine /run/netns is a plain directory until the first
+// `ip netns add`, which turns it into a mount point with a recursive bind of
+// itself: the namespaces bound there before are copied, and deleting one
+// then unmounts only the visible copy, and removing its file fails with
+// EBUSY (a CI run of e2e failed so when TestContainers' `ip netns add` ran
+// while another test's topology was up, and left its namespaces behind).
+// The test makes that fresh state in a mount namespace of its own (slave to
+// the host's, so nothing it mounts reaches the host).
+func TestNamespacesSurviveIPNetnsAdd(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTools(t, "unshare", "ip")
+	if os.Getenv(rundirChildEnv) == "1" {
+		rundirChild(t)
+		return
+	}
+	probe := "tpgw-rundir-" + strconv.Itoa(os.Getpid())
+	t.Cleanup(func() {
+		// A child that died halfway leaves plain files (its mounts died
+		// with its mount namespace).
+		for _, name := range []string{probe + "-a", probe + "-b"} {
+			_ = os.Remove("/run/netns/" + name)
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "unshare", "--mount", "--propagation", "slave",
+		os.Args[0], "-test.run", "^TestNamespacesSurviveIPNetnsAdd$", "-test.count", "1", "-test.v")
+	cmd.Env = append(os.Environ(), rundirChildEnv+"=1", "TPGW_TESTNET_RUNDIR_PROBE="+probe)
+	b, err := cmd.CombinedOutput()
+	if out := string(b); err != nil || !strings.Contains(out, "--- PASS: TestNamespacesSurviveIPNetnsAdd") {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+}
+
+func rundirChild(t *testing.T) {
+	probe := os.Getenv("TPGW_TESTNET_RUNDIR_PROBE")
+	// The fresh machine's state: /run/netns not a mount point.
+	for isMountPoint(t, "/run/netns") {
+		if err := syscall.Unmount("/run/netns", syscall.MNT_DETACH); err != nil {
+			t.Fatalf("unmount /run/netns in the child's mount namespace: %v", err)
+		}
+	}
+	ipPath, err := lookTool("ip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := &Topology{ipPath: ipPath}
+	if _, err := tp.newNS(probe+"-a", netip.MustParseAddr("192.0.2.1")); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("ip", "netns", "add", probe+"-b").CombinedOutput(); err != nil {
+		_ = tp.destroy()
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	defer func() {
+		if out, err := exec.Command("ip", "netns", "delete", probe+"-b").CombinedOutput(); err != nil {
+			t.Errorf("ip netns delete: %v: %s", err, out)
+		}
+	}()
+	if err := tp.destroy(); err != nil {
+		t.Fatalf("destroy after `ip netns add`: %v", err)
+	}
+	if _, err := os.Stat("/run/netns/" + probe + "-a"); !os.IsNotExist(err) {
+		t.Errorf("/run/netns/%s-a left behind (stat: %v)", probe, err)
+	}
+}
+
+// isMountPoint tells whether path is a mount point in this process's mount
+// namespace.
+func isMountPoint(t *testing.T, path string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
 }

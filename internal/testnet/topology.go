@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -342,10 +343,43 @@ func (tp *Topology) handle(ns *NS) *netlink.Handle {
 	return nil
 }
 
+// netnsRunDir is where named network namespaces are bound (iproute2's and
+// vishvananda/netns's NETNS_RUN_DIR).
+const netnsRunDir = "/run/netns"
+
+var runDirMu sync.Mutex
+
+// shareRunDir makes netnsRunDir a shared mount point, as the first
+// `ip netns add` of a boot does. Namespaces bound while it is a plain
+// directory are copied when a later `ip netns add` turns it into a mount
+// point (a recursive bind of itself): deleting one then unmounts only the
+// copy on top, and removing its file fails with EBUSY, the copy underneath
+// still using it, so the namespace is left behind. Tests run `ip netns add`
+// (e2e's containers), and on a fresh machine a CI run failed so.
+func shareRunDir() error {
+	runDirMu.Lock() // parallel tests: one bind, not two stacked
+	defer runDirMu.Unlock()
+	if err := os.MkdirAll(netnsRunDir, 0o755); err != nil {
+		return err
+	}
+	err := unix.Mount("", netnsRunDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	if err != unix.EINVAL { // nil, or a real failure
+		return err
+	}
+	// EINVAL: not a mount point yet.
+	if err := unix.Mount(netnsRunDir, netnsRunDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s on itself: %w", netnsRunDir, err)
+	}
+	return unix.Mount("", netnsRunDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+}
+
 // createNamedNS creates a network namespace bound at /run/netns/name without
 // moving the calling goroutine's thread: the switch happens on a locked thread
 // that is switched back, or retired if that fails.
 func createNamedNS(name string) (netns.NsHandle, error) {
+	if err := shareRunDir(); err != nil {
+		return netns.None(), fmt.Errorf("make %s a shared mount point: %w", netnsRunDir, err)
+	}
 	type result struct {
 		h   netns.NsHandle
 		err error

@@ -51,6 +51,7 @@ type runner struct {
 	queries  string // dnsperf input file
 	idle     *idleServer
 	splice   map[string]map[string]int64 // setup -> syscall -> calls
+	ssPID    int                         // ss-server's, for its CPU figures
 	log      io.Writer
 }
 
@@ -126,7 +127,7 @@ func (r *runner) run() {
 		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
 	}
 	tp.StartHTTPServer(r.env, httpPort)
-	tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod)
+	r.ssPID = tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod).Cmd.Process.Pid
 	srv := tp.Upstream.Start(r.env, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
 	if err := testnet.WaitTCP(tp.Upstream, fmt.Sprintf("127.0.0.1:%d", iperfPort), 10*time.Second); err != nil {
 		r.env.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
@@ -236,13 +237,26 @@ func (g *gateway) cpu() float64 {
 	return v
 }
 
+// ssServerCPU returns ss-server's CPU seconds, NaN when unknown.
+func (r *runner) ssServerCPU() float64 {
+	if r.ssPID == 0 {
+		return math.NaN()
+	}
+	v, err := ProcCPUSeconds(r.ssPID)
+	if err != nil {
+		return math.NaN()
+	}
+	return v
+}
+
 func (r *runner) measureTCP(g *gateway) {
-	var cpu, host float64
+	var cpu, host, ssCPU float64
 	var bytes int64
+	viaSS := g.setup == SetupTPGWSS || g.setup == SetupSSRedir
 	for _, c := range tcpCases {
-		before, hostBefore := g.cpu(), hostBusy()
+		before, hostBefore, ssBefore, start := g.cpu(), hostBusy(), r.ssServerCPU(), time.Now()
 		res, err := r.iperf(append([]string{"-O", "1"}, c.args...)...)
-		after, hostAfter := g.cpu(), hostBusy()
+		after, hostAfter, ssAfter, wall := g.cpu(), hostBusy(), r.ssServerCPU(), time.Since(start)
 		if err != nil {
 			r.fail(fmt.Sprintf("%s %s", g.setup, c.name), err)
 			r.s.add(c.key, g.setup, math.NaN())
@@ -252,7 +266,18 @@ func (r *runner) measureTCP(g *gateway) {
 		cpu += after - before
 		host += hostAfter - hostBefore
 		bytes += res.Bytes
-		r.logf("  %-28s %6.2f Gbit/s  cpu %.2fs  host cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before, hostAfter-hostBefore)
+		ssCPU += ssAfter - ssBefore
+		if viaSS && c.key == "tcp4_down" {
+			r.s.add("ss_server_cores", g.setup, (ssAfter-ssBefore)/wall.Seconds())
+		}
+		line := fmt.Sprintf("  %-28s %6.2f Gbit/s  cpu %.2fs  host cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before, hostAfter-hostBefore)
+		if viaSS {
+			line += fmt.Sprintf("  ss-server cpu %.2fs", ssAfter-ssBefore)
+		}
+		r.logf("%s", line)
+	}
+	if viaSS {
+		r.s.add("ss_server_cpu_per_gb", g.setup, CPUPerGB(ssCPU, bytes))
 	}
 	// K: NaN, shown as n/a (its forwarding runs in softirq, in no process).
 	r.s.add("cpu_per_gb", g.setup, CPUPerGB(cpu, bytes))

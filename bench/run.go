@@ -226,23 +226,18 @@ func slicesContains(xs []string, s string) bool { return indexOf(xs, s) >= 0 }
 
 // cpu returns the gateway process's CPU seconds; NaN for K (softirq work is
 // not attributed to any process).
-func (g *gateway) cpu() float64 {
-	if g.pid == 0 {
-		return math.NaN()
-	}
-	v, err := ProcCPUSeconds(g.pid)
-	if err != nil {
-		return math.NaN()
-	}
-	return v
-}
+func (g *gateway) cpu() float64 { return pidCPU(g.pid) }
 
-// ssServerCPU returns ss-server's CPU seconds, NaN when unknown.
-func (r *runner) ssServerCPU() float64 {
-	if r.ssPID == 0 {
+// ssServerCPU returns ss-server's CPU seconds.
+func (r *runner) ssServerCPU() float64 { return pidCPU(r.ssPID) }
+
+// pidCPU returns the CPU seconds of process pid, NaN for pid 0 or when
+// they cannot be read.
+func pidCPU(pid int) float64 {
+	if pid == 0 {
 		return math.NaN()
 	}
-	v, err := ProcCPUSeconds(r.ssPID)
+	v, err := ProcCPUSeconds(pid)
 	if err != nil {
 		return math.NaN()
 	}

@@ -8,6 +8,8 @@ import (
 
 	N "github.com/metacubex/mihomo/common/net"
 	"golang.org/x/sys/unix"
+
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // The sockets of a flow tpgw relays are armed to reset (SO_LINGER 0) while
@@ -76,14 +78,9 @@ func drainSends(cs ...*net.TCPConn) {
 }
 
 // sendQueued is the number of bytes in c's send queue not yet acknowledged
-// by its peer (SIOCOUTQ); 0 when it cannot be read.
+// by its peer; 0 when it cannot be read.
 func sendQueued(c *net.TCPConn) int {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return 0
-	}
-	n := 0
-	_ = rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+	n, _ := tsock.SendQueued(c)
 	return n
 }
 

@@ -5,21 +5,17 @@ import (
 	"net"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/tpgw/tpgw/internal/tsock"
 )
 
 // WaitSent waits, up to timeout, until c's send queue is empty: its peer's
-// kernel has acknowledged every byte (TIOCOUTQ). A test server that resets
+// kernel has acknowledged every byte (tsock.SendQueued). A test server that resets
 // its connection on purpose waits for this first, since a reset discards
 // what the socket still holds.
 func WaitSent(c *net.TCPConn, timeout time.Duration) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
 	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		queued := -1
-		if err := rc.Control(func(fd uintptr) { queued, _ = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) }); err != nil {
+		queued, err := tsock.SendQueued(c)
+		if err != nil {
 			return err
 		}
 		if queued == 0 {

@@ -83,3 +83,17 @@ func RaiseRcvBuf(fd int) error {
 	}
 	return nil
 }
+
+// SendQueued returns the bytes in c's send queue that its peer has not yet
+// acknowledged (SIOCOUTQ on a TCP socket).
+func SendQueued(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	n, ierr := 0, error(nil)
+	if err := rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) }); err != nil {
+		return 0, err
+	}
+	return n, ierr
+}

@@ -49,10 +49,12 @@ type runner struct {
 	// failures counts measurements that failed; each leaves a NaN run.
 	failures int
 	queries  string // dnsperf input file
-	idle     *idleServer
-	splice   map[string]map[string]int64 // setup -> syscall -> calls
-	ssPID    int                         // ss-server's, for its CPU figures
-	log      io.Writer
+	// newPasses counts the passes over new names (each asks names of its own).
+	newPasses int
+	idle      *idleServer
+	splice    map[string]map[string]int64 // setup -> syscall -> calls
+	ssPID     int                         // ss-server's, for its CPU figures
+	log       io.Writer
 }
 
 // tcpCases are the iperf3 TCP figures.
@@ -132,7 +134,7 @@ func (r *runner) run() {
 	if err := testnet.WaitTCP(tp.Upstream, fmt.Sprintf("127.0.0.1:%d", iperfPort), 10*time.Second); err != nil {
 		r.env.Fatalf("iperf3 -s: %v\n%s", err, srv.Output())
 	}
-	r.queries = r.writeQueries(1000)
+	r.queries = r.writeQueries("host", 1000)
 	tp.StartDNSMasq(r.env, map[string]string{bypassName: tp.UpstreamIP.String()})
 	r.idle = r.startIdleServer()
 
@@ -327,14 +329,18 @@ func (r *runner) measureUDP(g *gateway) {
 	}
 }
 
-// writeQueries writes n distinct A queries for dnsperf; fake-ip answers each
-// from its pool, so no upstream resolver is involved.
-func (r *runner) writeQueries(n int) string {
+// newNamesPerPass is how many new names one pass asks: enough for dnsperf's
+// 500 queries in flight to run for a while (the pool has 65k addresses).
+const newNamesPerPass = 10000
+
+// writeQueries writes n distinct A queries for dnsperf, named prefix0...;
+// fake-ip answers each from its pool, so no upstream resolver is involved.
+func (r *runner) writeQueries(prefix string, n int) string {
 	var b strings.Builder
 	for i := range n {
-		fmt.Fprintf(&b, "host%d.bench.example A\n", i)
+		fmt.Fprintf(&b, "%s%d.bench.example A\n", prefix, i)
 	}
-	p := filepath.Join(r.env.TempDir(), "queries.txt")
+	p := filepath.Join(r.env.TempDir(), prefix+"queries.txt")
 	if err := os.WriteFile(p, []byte(b.String()), 0o644); err != nil {
 		r.env.Fatal(err)
 	}
@@ -349,15 +355,21 @@ func (r *runner) measureDNS(g *gateway) {
 		port   string
 		extra  []string
 	}{
-		// The first pass over new names: each allocates a fake IP.
-		{"dns_qps_new", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-n", "1", "-c", "1", "-q", "50"}},
+		// One pass over names never asked before: each allocates a fake
+		// IP, written to cache.db before its answer leaves.
+		{"dns_qps_new", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-n", "1", "-c", "4", "-q", "500", "-T", "1"}},
 		// Any server's port 53 from the client: hijacked by the rules.
 		{"dns_qps_hijack", r.tp.Client, r.tp.UpstreamIP.String(), "53", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "1"}},
 		// The server itself, from inside the gateway (the input guard keeps
 		// LAN clients off port 1053).
 		{"dns_qps_direct", r.tp.Gateway, "127.0.0.1", "1053", []string{"-l", "5", "-c", "4", "-q", "500", "-T", "1"}},
 	} {
-		args := append([]string{"-s", c.server, "-p", c.port, "-d", r.queries, "-t", "2"}, c.extra...)
+		queries := r.queries
+		if c.key == "dns_qps_new" {
+			r.newPasses++
+			queries = r.writeQueries(fmt.Sprintf("new%d-", r.newPasses), newNamesPerPass)
+		}
+		args := append([]string{"-s", c.server, "-p", c.port, "-d", queries, "-t", "2"}, c.extra...)
 		before, start := g.cpu(), time.Now()
 		out, clientCPU, err := c.ns.RunCPU(r.env, 60*time.Second, "dnsperf", args...)
 		cpu, wall := g.cpu()-before, time.Since(start).Seconds()

@@ -8,10 +8,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/metacubex/bbolt"
 
 	"github.com/tpgw/tpgw/bench"
 	"github.com/tpgw/tpgw/internal/testenv"
@@ -377,6 +380,47 @@ func TestFakeIPNeverHandedTwice(t *testing.T) {
 		ask(name)
 	}
 	wantSeen(t, tp, "http://"+handed["two.test"].String()+":8080/", "198.51.100.2", "fake IP from before the reload still means two.test → ss")
+}
+
+// TestFakeIPFlush: a dashboard's "flush fake-ip" (POST
+// /cache/fakeip/flush) empties cache.db's mappings too, not only the pool
+// tpgw keeps in memory: a mapping from before the flush does not come back
+// with a restart, one from after it does.
+func TestFakeIPFlush(t *testing.T) {
+	tp, cfg := fakeIPViaSS(t, "external-controller: 127.0.0.1:9090\n", "gone1.test", "gone2.test", "kept.test")
+	p := startTPGW(t, tp, cfg)
+	digOne(t, tp, "gone1.test")
+	gone2 := digOne(t, tp, "gone2.test")
+	wantCtl(t, tp, "POST", "/cache/fakeip/flush", "", 204, "")
+	kept := digOne(t, tp, "kept.test")
+	stopTPGW(t, p, syscall.SIGTERM)
+
+	db, err := bbolt.Open(filepath.Join(filepath.Dir(cfg), "cache.db"), 0o600, &bbolt.Options{Timeout: 5 * time.Second, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.View(func(tx *bbolt.Tx) error {
+		bk := tx.Bucket([]byte("fakeip"))
+		if bk == nil {
+			t.Fatal("cache.db has no fakeip bucket")
+		}
+		for _, name := range []string{"gone1.test", "gone2.test"} {
+			if v := bk.Get([]byte(name)); v != nil {
+				t.Errorf("cache.db maps %s to %v after the flush", name, v)
+			}
+		}
+		if v := bk.Get(gone2.AsSlice()); v != nil {
+			t.Errorf("cache.db maps %v to %q after the flush", gone2, v)
+		}
+		if v := bk.Get([]byte("kept.test")); !slices.Equal(v, kept.AsSlice()) {
+			t.Errorf("cache.db maps kept.test to %v, want %v", v, kept)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 // TestFakeIPReloadWithoutStore: with store-fake-ip off (the OpenWrt

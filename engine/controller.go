@@ -16,6 +16,7 @@ import (
 
 	"github.com/metacubex/chi"
 	"github.com/metacubex/http"
+	"github.com/metacubex/mihomo/component/resolver"
 	"github.com/metacubex/mihomo/component/updater"
 	"github.com/metacubex/mihomo/config"
 	C "github.com/metacubex/mihomo/constant"
@@ -74,6 +75,7 @@ func takeOverController(h ControllerHooks) {
 			for _, p := range []string{"/configs/geo", "/upgrade/geo"} {
 				r.Post(p, updateGeo)
 			}
+			r.Post("/cache/fakeip/flush", flushFakeIP)
 			r.Post("/restart", refuse("tpgw: restart tpgw with its service manager (systemctl restart tpgw; /etc/init.d/tpgw restart): "+
 				"a restart from here would skip removing its kernel rules"))
 			r.Post("/upgrade", refuse("tpgw: mihomo is built into tpgw; upgrade the tpgw package "+
@@ -97,6 +99,21 @@ func decisionsChanged() {
 	if h := controllerHooks.Load(); h != nil && h.DecisionsChanged != nil {
 		h.DecisionsChanged()
 	}
+}
+
+// flushFakeIP is mihomo's POST /cache/fakeip/flush (dashboards' "flush
+// fake-ip"), which also empties the mappings cache.db keeps for the pools
+// tpgw keeps in memory.
+func flushFakeIP(w http.ResponseWriter, _ *http.Request) {
+	if err := resolver.FlushFakeIP(); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if err := flushStoredMappings(); err != nil {
+		writeError(w, http.StatusInternalServerError, "tpgw: "+err.Error())
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func refuse(msg string) http.HandlerFunc {

@@ -132,11 +132,11 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		// fake IP: a burst of new names would queue DNS answers behind disk
 		// flushes. Without fsync the data still reaches the page cache at
 		// once, so it survives a crash of tpgw (not a power cut).
-		// Writes also go through bbolt's Batch, which waits MaxBatchDelay
-		// (10 ms) to coalesce. But mihomo's fake-ip pool writes under its
-		// own lock, one new name at a time (two or three writes each), so
-		// there is never a second write to coalesce with: every wait only
-		// delayed the answer. A batch of one commits at once.
+		// mihomo's writes also go through bbolt's Batch, which waits
+		// MaxBatchDelay (10 ms) to coalesce; they come one at a time (a
+		// selected proxy; the fake-ip pool's position), so every wait only
+		// delayed them. A batch of one commits at once. tpgw writes new
+		// fake-ip mappings itself, many per transaction (fakeipstore.go).
 		if cf := cachefile.Cache(); cf != nil && cf.DB != nil {
 			cf.DB.NoSync = true
 			cf.DB.MaxBatchSize = 1
@@ -147,6 +147,9 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return fail(parseError(err))
 	}
 	e.stateDir = opts.StateDir
+	if err := e.keepMappingsInMemory(cfg); err != nil {
+		return fail(err)
+	}
 	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
 		return fail(err)
 	}
@@ -160,6 +163,32 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		"mode", tunnel.Mode().String(), "routing_mark", cfg.General.RoutingMark,
 		"external_controller", cfg.Controller.ExternalController)
 	return e, nil
+}
+
+// keepMappingsInMemory gives cfg's persisted fake-ip pools memory stores
+// (fakeipstore.go), before they answer anything, and has ServeDNS write
+// their new mappings to cache.db.
+func (e *Engine) keepMappingsInMemory(cfg *config.Config) error {
+	if cfg.DNS == nil || !cfg.Profile.StoreFakeIP {
+		liveMappings.Store(nil)
+		return nil
+	}
+	cf := cachefile.Cache()
+	if cf == nil || cf.DB == nil {
+		liveMappings.Store(nil)
+		return nil
+	}
+	swapped, err := keepInMemory(cf.DB, fakeIPPools(cfg))
+	if err != nil {
+		return err
+	}
+	switch w := liveMappings.Load(); {
+	case !swapped:
+		liveMappings.Store(nil)
+	case w == nil || w.db != cf.DB:
+		liveMappings.Store(newMappingWriter(cf.DB))
+	}
+	return nil
 }
 
 // Reload applies a changed mihomo part. Established flows keep their
@@ -178,6 +207,9 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		return parseError(err)
 	}
 	built := positions(fakeIPPools(cfg))
+	if err := e.keepMappingsInMemory(cfg); err != nil {
+		return err
+	}
 	// A reload keeps the external-controller's server unless its settings
 	// changed: restarting it would cut the dashboard request that asked for
 	// the reload (PUT /configs) and every dashboard's live streams.
@@ -328,7 +360,8 @@ func (e *Engine) Close() error {
 			e.fakeIPs.close()
 		}
 		e.parker.close()
-		executor.Shutdown() // saves the fake-ip pool positions
+		executor.Shutdown()
+		liveMappings.Store(nil)
 		if e.fakeIPs != nil {
 			if err := e.fakeIPs.unmark(); err != nil {
 				e.log.Warn("fake-ip pool: clean stop not recorded; the next start will recover the position", "err", err)

@@ -116,17 +116,6 @@ func (lp lockedPool) position() (pos position) {
 	return pos
 }
 
-// save writes the position to cache.db with mihomo's own StoreState, under
-// the pool's lock so that it reads a settled position.
-func (lp lockedPool) save() position {
-	var pos position
-	lp.with(func(p *position, _, _ netip.Addr) {
-		pos = *p
-		lp.p.StoreState()
-	})
-	return pos
-}
-
 // fakeIPPools returns the fake-ip pools of cfg (nil when tpgw cannot reach
 // their positions).
 func fakeIPPools(cfg *config.Config) []*fakeip.Pool {
@@ -351,8 +340,8 @@ func (k *fakeIPKeeper) afterReload(cfg *config.Config) {
 	k.saveLocked()
 }
 
-// close stops the saving and saves the positions one last time (mihomo's
-// Shutdown saves those of persisted pools again); unmark follows.
+// close stops the saving and saves the positions one last time; unmark
+// follows.
 func (k *fakeIPKeeper) close() {
 	close(k.stop)
 	<-k.done
@@ -365,7 +354,9 @@ func (k *fakeIPKeeper) close() {
 func (k *fakeIPKeeper) unmark() error { return k.back.mark(false) }
 
 // cacheBacking keeps positions where mihomo does, in cache.db (mihomo's own
-// keys, written by its StoreState), and the running mark in tpgw's bucket.
+// keys, as its StoreState writes them: the pools keep their mappings in
+// memory, and StoreState then writes nothing), and the running mark in
+// tpgw's bucket.
 type cacheBacking struct{ cf *cachefile.CacheFile }
 
 func (cacheBacking) restore([]*fakeip.Pool) error { return nil }
@@ -378,12 +369,8 @@ func (b cacheBacking) mapped(p *fakeip.Pool) func(netip.Addr) bool {
 	return func(ip netip.Addr) bool { _, ok := store.GetByIP(ip); return ok }
 }
 
-func (cacheBacking) save(pools []*fakeip.Pool) (map[*fakeip.Pool]position, error) {
-	saved := make(map[*fakeip.Pool]position, len(pools))
-	for _, p := range pools {
-		saved[p] = lockedPool{p}.save()
-	}
-	return saved, nil
+func (b cacheBacking) save(pools []*fakeip.Pool) (map[*fakeip.Pool]position, error) {
+	return savePositions(b.cf.DB, pools)
 }
 
 func (b cacheBacking) mark(running bool) error {

@@ -19,13 +19,22 @@ var ErrNoDNS = errors.New("engine: dns is not enabled in the mihomo config")
 // ServeDNS answers a DNS query the way mihomo's own DNS listener would: with
 // a fake IP from mihomo's pool in fake-ip mode (so later connections to it map
 // back to the name), real answers for fake-ip-filter names and other types
-// through mihomo's resolver (nameserver, policies, cache).
+// through mihomo's resolver (nameserver, policies, cache). A new fake IP of a
+// persisted pool is in cache.db before ServeDNS returns its answer.
 func (e *Engine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 	s := resolver.DefaultService
 	if s == nil {
 		return nil, ErrNoDNS
 	}
-	return s.ServeMsg(ctx, q)
+	r, err := s.ServeMsg(ctx, q)
+	if err == nil {
+		if err := e.persistAnswer(q, r); err != nil {
+			// The answer still goes out, as mihomo's own store would
+			// send it; only a restart may forget the mapping.
+			e.log.Warn("fake-ip mapping not saved", "err", err)
+		}
+	}
+	return r, err
 }
 
 // LookupFakeIP returns the name a fake IP stands for, if ip is in the fake-ip

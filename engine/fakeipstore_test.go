@@ -1,0 +1,223 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/metacubex/bbolt"
+	"github.com/metacubex/http"
+	"github.com/metacubex/http/httptest"
+	"github.com/metacubex/mihomo/component/fakeip"
+	"github.com/metacubex/mihomo/component/profile/cachefile"
+	D "github.com/miekg/dns"
+)
+
+// TestPersistedPoolKeptInMemory: the running engine's persisted pool
+// (store-fake-ip is on by default) answers from a memory store, and
+// ServeDNS writes its new mappings to cache.db.
+func TestPersistedPoolKeptInMemory(t *testing.T) {
+	if !storeLayout.ok {
+		t.Fatal("fakeip.Pool has no store field of interface type")
+	}
+	if len(testEngine.pools) != 1 {
+		t.Fatalf("%d fake-ip pools, want 1", len(testEngine.pools))
+	}
+	p := testEngine.pools[0]
+	if typ := poolStore(p).Elem().Type().String(); typ != "*fakeip.memoryStore" {
+		t.Errorf("the persisted pool's store is %s, want mihomo's memory store", typ)
+	}
+	if liveMappings.Load() == nil {
+		t.Error("no mapping writer for the persisted pool")
+	}
+	// A pool mihomo builds with store-fake-ip is the kind tpgw swaps.
+	built, err := fakeip.New(fakeip.Options{IPNet: netip.MustParsePrefix("fd00:99::/120"), Persistence: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !persistedStore(built) {
+		t.Errorf("a pool built with Persistence has store %s, not recognised as mihomo's cachefile store", poolStore(built).Elem().Type())
+	}
+}
+
+// TestNewNamesWrittenTogether: names asked at once each have their mapping
+// in cache.db, in mihomo's format, when their answer is out, and share
+// write transactions.
+func TestNewNamesWrittenTogether(t *testing.T) {
+	w := liveMappings.Load()
+	if w == nil {
+		t.Fatal("no mapping writer")
+	}
+	const n = 200
+	commitsBefore := w.commits.Load()
+	store := cachefile.Cache().FakeIpStore()
+	start := make(chan struct{})
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			name := fmt.Sprintf("together%d.example", i)
+			q := new(D.Msg)
+			q.SetQuestion(name+".", D.TypeA)
+			r, err := testEngine.ServeDNS(context.Background(), q)
+			if err != nil || len(r.Answer) != 1 {
+				errs <- fmt.Errorf("%s: %v, %v", name, r, err)
+				return
+			}
+			fake, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A)
+			fake = fake.Unmap()
+			if got, ok := store.GetByHost(name); !ok || got != fake {
+				errs <- fmt.Errorf("cache.db maps %s to %v (%v) right after its answer %v", name, got, ok, fake)
+			}
+			if got, ok := store.GetByIP(fake); !ok || got != name {
+				errs <- fmt.Errorf("cache.db maps %v to %q (%v) right after its answer for %s", fake, got, ok, name)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	commits := w.commits.Load() - commitsBefore
+	t.Logf("%d new names in %d write transactions", n, commits)
+	if commits < 1 || commits >= n {
+		t.Errorf("%d new names took %d write transactions, want fewer", n, commits)
+	}
+	// Asked again, a name is answered from memory and not written again.
+	q := new(D.Msg)
+	q.SetQuestion("together0.example.", D.TypeA)
+	before := w.commits.Load()
+	if _, err := testEngine.ServeDNS(context.Background(), q); err != nil {
+		t.Fatal(err)
+	}
+	if c := w.commits.Load() - before; c != 0 {
+		t.Errorf("a known name took %d write transactions", c)
+	}
+}
+
+func tempDB(t *testing.T) *bbolt.DB {
+	t.Helper()
+	db, err := bbolt.Open(filepath.Join(t.TempDir(), "cache.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// TestMappingsReusedAddress: an address handed to a second name (a pool
+// that came round its range) stops mapping the first one in cache.db, and
+// a pool built from cache.db gets only the mappings whose address and name
+// agree, within its range.
+func TestMappingsReusedAddress(t *testing.T) {
+	db := tempDB(t)
+	put := func(host, addr string) {
+		t.Helper()
+		m := mapping{bucket: []byte("fakeip"), host: host, ip: ip(addr)}
+		if err := db.Update(func(tx *bbolt.Tx) error { return putMapping(tx, m) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("a.example", "10.99.0.4")
+	put("b.example", "10.99.0.5")
+	put("c.example", "10.99.0.4") // .4 reused: a.example loses it
+	put("outside.example", "10.98.0.9")
+	// A stale pair: d.example's own key points elsewhere.
+	put("d.example", "10.99.0.6")
+	put("d.example", "10.99.0.7")
+
+	err := db.View(func(tx *bbolt.Tx) error {
+		bk := tx.Bucket([]byte("fakeip"))
+		if v := bk.Get([]byte("a.example")); v != nil {
+			t.Errorf("a.example still maps to %v after its address went to c.example", v)
+		}
+		if v := bk.Get(ip("10.99.0.4").AsSlice()); string(v) != "c.example" {
+			t.Errorf("10.99.0.4 maps to %q, want c.example", v)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	p := memoryPool(t, "10.99.0.0/24")
+	store, ok := poolStore(p).Interface().(storeOps)
+	if !ok {
+		t.Fatal("the memory store lacks the methods tpgw calls")
+	}
+	if err := loadMappings(db, p, store); err != nil {
+		t.Fatal(err)
+	}
+	for addr, want := range map[string]string{"10.99.0.4": "c.example", "10.99.0.5": "b.example", "10.99.0.7": "d.example", "10.99.0.6": ""} {
+		host, _ := p.LookBack(ip(addr))
+		if host != want {
+			t.Errorf("loaded pool: %s → %q, want %q", addr, host, want)
+		}
+	}
+	if p.Exist(ip("10.98.0.9")) {
+		t.Error("a mapping outside the pool's range was loaded")
+	}
+	if got := p.Lookup("b.example"); got != ip("10.99.0.5") {
+		t.Errorf("loaded pool: b.example → %v, want its stored 10.99.0.5", got)
+	}
+}
+
+// TestSavedPositionReadByMihomo: the position tpgw saves is the one a pool
+// mihomo builds from cache.db starts at (mihomo's keys and format).
+func TestSavedPositionReadByMihomo(t *testing.T) {
+	db := cachefile.Cache().DB
+	// The test engine has no IPv6 pool: its bucket is free to use.
+	prefix := netip.MustParsePrefix("fd00:98::/120")
+	t.Cleanup(func() {
+		_ = db.Update(func(tx *bbolt.Tx) error { return tx.DeleteBucket([]byte("fakeip6")) })
+	})
+	p, err := fakeip.New(fakeip.Options{IPNet: prefix, Size: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := position{ip("fd00:98::42"), true}
+	lockedPool{p}.with(func(pos *position, _, _ netip.Addr) { *pos = want })
+	saved, err := savePositions(db, []*fakeip.Pool{p})
+	if err != nil || saved[p] != want {
+		t.Fatalf("savePositions: %v, %v", saved, err)
+	}
+	built, err := fakeip.New(fakeip.Options{IPNet: prefix, Persistence: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := (lockedPool{built}).position(); got != want {
+		t.Errorf("mihomo's pool built from cache.db starts at %+v, want %+v", got, want)
+	}
+}
+
+// TestFlushFakeIP: a dashboard's "flush fake-ip" empties the pool and the
+// mappings cache.db keeps for it.
+func TestFlushFakeIP(t *testing.T) {
+	q := new(D.Msg)
+	q.SetQuestion("flushed.example.", D.TypeA)
+	r, err := testEngine.ServeDNS(context.Background(), q)
+	if err != nil || len(r.Answer) != 1 {
+		t.Fatalf("fake-ip answer: %v, %v", r, err)
+	}
+	store := cachefile.Cache().FakeIpStore()
+	if _, ok := store.GetByHost("flushed.example"); !ok {
+		t.Fatal("flushed.example not in cache.db after its answer")
+	}
+	rec := httptest.NewRecorder()
+	flushFakeIP(rec, httptest.NewRequest(http.MethodPost, "/cache/fakeip/flush", nil))
+	if rec.Code != http.StatusNoContent {
+		t.Fatalf("flush: %d %s", rec.Code, rec.Body)
+	}
+	if got, ok := store.GetByHost("flushed.example"); ok {
+		t.Errorf("cache.db still maps flushed.example to %v after the flush", got)
+	}
+	if testEngine.pools[0].Exist(netip.MustParseAddr("198.18.0.4")) {
+		t.Error("the pool still maps its first address after the flush")
+	}
+}

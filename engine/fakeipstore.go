@@ -100,7 +100,7 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 		if !persistedStore(p) {
 			continue
 		}
-		first, last := p.IPNet().Addr(), p.IPNet().Addr()
+		var first, last netip.Addr
 		lockedPool{p}.with(func(_ *position, f, l netip.Addr) { first, last = f, l })
 		mem, err := fakeip.New(fakeip.Options{IPNet: p.IPNet(), Size: rangeSize(first, last, maxMemoryStore) + 1})
 		if err != nil {
@@ -108,7 +108,9 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 		}
 		store, ok := poolStore(mem).Interface().(storeOps)
 		if !ok {
-			return swapped, fmt.Errorf("mihomo's fake-ip memory store is not the one tpgw knows")
+			// Not the mihomo tpgw knows (TestPersistedPoolKeptInMemory):
+			// the pool stays as mihomo made it.
+			continue
 		}
 		if err := loadMappings(db, p, store); err != nil {
 			return swapped, err

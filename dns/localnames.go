@@ -56,6 +56,27 @@ func isLocalName(name string) bool {
 	if name == "." {
 		return false
 	}
+	if strings.IndexByte(name, '\\') >= 0 {
+		// Escaped characters (a dot inside a label): by labels.
+		return isLocalNameByLabels(name)
+	}
+	// Every query the reply cache cannot answer comes here: plain string
+	// tests, as a label-wise comparison costs a microsecond per zone.
+	if strings.IndexByte(name, '.') == len(name)-1 {
+		return true // a single label
+	}
+	for _, zones := range [][]string{localSuffixes, localReverse} {
+		for _, z := range zones {
+			if name == z || len(name) > len(z) && strings.HasSuffix(name, z) && name[len(name)-len(z)-1] == '.' {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// isLocalNameByLabels is isLocalName for a lowercased FQDN with escapes.
+func isLocalNameByLabels(name string) bool {
 	if D.CountLabel(name) == 1 {
 		return true
 	}

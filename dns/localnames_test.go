@@ -1,6 +1,11 @@
 package dns
 
-import "testing"
+import (
+	"strings"
+	"testing"
+
+	D "github.com/miekg/dns"
+)
 
 func TestIsLocalName(t *testing.T) {
 	for name, want := range map[string]bool{
@@ -28,9 +33,25 @@ func TestIsLocalName(t *testing.T) {
 		"8.8.8.8.in-addr.arpa.":    false,
 		"in-addr.arpa.":            false,
 		"2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.": false,
+		"lan.":        true, // single label
+		"home.arpa.":  true, // the zone itself
+		"xhome.arpa.": false,
+		"x.xlan.":     false,
+		`a\.lan.`:     true, // one label, "a.lan"
+		`a\.b.lan.`:   true,
+		`x.my\.lan.`:  false, // the last label is "my.lan"
 	} {
 		if got := isLocalName(name); got != want {
 			t.Errorf("isLocalName(%q) = %v, want %v", name, got, want)
 		}
+		if got := isLocalNameByLabels(strings.ToLower(D.Fqdn(name))); got != want && name != "." {
+			t.Errorf("isLocalNameByLabels(%q) = %v, want %v", name, got, want)
+		}
+	}
+}
+
+func BenchmarkIsLocalName(b *testing.B) {
+	for range b.N {
+		isLocalName("host123.bench.example.")
 	}
 }

@@ -59,6 +59,7 @@ type Server struct {
 	ctx    context.Context // canceled by Close: in-flight queries stop
 	cancel context.CancelFunc
 	sem    chan struct{} // one token per query in flight
+	idle   chan udpQuery // to a UDP worker waiting for a query (udpWorker)
 	wg     sync.WaitGroup
 
 	mu       sync.Mutex
@@ -67,6 +68,7 @@ type Server struct {
 	closeErr error
 
 	queries, malformed, errs atomic.Uint64
+	workers                  atomic.Uint64 // UDP workers started (udpWorker)
 	cache                    *replyCache
 	local                    *localForward // ForwardLocalNames; nil: off
 }
@@ -98,7 +100,7 @@ func Listen(addr netip.AddrPort, eng Engine, log *slog.Logger) (*Server, error) 
 		// are then made wherever the creating thread is.
 		log.Warn("cannot record the network namespace; reply sockets are made in the sender's", "err", err)
 	}
-	s := &Server{eng: eng, log: log, transparent: true, sem: make(chan struct{}, maxInFlight), conns: map[net.Conn]struct{}{}, cache: newReplyCache()}
+	s := &Server{eng: eng, log: log, transparent: true, sem: make(chan struct{}, maxInFlight), idle: make(chan udpQuery), conns: map[net.Conn]struct{}{}, cache: newReplyCache()}
 	if err := s.listen(addr); err != nil {
 		home.Close()
 		return nil, err

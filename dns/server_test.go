@@ -231,6 +231,21 @@ func TestTCPConnection(t *testing.T) {
 
 // A query the engine does not answer in time gets SERVFAIL, and Close does
 // not wait for queries in flight longer than it takes to cancel them.
+// TestWorkersReused: queries the reply cache cannot answer, asked one after
+// another, are answered by a worker that answered one before, not by a new
+// goroutine each.
+func TestWorkersReused(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	const n = 100
+	for i := range n {
+		name := fmt.Sprintf("reuse%d.test", i)
+		wantA(t, exchange(t, "udp", s.Addr(), query(name, D.TypeA)), name)
+	}
+	if w := s.workers.Load(); w < 1 || w > n/2 {
+		t.Errorf("%d workers started for %d queries in a row, want a few", w, n)
+	}
+}
+
 func TestSlowEngine(t *testing.T) {
 	s := startServer(t, "127.0.0.1:0")
 	c := &D.Client{Net: "udp", Timeout: queryTimeout + 2*time.Second}

@@ -56,18 +56,19 @@ func isLocalName(name string) bool {
 	if name == "." {
 		return false
 	}
-	if strings.IndexByte(name, '\\') >= 0 {
-		// Escaped characters (a dot inside a label): by labels.
-		return isLocalNameByLabels(name)
-	}
 	// Every query the reply cache cannot answer comes here: plain string
-	// tests, as a label-wise comparison costs a microsecond per zone.
-	if strings.IndexByte(name, '.') == len(name)-1 {
-		return true // a single label
+	// tests, as a label-wise comparison costs a microsecond per zone. A
+	// name with escapes (a dot inside a label) is compared by labels.
+	under, labels := inZone, strings.Count(name, ".")
+	if strings.IndexByte(name, '\\') >= 0 {
+		under, labels = D.IsSubDomain, D.CountLabel(name)
+	}
+	if labels == 1 {
+		return true
 	}
 	for _, zones := range [][]string{localSuffixes, localReverse} {
 		for _, z := range zones {
-			if name == z || len(name) > len(z) && strings.HasSuffix(name, z) && name[len(name)-len(z)-1] == '.' {
+			if under(z, name) {
 				return true
 			}
 		}
@@ -75,19 +76,10 @@ func isLocalName(name string) bool {
 	return false
 }
 
-// isLocalNameByLabels is isLocalName for a lowercased FQDN with escapes.
-func isLocalNameByLabels(name string) bool {
-	if D.CountLabel(name) == 1 {
-		return true
-	}
-	for _, zones := range [][]string{localSuffixes, localReverse} {
-		for _, z := range zones {
-			if D.IsSubDomain(z, name) {
-				return true
-			}
-		}
-	}
-	return false
+// inZone reports whether the FQDN name, without escapes, is zone or under
+// it.
+func inZone(zone, name string) bool {
+	return name == zone || len(name) > len(zone) && strings.HasSuffix(name, zone) && name[len(name)-len(zone)-1] == '.'
 }
 
 // localForward is the state of ForwardLocalNames.

@@ -44,8 +44,13 @@ func TestIsLocalName(t *testing.T) {
 		if got := isLocalName(name); got != want {
 			t.Errorf("isLocalName(%q) = %v, want %v", name, got, want)
 		}
-		if got := isLocalNameByLabels(strings.ToLower(D.Fqdn(name))); got != want && name != "." {
-			t.Errorf("isLocalNameByLabels(%q) = %v, want %v", name, got, want)
+		// The string tests agree with miekg/dns's label-wise ones.
+		if fqdn := strings.ToLower(D.Fqdn(name)); fqdn != "." {
+			for _, z := range append(localSuffixes, localReverse...) {
+				if got, want := inZone(z, fqdn), D.IsSubDomain(z, fqdn); !strings.Contains(fqdn, `\`) && got != want {
+					t.Errorf("inZone(%q, %q) = %v, dns.IsSubDomain %v", z, fqdn, got, want)
+				}
+			}
 		}
 	}
 }

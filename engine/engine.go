@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/metacubex/bbolt"
 	"github.com/metacubex/mihomo/component/fakeip"
 	"github.com/metacubex/mihomo/component/profile/cachefile"
 	"github.com/metacubex/mihomo/config"
@@ -169,24 +170,24 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 // (fakeipstore.go), before they answer anything, and has ServeDNS write
 // their new mappings to cache.db.
 func (e *Engine) keepMappingsInMemory(cfg *config.Config) error {
-	if cfg.DNS == nil || !cfg.Profile.StoreFakeIP {
-		liveMappings.Store(nil)
-		return nil
+	var db *bbolt.DB
+	if cfg.DNS != nil && cfg.Profile.StoreFakeIP {
+		if cf := cachefile.Cache(); cf != nil {
+			db = cf.DB
+		}
 	}
-	cf := cachefile.Cache()
-	if cf == nil || cf.DB == nil {
-		liveMappings.Store(nil)
-		return nil
-	}
-	swapped, err := keepInMemory(cf.DB, fakeIPPools(cfg))
-	if err != nil {
-		return err
+	swapped := false
+	if db != nil {
+		var err error
+		if swapped, err = keepInMemory(db, fakeIPPools(cfg)); err != nil {
+			return err
+		}
 	}
 	switch w := liveMappings.Load(); {
 	case !swapped:
 		liveMappings.Store(nil)
-	case w == nil || w.db != cf.DB:
-		liveMappings.Store(newMappingWriter(cf.DB))
+	case w == nil || w.db != db:
+		liveMappings.Store(newMappingWriter(db))
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"fmt"
+	"math/bits"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -72,12 +73,16 @@ func persistedStore(p *fakeip.Pool) bool {
 	return !s.IsNil() && s.Elem().Type().String() == "*fakeip.cachefileStore"
 }
 
-// bucketFor is the cache.db bucket mihomo keeps a pool's mappings in.
-func bucketFor(p *fakeip.Pool) []byte {
-	if p.IPNet().Addr().Is6() {
-		return []byte("fakeip6")
+// mihomo's cache.db buckets for the mappings of IPv4 and IPv6 pools.
+var fakeIPBuckets = [2][]byte{[]byte("fakeip"), []byte("fakeip6")}
+
+// bucketFor is the cache.db bucket mihomo keeps the mappings of addresses
+// of a's family in.
+func bucketFor(a netip.Addr) []byte {
+	if a.Is6() {
+		return fakeIPBuckets[1]
 	}
-	return []byte("fakeip")
+	return fakeIPBuckets[0]
 }
 
 // mihomo's keys for a persisted pool's position (fakeip.Pool.StoreState).
@@ -91,6 +96,15 @@ var (
 // names beyond it.
 const maxMemoryStore = 1 << 20
 
+// memoryStoreSize is the number of addresses in prefix, at most
+// maxMemoryStore.
+func memoryStoreSize(prefix netip.Prefix) int {
+	if hostBits := prefix.Addr().BitLen() - prefix.Bits(); hostBits < bits.Len(maxMemoryStore) {
+		return 1 << hostBits
+	}
+	return maxMemoryStore
+}
+
 // keepInMemory gives each persisted pool of pools a memory store holding
 // the mappings cache.db has for its range, and says whether it did. The
 // pools must not be in use yet (mihomo just built them).
@@ -100,9 +114,7 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 		if !persistedStore(p) {
 			continue
 		}
-		var first, last netip.Addr
-		lockedPool{p}.with(func(_ *position, f, l netip.Addr) { first, last = f, l })
-		mem, err := fakeip.New(fakeip.Options{IPNet: p.IPNet(), Size: rangeSize(first, last, maxMemoryStore) + 1})
+		mem, err := fakeip.New(fakeip.Options{IPNet: p.IPNet(), Size: memoryStoreSize(p.IPNet())})
 		if err != nil {
 			return swapped, err
 		}
@@ -129,7 +141,7 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 // another address since leaves a stale entry behind).
 func loadMappings(db *bbolt.DB, p *fakeip.Pool, store storeOps) error {
 	err := db.View(func(tx *bbolt.Tx) error {
-		bk := tx.Bucket(bucketFor(p))
+		bk := tx.Bucket(bucketFor(p.IPNet().Addr()))
 		if bk == nil {
 			return nil
 		}
@@ -162,7 +174,7 @@ func savePositions(db *bbolt.DB, pools []*fakeip.Pool) (map[*fakeip.Pool]positio
 	}
 	err := db.Update(func(tx *bbolt.Tx) error {
 		for p, pos := range saved {
-			bk, err := tx.CreateBucketIfNotExists(bucketFor(p))
+			bk, err := tx.CreateBucketIfNotExists(bucketFor(p.IPNet().Addr()))
 			if err != nil {
 				return err
 			}
@@ -197,11 +209,11 @@ func flushStoredMappings() error {
 		return nil
 	}
 	err := w.db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range []string{"fakeip", "fakeip6"} {
-			if tx.Bucket([]byte(name)) == nil {
+		for _, name := range fakeIPBuckets {
+			if tx.Bucket(name) == nil {
 				continue
 			}
-			if err := tx.DeleteBucket([]byte(name)); err != nil {
+			if err := tx.DeleteBucket(name); err != nil {
 				return err
 			}
 		}
@@ -329,13 +341,11 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 	host := strings.ToLower(strings.TrimRight(q.Question[0].Name, "."))
 	for _, rr := range r.Answer {
 		var ip netip.Addr
-		bucket := []byte("fakeip")
 		switch a := rr.(type) {
 		case *D.A:
 			ip, _ = netip.AddrFromSlice(a.A.To4())
 		case *D.AAAA:
 			ip, _ = netip.AddrFromSlice(a.AAAA)
-			bucket = []byte("fakeip6")
 		default:
 			continue
 		}
@@ -344,7 +354,7 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 		if mapped, ok := e.LookupFakeIP(ip); !ok || mapped != host {
 			continue
 		}
-		if err := w.write(mapping{bucket: bucket, host: host, ip: ip}); err != nil {
+		if err := w.write(mapping{bucket: bucketFor(ip), host: host, ip: ip}); err != nil {
 			return fmt.Errorf("fake-ip mapping %s → %v not written to cache.db: %w", host, ip, err)
 		}
 	}

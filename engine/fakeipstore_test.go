@@ -221,3 +221,13 @@ func TestFlushFakeIP(t *testing.T) {
 		t.Error("the pool still maps its first address after the flush")
 	}
 }
+
+func TestMemoryStoreSize(t *testing.T) {
+	for prefix, want := range map[string]int{
+		"198.18.0.0/16": 1 << 16, "10.99.0.0/24": 256, "10.0.0.0/8": maxMemoryStore, "fd00::/64": maxMemoryStore, "fd00::/108": 1 << 20, "fd00::/120": 256,
+	} {
+		if got := memoryStoreSize(netip.MustParsePrefix(prefix)); got != want {
+			t.Errorf("memoryStoreSize(%s) = %d, want %d", prefix, got, want)
+		}
+	}
+}

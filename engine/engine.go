@@ -151,6 +151,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	if err := e.keepMappingsInMemory(cfg); err != nil {
 		return fail(err)
 	}
+	rawOutboundSockets(configProxies(cfg))
 	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
 		return fail(err)
 	}
@@ -211,6 +212,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	if err := e.keepMappingsInMemory(cfg); err != nil {
 		return err
 	}
+	rawOutboundSockets(configProxies(cfg))
 	// A reload keeps the external-controller's server unless its settings
 	// changed: restarting it would cut the dashboard request that asked for
 	// the reload (PUT /configs) and every dashboard's live streams.

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	N "github.com/metacubex/mihomo/common/net"
+	SN "github.com/metacubex/sing/common/network"
 	"golang.org/x/sys/unix"
 
 	"github.com/tpgw/tpgw/internal/tsock"
@@ -112,6 +113,7 @@ const bulkBytes = 1 << 20
 // the tracker's counters on both paths.
 type lazySpliceConn struct {
 	*net.TCPConn
+	raw      *rawTCPConn // raw reads and writes of the chunked copy (rawsock.go); nil if unavailable
 	bulkDown atomic.Bool
 	down     atomic.Int64
 	// buffered is the BufferedConn mihomo reads this connection through
@@ -128,6 +130,7 @@ func lazySplice(c *net.TCPConn) *N.BufferedConn { return newLazySplice(c).buffer
 
 func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 	lc := &lazySpliceConn{TCPConn: c}
+	lc.raw, _ = newRawTCPConn(c)
 	lc.buffered = N.NewBufferedConn(lc)
 	return lc
 }
@@ -234,9 +237,23 @@ func (c *lazySpliceConn) WriterPossiblyReplaceable() bool { return !c.bulkDown.L
 
 // Write counts what the chunked copy sends towards the client.
 func (c *lazySpliceConn) Write(b []byte) (int, error) {
-	n, err := c.TCPConn.Write(b)
+	var n int
+	var err error
+	if c.raw != nil {
+		n, err = c.raw.Write(b)
+	} else {
+		n, err = c.TCPConn.Write(b)
+	}
 	if !c.bulkDown.Load() && (len(b) >= bulkChunk || c.down.Add(int64(n)) >= bulkBytes) {
 		c.bulkDown.Store(true)
 	}
 	return n, err
+}
+
+// CreateReadWaiter gives sing's chunked copy raw reads (rawsock.go).
+func (c *lazySpliceConn) CreateReadWaiter() (SN.ReadWaiter, bool) {
+	if c.raw == nil {
+		return nil, false
+	}
+	return c.raw.CreateReadWaiter()
 }

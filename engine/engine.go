@@ -152,6 +152,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		return fail(err)
 	}
 	rawOutboundSockets(configProxies(cfg))
+	rawProviderSockets(cfg.Providers)
 	if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, log); err != nil {
 		return fail(err)
 	}
@@ -213,6 +214,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 		return err
 	}
 	rawOutboundSockets(configProxies(cfg))
+	rawProviderSockets(cfg.Providers)
 	// A reload keeps the external-controller's server unless its settings
 	// changed: restarting it would cut the dashboard request that asked for
 	// the reload (PUT /configs) and every dashboard's live streams.

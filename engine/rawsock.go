@@ -11,8 +11,10 @@ import (
 	"unsafe"
 
 	"github.com/metacubex/mihomo/adapter/outbound"
+	"github.com/metacubex/mihomo/component/resource"
 	"github.com/metacubex/mihomo/config"
 	C "github.com/metacubex/mihomo/constant"
+	P "github.com/metacubex/mihomo/constant/provider"
 	"github.com/metacubex/sing/common/buf"
 	E "github.com/metacubex/sing/common/exceptions"
 	SN "github.com/metacubex/sing/common/network"
@@ -260,9 +262,11 @@ func rawCapableBase(a C.ProxyAdapter) *outbound.Base {
 }
 
 // configProxies lists cfg's proxies and those its providers hold before
-// mihomo applies the config (inline ones). A provider's proxies loaded later
-// (from a file or a subscription) keep Go's I/O: their dialers are in use
-// as soon as they exist, and changing one then would race with its readers.
+// mihomo applies the config (inline ones, a provider's fallback payload).
+// Those a provider loads later, from a file or a subscription, get theirs in
+// the provider's parser (rawProviderSockets): their dialers are in use as
+// soon as the provider publishes them, and changing one then would race
+// with its readers.
 func configProxies(cfg *config.Config) []C.Proxy {
 	var ps []C.Proxy
 	for _, p := range cfg.Proxies {
@@ -294,4 +298,52 @@ func unwrapAdapter(a C.ProxyAdapter) C.ProxyAdapter {
 		a = inner
 	}
 	return a
+}
+
+// rawProviderSockets wraps the parser of each proxy provider (mihomo's
+// resource.Fetcher keeps it in an unexported field), so that the outbounds
+// the provider loads from a file or a subscription, now or on a later
+// update, get raw sockets before the provider publishes them. It returns how
+// many providers it changed; one of another shape is left as it is.
+func rawProviderSockets(providers map[string]P.ProxyProvider) int {
+	n := 0
+	for _, pv := range providers {
+		v := reflect.ValueOf(pv)
+		if v.Kind() != reflect.Pointer || v.IsNil() || v.Elem().Kind() != reflect.Struct {
+			continue
+		}
+		fv, ok := fieldByName(v.Elem(), "Fetcher")
+		if !ok || fv.Type() != reflect.TypeFor[*resource.Fetcher[[]C.Proxy]]() || fv.IsNil() {
+			continue
+		}
+		pf := reflect.ValueOf((*resource.Fetcher[[]C.Proxy])(unsafe.Pointer(fv.Pointer()))).Elem().FieldByName("parser")
+		if !pf.IsValid() || pf.Type() != reflect.TypeFor[resource.Parser[[]C.Proxy]]() {
+			continue
+		}
+		parser := (*resource.Parser[[]C.Proxy])(unsafe.Pointer(pf.UnsafeAddr()))
+		inner := *parser
+		if inner == nil {
+			continue
+		}
+		*parser = func(b []byte) ([]C.Proxy, error) {
+			ps, err := inner(b)
+			if err == nil {
+				rawOutboundSockets(ps)
+			}
+			return ps, err
+		}
+		n++
+	}
+	return n
+}
+
+// fieldByName is v.FieldByName without its panic on a nil embedded pointer.
+func fieldByName(v reflect.Value, name string) (f reflect.Value, ok bool) {
+	defer func() {
+		if recover() != nil {
+			f, ok = reflect.Value{}, false
+		}
+	}()
+	f = v.FieldByName(name)
+	return f, f.IsValid()
 }

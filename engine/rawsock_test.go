@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
 	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/metacubex/mihomo/adapter"
 	"github.com/metacubex/mihomo/adapter/outbound"
+	"github.com/metacubex/mihomo/config"
 	C "github.com/metacubex/mihomo/constant"
 	"github.com/metacubex/mihomo/transport/socks5"
 	"github.com/metacubex/mihomo/tunnel"
@@ -275,4 +278,71 @@ func TestRawSocks5Outbound(t *testing.T) {
 
 func copyPlain(dst io.Writer, src io.Reader) {
 	io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, 32<<10))
+}
+
+// TestRawProviderSockets: the outbounds a proxy provider loads from its file
+// (as from a subscription) get raw sockets, also those of a later update.
+func TestRawProviderSockets(t *testing.T) {
+	// mihomo takes provider files only from under its home directory
+	// (process-wide; other tests move it too).
+	home := C.Path.HomeDir()
+	C.SetHomeDir(t.TempDir())
+	t.Cleanup(func() { C.SetHomeDir(home) })
+	path := filepath.Join(C.Path.HomeDir(), "sub.yaml")
+	write := func(port int) {
+		t.Helper()
+		body := fmt.Sprintf("proxies:\n  - {name: sub-ss, type: ss, server: 127.0.0.1, port: %d, cipher: chacha20-ietf-poly1305, password: x}\n", port)
+		if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(8388)
+	raw, err := config.UnmarshalRawConfig([]byte(fmt.Sprintf(`
+proxy-providers:
+  sub:
+    type: file
+    path: %s
+    health-check: {enable: false}
+rules:
+  - MATCH,DIRECT
+`, path)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.ParseRawConfig(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pv := cfg.Providers["sub"]
+	if n := rawProviderSockets(cfg.Providers); n != 1 {
+		t.Fatalf("%d providers changed, want 1", n)
+	}
+	if err := pv.Initial(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if c, ok := pv.(io.Closer); ok {
+			c.Close() // its file watcher
+		}
+	})
+	check := func(when string) {
+		t.Helper()
+		ps := pv.Proxies()
+		if len(ps) != 1 {
+			t.Fatalf("%s: provider holds %d proxies", when, len(ps))
+		}
+		if _, ok := dialerOf(t, ps[0]).(rawDialer); !ok {
+			t.Fatalf("%s: the provider's ss outbound has dialer %T, want rawDialer", when, dialerOf(t, ps[0]))
+		}
+	}
+	check("loaded")
+	// mihomo watches a file provider's file and loads it again when it
+	// changes, as it does a subscription on its interval.
+	write(8389)
+	for deadline := time.Now().Add(10 * time.Second); pv.Proxies()[0].Addr() != "127.0.0.1:8389"; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the provider did not load its changed file: proxy %s", pv.Proxies()[0].Addr())
+		}
+	}
+	check("updated")
 }

@@ -26,8 +26,8 @@
 // Flows through other outbounds (shadowsocks, vmess, ...), and every flow
 // while mihomo's sniffer is on, go through mihomo's relay, wrapped so that
 // they splice only once bulk (tcpconn.go). What that relay reads from the
-// client and writes to it, and what shadowsocks, socks5 and http outbounds
-// read and write on their sockets, are raw system calls (rawsock.go): Go's
+// client and writes to it, and what shadowsocks, vmess, trojan, socks5 and
+// http outbounds read and write on their sockets, are raw system calls (rawsock.go): Go's
 // own calls around long socket writes kept its monitor thread waking every
 // 20 µs, a tenth of the process's CPU on the shadowsocks path.
 //

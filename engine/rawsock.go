@@ -220,9 +220,10 @@ func (d rawDialer) DialContext(ctx context.Context, network, address string) (ne
 
 // rawOutboundSockets gives the outbounds among proxies whose TCP
 // connection carries a stream tpgw's relay reads and writes through them
-// (shadowsocks, socks5, http) a rawDialer, and returns how many it changed.
-// Other outbounds keep their dialers: some look for the *net.TCPConn under
-// their connection (vless's splice, TFO). mihomo keeps an outbound's dialer
+// (shadowsocks, vmess, trojan, socks5, http) a rawDialer, and returns how
+// many it changed. Other outbounds keep their dialers: some look for the
+// *net.TCPConn under their connection (vless's vision splice), others run
+// over UDP. mihomo keeps an outbound's dialer
 // in an unexported field of its Base; if this mihomo version has no field of
 // that type there, the outbound is left as it is.
 func rawOutboundSockets(proxies []C.Proxy) int {
@@ -249,10 +250,15 @@ func rawOutboundSockets(proxies []C.Proxy) int {
 	return n
 }
 
-// rawCapableBase returns the Base of a shadowsocks, socks5 or http outbound.
+// rawCapableBase returns the Base of a shadowsocks, vmess, trojan, socks5 or
+// http outbound.
 func rawCapableBase(a C.ProxyAdapter) *outbound.Base {
 	switch o := unwrapAdapter(a).(type) {
 	case *outbound.ShadowSocks:
+		return o.Base
+	case *outbound.Vmess:
+		return o.Base
+	case *outbound.Trojan:
 		return o.Base
 	case *outbound.Socks5:
 		return o.Base

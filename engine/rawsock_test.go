@@ -168,8 +168,9 @@ func dialerOf(t *testing.T, p C.Proxy) C.Dialer {
 	return *(*C.Dialer)(unsafe.Pointer(f.UnsafeAddr()))
 }
 
-// TestRawOutboundSockets: shadowsocks, socks5 and http outbounds get raw
-// sockets, once; DIRECT and others keep theirs. The running engine's socks5
+// TestRawOutboundSockets: shadowsocks, socks5, http, vmess and trojan
+// outbounds get raw sockets, once; vless (its vision flow splices the
+// *net.TCPConn underneath) and DIRECT keep theirs. The running engine's socks5
 // outbound (testConfig) got one when it started.
 func TestRawOutboundSockets(t *testing.T) {
 	var ps []C.Proxy
@@ -177,7 +178,9 @@ func TestRawOutboundSockets(t *testing.T) {
 		{"name": "ss", "type": "ss", "server": "127.0.0.1", "port": 8388, "cipher": "chacha20-ietf-poly1305", "password": "x"},
 		{"name": "s5", "type": "socks5", "server": "127.0.0.1", "port": 1080},
 		{"name": "h", "type": "http", "server": "127.0.0.1", "port": 3128},
+		{"name": "vm", "type": "vmess", "server": "127.0.0.1", "port": 10086, "uuid": "b831381d-6324-4d53-ad4f-8cda48b30811", "alterId": 0, "cipher": "auto"},
 		{"name": "tj", "type": "trojan", "server": "127.0.0.1", "port": 443, "password": "x"},
+		{"name": "vl", "type": "vless", "server": "127.0.0.1", "port": 443, "uuid": "b831381d-6324-4d53-ad4f-8cda48b30811", "flow": "xtls-rprx-vision", "tls": true},
 	} {
 		p, err := adapter.ParseProxy(m)
 		if err != nil {
@@ -186,10 +189,10 @@ func TestRawOutboundSockets(t *testing.T) {
 		ps = append(ps, p)
 	}
 	ps = append(ps, adapter.NewProxy(outbound.NewDirect()))
-	if n := rawOutboundSockets(ps); n != 3 {
-		t.Fatalf("%d outbounds changed, want 3 (ss, socks5, http)", n)
+	if n := rawOutboundSockets(ps); n != 5 {
+		t.Fatalf("%d outbounds changed, want 5 (ss, socks5, http, vmess, trojan)", n)
 	}
-	for _, p := range ps[:3] {
+	for _, p := range ps[:5] {
 		if _, ok := dialerOf(t, p).(rawDialer); !ok {
 			t.Errorf("%s: dialer %T, want rawDialer", p.Name(), dialerOf(t, p))
 		}

@@ -16,6 +16,9 @@ check dig dnsutils
 check dnsmasq dnsmasq-base
 check ss-server shadowsocks-libev
 check ss-redir shadowsocks-libev
+check v2ray v2ray
+check trojan trojan
+check openssl openssl
 check gcc gcc
 check strace strace
 check ping iputils-ping

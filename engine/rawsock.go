@@ -223,9 +223,9 @@ func (d rawDialer) DialContext(ctx context.Context, network, address string) (ne
 // (shadowsocks, vmess, trojan, socks5, http) a rawDialer, and returns how
 // many it changed. Other outbounds keep their dialers: some look for the
 // *net.TCPConn under their connection (vless's vision splice), others run
-// over UDP. mihomo keeps an outbound's dialer
-// in an unexported field of its Base; if this mihomo version has no field of
-// that type there, the outbound is left as it is.
+// over UDP. mihomo keeps an outbound's dialer in an unexported field of its
+// Base; if this mihomo version has no field of that type there, the
+// outbound is left as it is.
 func rawOutboundSockets(proxies []C.Proxy) int {
 	n := 0
 	for _, p := range proxies {

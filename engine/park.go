@@ -234,20 +234,12 @@ func (d *direction) write(b []byte) error {
 // writeAll is d's RawConn.Write function: false (wait) while the socket
 // takes no more.
 func (d *direction) writeAll(fd uintptr) bool {
-	for len(d.wbuf) > 0 {
-		n, err := rawWrite(int(fd), d.wbuf)
-		if err == unix.EAGAIN {
-			return false
-		}
-		if err == nil && n == 0 {
-			err = io.ErrNoProgress // not from a socket; do not spin
-		}
-		if err != nil {
-			d.werr = err
-			return true
-		}
-		d.wbuf = d.wbuf[n:]
+	n, err := rawWriteAll(int(fd), d.wbuf)
+	d.wbuf = d.wbuf[n:]
+	if err == unix.EAGAIN {
+		return false
 	}
+	d.werr = err
 	return true
 }
 

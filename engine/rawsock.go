@@ -58,15 +58,14 @@ type rawTCPConn struct {
 	writeFn func(fd uintptr) bool
 }
 
-func newRawTCPConn(c *net.TCPConn) (*rawTCPConn, error) {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
+// newRawTCPConn wraps c, a connection (SyscallConn fails only for a nil
+// *net.TCPConn).
+func newRawTCPConn(c *net.TCPConn) *rawTCPConn {
+	raw, _ := c.SyscallConn()
 	r := &rawTCPConn{TCPConn: c, raw: raw}
 	r.readFn = r.readOnce
 	r.writeFn = r.writeSome
-	return r, nil
+	return r
 }
 
 func (c *rawTCPConn) Read(b []byte) (int, error) {
@@ -114,17 +113,12 @@ func (c *rawTCPConn) Write(b []byte) (int, error) {
 // writeSome writes what is left of wbuf: false (wait) when the socket's
 // send buffer is full before all of it went.
 func (c *rawTCPConn) writeSome(fd uintptr) bool {
-	for c.wn < len(c.wbuf) {
-		n, err := rawWrite(int(fd), c.wbuf[c.wn:])
-		if err == unix.EAGAIN {
-			return false
-		}
-		if err != nil {
-			c.werr = err
-			return true
-		}
-		c.wn += n
+	n, err := rawWriteAll(int(fd), c.wbuf[c.wn:])
+	c.wn += n
+	if err == unix.EAGAIN {
+		return false
 	}
+	c.werr = err
 	return true
 }
 
@@ -211,9 +205,7 @@ func (d rawDialer) DialContext(ctx context.Context, network, address string) (ne
 		return nil, err
 	}
 	if tc, ok := c.(*net.TCPConn); ok {
-		if rc, err := newRawTCPConn(tc); err == nil {
-			return rc, nil
-		}
+		return newRawTCPConn(tc), nil
 	}
 	return c, nil
 }

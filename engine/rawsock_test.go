@@ -29,11 +29,7 @@ import (
 func rawPair(t *testing.T) (*rawTCPConn, net.Conn) {
 	t.Helper()
 	a, b := tcpPair(t)
-	rc, err := newRawTCPConn(a.(*net.TCPConn))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return rc, b
+	return newRawTCPConn(a.(*net.TCPConn)), b
 }
 
 func randomBytes(n int) []byte {
@@ -138,11 +134,10 @@ func TestRawReadWaiter(t *testing.T) {
 	if w, ok := bufio.CreateReadWaiter(rc); !ok || reflect.TypeOf(w) != reflect.TypeFor[*rawReadWaiter]() {
 		t.Fatalf("read waiter of a rawTCPConn: %T", w)
 	}
-	client, inbound := tcpPair(t)
+	_, inbound := tcpPair(t)
 	if w, ok := bufio.CreateReadWaiter(lazySplice(inbound.(*net.TCPConn))); !ok || reflect.TypeOf(w) != reflect.TypeFor[*rawReadWaiter]() {
 		t.Fatalf("read waiter of a flow's client side: %T", w)
 	}
-	_ = client
 
 	data := randomBytes(8 << 20)
 	go func() {

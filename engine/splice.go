@@ -121,6 +121,23 @@ func rawRead(fd int, b []byte) (int, error) { return rawIO(unix.SYS_READ, fd, b)
 // retried on EINTR; unix.EAGAIN when the socket takes nothing more.
 func rawWrite(fd int, b []byte) (int, error) { return rawIO(unix.SYS_WRITE, fd, b) }
 
+// rawWriteAll writes b with rawWrite until all of it went, the socket takes
+// no more (unix.EAGAIN) or a call fails; it returns how much went.
+func rawWriteAll(fd int, b []byte) (int, error) {
+	done := 0
+	for done < len(b) {
+		n, err := rawWrite(fd, b[done:])
+		if err == nil && n == 0 {
+			err = io.ErrNoProgress // not from a socket; do not spin
+		}
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
 func rawIO(trap uintptr, fd int, b []byte) (int, error) {
 	for {
 		r, _, e := unix.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(b))), uintptr(len(b)))

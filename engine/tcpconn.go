@@ -113,7 +113,7 @@ const bulkBytes = 1 << 20
 // the tracker's counters on both paths.
 type lazySpliceConn struct {
 	*net.TCPConn
-	raw      *rawTCPConn // raw reads and writes of the chunked copy (rawsock.go); nil if unavailable
+	raw      *rawTCPConn // raw reads and writes of the chunked copy (rawsock.go)
 	bulkDown atomic.Bool
 	down     atomic.Int64
 	// buffered is the BufferedConn mihomo reads this connection through
@@ -130,7 +130,7 @@ func lazySplice(c *net.TCPConn) *N.BufferedConn { return newLazySplice(c).buffer
 
 func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 	lc := &lazySpliceConn{TCPConn: c}
-	lc.raw, _ = newRawTCPConn(c)
+	lc.raw = newRawTCPConn(c)
 	lc.buffered = N.NewBufferedConn(lc)
 	return lc
 }
@@ -235,15 +235,10 @@ func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool {
 // before each chunk: true until the flow is bulk.
 func (c *lazySpliceConn) WriterPossiblyReplaceable() bool { return !c.bulkDown.Load() }
 
-// Write counts what the chunked copy sends towards the client.
+// Write counts what the chunked copy sends towards the client, written with
+// raw calls.
 func (c *lazySpliceConn) Write(b []byte) (int, error) {
-	var n int
-	var err error
-	if c.raw != nil {
-		n, err = c.raw.Write(b)
-	} else {
-		n, err = c.TCPConn.Write(b)
-	}
+	n, err := c.raw.Write(b)
 	if !c.bulkDown.Load() && (len(b) >= bulkChunk || c.down.Add(int64(n)) >= bulkBytes) {
 		c.bulkDown.Store(true)
 	}
@@ -252,8 +247,5 @@ func (c *lazySpliceConn) Write(b []byte) (int, error) {
 
 // CreateReadWaiter gives sing's chunked copy raw reads (rawsock.go).
 func (c *lazySpliceConn) CreateReadWaiter() (SN.ReadWaiter, bool) {
-	if c.raw == nil {
-		return nil, false
-	}
 	return c.raw.CreateReadWaiter()
 }

@@ -26,7 +26,7 @@ func (tp *Topology) StartV2RayVMess(t testing.TB, port int, id string) *Proc {
 		t.Fatal(err)
 	}
 	p := tp.Proxy.Start(t, "v2ray", "-config", path)
-	tp.waitPeer(t, p, "v2ray", port)
+	tp.waitPeer(t, p, "v2ray", port, tp.ProxyIP)
 	return p
 }
 
@@ -61,16 +61,18 @@ func (tp *Topology) StartTrojan(t testing.TB, port int, password, name string, h
 		t.Fatal(err)
 	}
 	p := tp.Proxy.Start(t, "trojan", "-c", path)
-	tp.waitPeer(t, p, "trojan", port)
+	tp.waitPeer(t, p, "trojan", port, tp.ProxyIP)
 	return p
 }
 
-// waitPeer waits until a peer in the proxy namespace accepts on its IPv4
-// address and port, or fails the test with the peer's output.
-func (tp *Topology) waitPeer(t testing.TB, p *Proc, name string, port int) {
+// waitPeer waits until a peer in the proxy namespace accepts on port at
+// each of addrs, or fails the test with the peer's output.
+func (tp *Topology) waitPeer(t testing.TB, p *Proc, name string, port int, addrs ...netip.Addr) {
 	t.Helper()
-	target := netip.AddrPortFrom(tp.ProxyIP, uint16(port)).String()
-	if err := waitTCPWhileRunning(tp.Proxy, p, target, PeerStartTimeout); err != nil {
-		t.Fatalf("testnet: %s not ready on %s: %v\n%s", name, target, err, p.describe())
+	for _, addr := range addrs {
+		target := netip.AddrPortFrom(addr, uint16(port)).String()
+		if err := waitTCPWhileRunning(tp.Proxy, p, target, PeerStartTimeout); err != nil {
+			t.Fatalf("testnet: %s not ready on %s: %v\n%s", name, target, err, p.describe())
+		}
 	}
 }

@@ -228,12 +228,7 @@ func (tp *Topology) StartSSServer(t testing.TB, port int, password, method strin
 		"-t", "60",
 		"-v",
 	)
-	for _, addr := range []netip.Addr{tp.ProxyIP, tp.ProxyIP6} {
-		target := netip.AddrPortFrom(addr, uint16(port)).String()
-		if err := waitTCPWhileRunning(tp.Proxy, p, target, PeerStartTimeout); err != nil {
-			t.Fatalf("testnet: ss-server not ready on %s: %v\n%s", target, err, p.describe())
-		}
-	}
+	tp.waitPeer(t, p, "ss-server", port, tp.ProxyIP, tp.ProxyIP6)
 	return p
 }
 

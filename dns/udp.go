@@ -84,7 +84,7 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *repl
 	default:
 		s.workers.Add(1)
 		s.wg.Add(1)
-		go s.udpWorker(q)
+		go s.udpWorker(q, rb)
 	}
 	return true
 }
@@ -104,13 +104,19 @@ const workerIdle = time.Second
 // their grown stacks: mihomo's resolver needs more than a new goroutine's
 // stack, and growing (copying) it took 7% of the process's CPU while new
 // names came in.
-func (s *Server) udpWorker(q udpQuery) {
+//
+// A worker sends its answers with a raw system call (sendmmsg of one, like
+// the reader's batches), on ls, the listening socket the reader's batch
+// holds (only its socket, which does not change, is used here), or on a
+// reply socket.
+func (s *Server) udpWorker(q udpQuery, ls *replyBatch) {
 	defer s.wg.Done()
 	wait := time.NewTimer(workerIdle)
 	defer wait.Stop()
+	w := tsock.NewBatchWriter(1, workerOOB)
 	for {
 		if reply := s.answer(q.req, true, q.origDst); reply != nil {
-			if err := s.replyUDP(reply, q.client, q.origDst); err != nil {
+			if err := s.replyUDP(w, ls, reply, q.client, q.origDst); err != nil {
 				s.log.Debug("udp reply", "client", q.client, "from", q.origDst, "err", err)
 			}
 		}
@@ -201,26 +207,29 @@ func (s *Server) flushReplies(rb *replyBatch) {
 	rb.pending = rb.pending[:0]
 }
 
+// workerOOB is room for a worker's control message (sourceCmsg).
+const workerOOB = 64
+
 // replyUDP sends reply to client so that it comes from origDst, the address
-// the client sent its query to. A TPROXYed query (say to 203.0.113.2:53)
-// arrived on our port with its destination unchanged; a client drops a reply
-// from any other address or port, so the reply leaves from a transparent
-// socket bound to origDst. A query sent to this server's own port is
-// answered from the listening socket, with origDst as source address.
-func (s *Server) replyUDP(reply []byte, client, origDst netip.AddrPort) error {
-	if !origDst.IsValid() {
-		_, err := s.udp.WriteToUDPAddrPort(reply, client)
-		return err
-	}
-	if origDst.Port() == s.addr.Port() {
-		_, _, err := s.udp.WriteMsgUDPAddrPort(reply, sourceCmsg(origDst.Addr()), client)
-		return err
-	}
-	if !s.transparent {
+// the client sent its query to, through w (empty; a batch of one). A
+// TPROXYed query (say to 203.0.113.2:53) arrived on our port with its
+// destination unchanged; a client drops a reply from any other address or
+// port, so the reply leaves from a transparent socket bound to origDst. A
+// query sent to this server's own port is answered from the listening
+// socket (ls's), with origDst as source address.
+func (s *Server) replyUDP(w *tsock.BatchWriter, ls *replyBatch, reply []byte, client, origDst netip.AddrPort) error {
+	switch {
+	case !origDst.IsValid():
+		w.Add(reply, client, nil, ls.v6)
+	case origDst.Port() == s.addr.Port():
+		w.Add(reply, client, sourceCmsg(origDst.Addr()), ls.v6)
+	case !s.transparent:
 		// Cannot happen without tproxy, which needs a transparent socket.
 		return fmt.Errorf("query to %v on a non-transparent socket", origDst)
+	default:
+		return s.replies.sendBatch(w, origDst, []pendingReply{{reply, client, origDst}})
 	}
-	return s.replies.send(reply, client, origDst)
+	return w.Flush(ls.rc)
 }
 
 // sourceCmsg is the control message that makes a reply sent on the listening

@@ -395,6 +395,11 @@ func TestFakeIPFlush(t *testing.T) {
 	kept := digOne(t, tp, "kept.test")
 	stopTPGW(t, p, syscall.SIGTERM)
 
+	// A clean stop folds the journal of new mappings into cache.db and
+	// removes it.
+	if _, err := os.Stat(filepath.Join(filepath.Dir(cfg), "cache.db.tpgw-journal")); !os.IsNotExist(err) {
+		t.Errorf("the fake-ip journal after a clean stop: %v; want it removed", err)
+	}
 	db, err := bbolt.Open(filepath.Join(filepath.Dir(cfg), "cache.db"), 0o600, &bbolt.Options{Timeout: 5 * time.Second, ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)

@@ -70,10 +70,12 @@
 // saved while it moves and recovered after a crash, and handed from the old
 // pool to the new one on a reload, so that no fake IP goes to a second name
 // while clients may hold it (fakeip.go). A persisted pool keeps its
-// mappings in memory, and tpgw writes the new ones to cache.db, those that
-// come in together in one transaction, before their answers leave
-// (fakeipstore.go): mihomo wrote each one under the pool's lock, so a burst
-// of new names was answered one disk write at a time.
+// mappings in memory, and tpgw writes the new ones, those that come in
+// together in one write, to a journal beside cache.db before their answers
+// leave, and folds the journal into cache.db every few thousand names
+// (fakeipstore.go, fakeipjournal.go): mihomo wrote each one to cache.db
+// under the pool's lock, so a burst of new names was answered one disk
+// write at a time.
 //
 // mihomo keeps its state in package variables, so a process runs one Engine.
 package engine

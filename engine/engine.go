@@ -113,6 +113,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	e.logStop = forwardMihomoLog(log)
 	fail := func(err error) (*Engine, error) {
 		e.parker.close()
+		e.stopMappingWriter(liveMappings.Load())
 		e.logStop()
 		started.Unlock()
 		return nil, err
@@ -178,20 +179,48 @@ func (e *Engine) keepMappingsInMemory(cfg *config.Config) error {
 			db = cf.DB
 		}
 	}
-	swapped := false
-	if db != nil {
+	old := liveMappings.Load()
+	if db == nil {
+		e.stopMappingWriter(old)
+		return nil
+	}
+	// The journal goes into cache.db first, which the new pools load from
+	// (after a crash, the mappings it holds are in cache.db only now).
+	w := old
+	if w != nil && w.db == db {
+		if err := w.fold(); err != nil {
+			return err
+		}
+	} else {
 		var err error
-		if swapped, err = keepInMemory(db, fakeIPPools(cfg)); err != nil {
+		if w, err = openMappingWriter(db, e.log); err != nil {
 			return err
 		}
 	}
-	switch w := liveMappings.Load(); {
-	case !swapped:
-		liveMappings.Store(nil)
-	case w == nil || w.db != db:
-		liveMappings.Store(newMappingWriter(db))
+	swapped, err := keepInMemory(db, fakeIPPools(cfg))
+	if err != nil || !swapped {
+		if w != old {
+			_ = w.close()
+		}
+		e.stopMappingWriter(old)
+		return err
+	}
+	if w != old {
+		liveMappings.Store(w)
+		e.stopMappingWriter(old)
 	}
 	return nil
+}
+
+// stopMappingWriter folds w's journal into cache.db and closes it, when w
+// is the live writer: the pools it wrote for are going.
+func (e *Engine) stopMappingWriter(w *mappingWriter) {
+	if w == nil || !liveMappings.CompareAndSwap(w, nil) {
+		return
+	}
+	if err := w.close(); err != nil {
+		e.log.Warn("fake-ip journal not folded into cache.db; the next start folds it", "err", err)
+	}
 }
 
 // Reload applies a changed mihomo part. Established flows keep their
@@ -366,7 +395,7 @@ func (e *Engine) Close() error {
 		}
 		e.parker.close()
 		executor.Shutdown()
-		liveMappings.Store(nil)
+		e.stopMappingWriter(liveMappings.Load())
 		if e.fakeIPs != nil {
 			if err := e.fakeIPs.unmark(); err != nil {
 				e.log.Warn("fake-ip pool: clean stop not recorded; the next start will recover the position", "err", err)

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"reflect"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -25,12 +24,14 @@ import (
 //
 // tpgw keeps a persisted pool's mappings in memory instead (mihomo's own
 // memory store, sized to the pool's range and loaded from cache.db when the
-// pool is built), and writes new mappings to cache.db itself, outside the
-// pool's lock: the DNS answer that carries a new fake IP leaves only once
-// its mapping is in cache.db, as before, but the answers of all the names
-// that came in meanwhile share one write transaction (group commit). What a
-// crash or a restart keeps is unchanged: every fake IP a client got is in
-// cache.db, in mihomo's own format (mihomo reads it back the same way).
+// pool is built), and writes new mappings itself, outside the pool's lock:
+// the DNS answer that carries a new fake IP leaves only once its mapping is
+// written, as before, but the answers of all the names that came in
+// meanwhile share one write, to a journal that is folded into cache.db
+// every few thousand names (fakeipjournal.go). What a crash or a restart
+// keeps is unchanged: every fake IP a client got is in cache.db, in mihomo's
+// own format (mihomo reads it back the same way), or in the journal, which
+// the next start folds into cache.db before it builds the pools.
 //
 // The cost: the mappings of a persisted pool are in memory as well as in
 // cache.db, about 300 bytes per name of 30 characters (measured with
@@ -200,114 +201,6 @@ func savePositions(db *bbolt.DB, pools []*fakeip.Pool) (map[*fakeip.Pool]positio
 // mihomo's state is process-wide, and so is this.
 var liveMappings atomic.Pointer[mappingWriter]
 
-// flushStoredMappings empties cache.db's fake-ip buckets, after mihomo
-// emptied the pools (POST /cache/fakeip/flush): mihomo's own flush reaches
-// only the memory stores tpgw gave its persisted pools.
-func flushStoredMappings() error {
-	w := liveMappings.Load()
-	if w == nil {
-		return nil
-	}
-	err := w.db.Update(func(tx *bbolt.Tx) error {
-		for _, name := range fakeIPBuckets {
-			if tx.Bucket(name) == nil {
-				continue
-			}
-			if err := tx.DeleteBucket(name); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("cache.db %s: %w", w.db.Path(), err)
-	}
-	return nil
-}
-
-// mappingWriter writes the new mappings of pools kept in memory to
-// cache.db. Callers wait until theirs is written; the mappings that come in
-// while a transaction runs go together into the next.
-type mappingWriter struct {
-	db      *bbolt.DB
-	mu      sync.Mutex
-	next    *commit // the mappings waiting for the next transaction
-	running bool    // a goroutine is committing
-	commits atomic.Int64
-}
-
-type mapping struct {
-	bucket []byte
-	host   string
-	ip     netip.Addr
-}
-
-type commit struct {
-	mappings []mapping
-	done     chan struct{}
-	err      error
-}
-
-func newMappingWriter(db *bbolt.DB) *mappingWriter { return &mappingWriter{db: db} }
-
-// written reports whether cache.db maps ip to host already.
-func (w *mappingWriter) written(m mapping) bool {
-	found := false
-	_ = w.db.View(func(tx *bbolt.Tx) error {
-		if bk := tx.Bucket(m.bucket); bk != nil {
-			found = string(bk.Get(m.ip.AsSlice())) == m.host
-		}
-		return nil
-	})
-	return found
-}
-
-// write writes m (unless cache.db has it) and returns once it is written.
-func (w *mappingWriter) write(m mapping) error {
-	if w.written(m) {
-		return nil
-	}
-	w.mu.Lock()
-	if w.next == nil {
-		w.next = &commit{done: make(chan struct{})}
-	}
-	c := w.next
-	c.mappings = append(c.mappings, m)
-	if !w.running {
-		w.running = true
-		go w.commitLoop()
-	}
-	w.mu.Unlock()
-	<-c.done
-	return c.err
-}
-
-// commitLoop writes the waiting mappings, a transaction at a time, until
-// none are left.
-func (w *mappingWriter) commitLoop() {
-	for {
-		w.mu.Lock()
-		c := w.next
-		w.next = nil
-		if c == nil {
-			w.running = false
-			w.mu.Unlock()
-			return
-		}
-		w.mu.Unlock()
-		c.err = w.db.Update(func(tx *bbolt.Tx) error {
-			for _, m := range c.mappings {
-				if err := putMapping(tx, m); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		w.commits.Add(1)
-		close(c.done)
-	}
-}
-
 // putMapping records m as mihomo's cachefile store does (address → name and
 // name → address), dropping the name the address had before.
 func putMapping(tx *bbolt.Tx, m mapping) error {
@@ -329,9 +222,9 @@ func putMapping(tx *bbolt.Tx, m mapping) error {
 	return bk.Put([]byte(m.host), key)
 }
 
-// persistAnswer writes the fake IPs of r, mihomo's answer to q, to cache.db
-// when the pools keep their mappings in memory (keepInMemory); it returns
-// once they are written.
+// persistAnswer writes the fake IPs of r, mihomo's answer to q, to cache.db's
+// journal when the pools keep their mappings in memory (keepInMemory); it
+// returns once they are written.
 func (e *Engine) persistAnswer(q, r *D.Msg) error {
 	w := liveMappings.Load()
 	if w == nil || r == nil || len(q.Question) != 1 {
@@ -355,7 +248,7 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 			continue
 		}
 		if err := w.write(mapping{bucket: bucketFor(ip), host: host, ip: ip}); err != nil {
-			return fmt.Errorf("fake-ip mapping %s → %v not written to cache.db: %w", host, ip, err)
+			return fmt.Errorf("fake-ip mapping %s → %v not written: %w", host, ip, err)
 		}
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -53,7 +54,6 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 	}
 	const n = 200
 	commitsBefore := w.commits.Load()
-	store := cachefile.Cache().FakeIpStore()
 	start := make(chan struct{})
 	errs := make(chan error, n)
 	var wg sync.WaitGroup
@@ -70,11 +70,8 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 			}
 			fake, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A)
 			fake = fake.Unmap()
-			if got, ok := store.GetByHost(name); !ok || got != fake {
-				errs <- fmt.Errorf("cache.db maps %s to %v (%v) right after its answer %v", name, got, ok, fake)
-			}
-			if got, ok := store.GetByIP(fake); !ok || got != name {
-				errs <- fmt.Errorf("cache.db maps %v to %q (%v) right after its answer for %s", fake, got, ok, name)
+			if !stored(w, name, fake) {
+				errs <- fmt.Errorf("neither cache.db nor its journal maps %s to %v right after its answer", name, fake)
 			}
 		})
 	}
@@ -85,9 +82,28 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 		t.Error(err)
 	}
 	commits := w.commits.Load() - commitsBefore
-	t.Logf("%d new names in %d write transactions", n, commits)
+	t.Logf("%d new names in %d journal writes", n, commits)
 	if commits < 1 || commits >= n {
-		t.Errorf("%d new names took %d write transactions, want fewer", n, commits)
+		t.Errorf("%d new names took %d journal writes, want fewer", n, commits)
+	}
+	// Folded, they are in cache.db in mihomo's format.
+	if err := w.fold(); err != nil {
+		t.Fatal(err)
+	}
+	store := cachefile.Cache().FakeIpStore()
+	for i := range n {
+		name := fmt.Sprintf("together%d.example", i)
+		fake, ok := store.GetByHost(name)
+		if !ok {
+			t.Errorf("cache.db has no %s after a fold", name)
+			continue
+		}
+		if back, ok := store.GetByIP(fake); !ok || back != name {
+			t.Errorf("cache.db maps %s to %v, and that back to %q (%v)", name, fake, back, ok)
+		}
+	}
+	if fi, err := os.Stat(journalPath(w.db)); err != nil || fi.Size() != 0 {
+		t.Errorf("journal after a fold: %v, %v; want empty", fi, err)
 	}
 	// Asked again, a name is answered from memory and not written again.
 	q := new(D.Msg)
@@ -97,7 +113,7 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c := w.commits.Load() - before; c != 0 {
-		t.Errorf("a known name took %d write transactions", c)
+		t.Errorf("a known name took %d journal writes", c)
 	}
 }
 
@@ -205,17 +221,46 @@ func TestFlushFakeIP(t *testing.T) {
 	if err != nil || len(r.Answer) != 1 {
 		t.Fatalf("fake-ip answer: %v, %v", r, err)
 	}
+	fake, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A)
+	w := liveMappings.Load()
+	if !stored(w, "flushed.example", fake.Unmap()) {
+		t.Fatal("flushed.example not in cache.db or its journal after its answer")
+	}
+	q.SetQuestion("folded.example.", D.TypeA)
+	if _, err := testEngine.ServeDNS(context.Background(), q); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.fold(); err != nil {
+		t.Fatal(err)
+	}
+	// One mapping in the journal, one in cache.db.
+	q.SetQuestion("journaled.example.", D.TypeA)
+	if _, err := testEngine.ServeDNS(context.Background(), q); err != nil {
+		t.Fatal(err)
+	}
 	store := cachefile.Cache().FakeIpStore()
-	if _, ok := store.GetByHost("flushed.example"); !ok {
-		t.Fatal("flushed.example not in cache.db after its answer")
+	if _, ok := store.GetByHost("folded.example"); !ok {
+		t.Fatal("folded.example not in cache.db after a fold")
 	}
 	rec := httptest.NewRecorder()
 	flushFakeIP(rec, httptest.NewRequest(http.MethodPost, "/cache/fakeip/flush", nil))
 	if rec.Code != http.StatusNoContent {
 		t.Fatalf("flush: %d %s", rec.Code, rec.Body)
 	}
-	if got, ok := store.GetByHost("flushed.example"); ok {
-		t.Errorf("cache.db still maps flushed.example to %v after the flush", got)
+	for _, name := range []string{"flushed.example", "folded.example"} {
+		if got, ok := store.GetByHost(name); ok {
+			t.Errorf("cache.db still maps %s to %v after the flush", name, got)
+		}
+	}
+	if recs := journalRecords(t, w); len(recs) != 0 {
+		t.Errorf("the journal still has %v after the flush", recs)
+	}
+	// Nor does a fold bring anything back.
+	if err := w.fold(); err != nil {
+		t.Fatal(err)
+	}
+	if got, ok := store.GetByHost("journaled.example"); ok {
+		t.Errorf("cache.db maps journaled.example to %v after the flush and a fold", got)
 	}
 	if testEngine.pools[0].Exist(netip.MustParseAddr("198.18.0.4")) {
 		t.Error("the pool still maps its first address after the flush")

@@ -20,7 +20,8 @@ var ErrNoDNS = errors.New("engine: dns is not enabled in the mihomo config")
 // a fake IP from mihomo's pool in fake-ip mode (so later connections to it map
 // back to the name), real answers for fake-ip-filter names and other types
 // through mihomo's resolver (nameserver, policies, cache). A new fake IP of a
-// persisted pool is in cache.db before ServeDNS returns its answer.
+// persisted pool is in cache.db or its journal before ServeDNS returns its
+// answer.
 func (e *Engine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 	s := resolver.DefaultService
 	if s == nil {

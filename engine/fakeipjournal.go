@@ -1,0 +1,384 @@
+package engine
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/metacubex/bbolt"
+)
+
+// New fake-ip mappings reach cache.db through a journal.
+//
+// Putting a new name into cache.db costs a bbolt write transaction that
+// rewrites a leaf page of the name → address index for every name (names
+// are random keys), even when the names that came in together share one
+// transaction: over a pass of new names these transactions took more than a
+// quarter of the process's CPU, and their garbage a good part of the
+// collector's. A journal record costs an append.
+//
+// So the answer that carries a new fake IP leaves once its mapping is
+// appended to the journal beside cache.db (cache.db.tpgw-journal), one
+// write(2) for all the names that came in meanwhile (group commit), and the
+// journal is folded into cache.db in one transaction every foldEvery names,
+// on a reload, and on a clean stop, which removes the journal. After a crash
+// the next start folds what the journal holds before the pools are built. Neither file is fsynced
+// (cache.db is opened NoSync, see Start): what is written survives a crash
+// of tpgw, not a power cut, as before. Until a fold, cache.db lags behind by
+// at most foldEvery names; only a program that reads cache.db while tpgw
+// runs, or plain mihomo started after tpgw crashed, would miss them.
+//
+// A record is crc32 (4 bytes, of the rest), the address's length (1 byte, 4
+// or 16), the name's length (2 bytes), the address, the name; integers
+// little-endian. A torn or damaged record ends the replay (the records
+// after it cannot be told apart from garbage).
+
+// foldEvery is how many journaled mappings are folded into cache.db in one
+// transaction; it bounds the journal, and the memory its index takes.
+const foldEvery = 8192
+
+// journalSuffix names the journal after cache.db.
+const journalSuffix = ".tpgw-journal"
+
+// journalRecordHeader is the fixed part of a record.
+const journalRecordHeader = 4 + 1 + 2
+
+var errWriterClosed = errors.New("the fake-ip mapping writer is closed")
+
+// mappingWriter writes the new mappings of pools kept in memory to
+// cache.db's journal. Callers wait until theirs is written; the mappings
+// that come in while a write runs go together into the next.
+type mappingWriter struct {
+	db  *bbolt.DB
+	log *slog.Logger
+
+	mu        sync.Mutex // the fields down to journaled
+	idle      sync.Cond  // on mu: running became false
+	next      *commit    // the mappings waiting for the next write
+	running   bool       // a goroutine is writing
+	closed    bool
+	journaled map[netip.Addr]string // the journal's mappings (the last per address)
+
+	io        sync.Mutex // the journal file, size, unfolded and buf
+	journal   *os.File
+	size      int64     // the journal's length
+	unfolded  []mapping // the journal's records, in order
+	buf       []byte
+	foldEvery int // foldEvery, but for tests
+	foldAt    int // fold once unfolded has this many
+
+	commits atomic.Int64 // journal writes
+	folds   atomic.Int64
+}
+
+type mapping struct {
+	bucket []byte
+	host   string
+	ip     netip.Addr
+}
+
+type commit struct {
+	mappings []mapping
+	done     chan struct{}
+	err      error
+}
+
+// journalPath is where the journal of db lives.
+func journalPath(db *bbolt.DB) string { return db.Path() + journalSuffix }
+
+// openMappingWriter opens db's journal, folds what it holds into db (a
+// crash left it there) and empties it.
+func openMappingWriter(db *bbolt.DB, log *slog.Logger) (*mappingWriter, error) {
+	path := journalPath(db)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("fake-ip journal: %w", err)
+	}
+	w := &mappingWriter{db: db, log: log, journal: f, journaled: map[netip.Addr]string{}, foldEvery: foldEvery, foldAt: foldEvery}
+	w.idle.L = &w.mu
+	data, err := io.ReadAll(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("fake-ip journal %s: %w", path, err)
+	}
+	recs, rest := parseJournal(data)
+	if rest > 0 {
+		log.Warn("fake-ip journal: a damaged record ends it; the mappings after it are lost", "path", path, "bytes_dropped", rest, "records_kept", len(recs))
+	}
+	w.unfolded = recs
+	w.size = int64(len(data))
+	w.io.Lock()
+	err = w.foldLocked()
+	if err == nil && w.size > 0 {
+		// Nothing to fold, only damage: drop it.
+		err = w.truncateLocked()
+	}
+	w.io.Unlock()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if len(recs) > 0 {
+		log.Info("fake-ip journal folded into cache.db", "mappings", len(recs))
+	}
+	return w, nil
+}
+
+// appendRecord encodes m as a journal record onto b.
+func appendRecord(b []byte, m mapping) []byte {
+	start := len(b)
+	ip := m.ip.AsSlice()
+	b = append(b, 0, 0, 0, 0, byte(len(ip)))
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(m.host)))
+	b = append(b, ip...)
+	b = append(b, m.host...)
+	binary.LittleEndian.PutUint32(b[start:], crc32.ChecksumIEEE(b[start+4:]))
+	return b
+}
+
+// parseJournal decodes the records of data up to the first damaged one,
+// and says how many bytes from there on it could not read.
+func parseJournal(data []byte) (recs []mapping, rest int) {
+	for len(data) > 0 {
+		if len(data) < journalRecordHeader {
+			break
+		}
+		ipLen := int(data[4])
+		hostLen := int(binary.LittleEndian.Uint16(data[5:]))
+		n := journalRecordHeader + ipLen + hostLen
+		if (ipLen != 4 && ipLen != 16) || len(data) < n ||
+			crc32.ChecksumIEEE(data[4:n]) != binary.LittleEndian.Uint32(data) {
+			break
+		}
+		ip, _ := netip.AddrFromSlice(data[journalRecordHeader : journalRecordHeader+ipLen])
+		recs = append(recs, mapping{bucket: bucketFor(ip), host: string(data[journalRecordHeader+ipLen : n]), ip: ip})
+		data = data[n:]
+	}
+	return recs, len(data)
+}
+
+// journaledLocked reports whether the journal maps m's address to its name.
+func (w *mappingWriter) journaledLocked(m mapping) bool {
+	host, ok := w.journaled[m.ip]
+	return ok && host == m.host
+}
+
+// write journals m (unless cache.db or the journal has it) and returns once
+// it is written.
+func (w *mappingWriter) write(m mapping) error {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return errWriterClosed
+	}
+	if w.journaledLocked(m) {
+		w.mu.Unlock()
+		return nil
+	}
+	if w.next == nil {
+		w.next = &commit{done: make(chan struct{})}
+	}
+	c := w.next
+	c.mappings = append(c.mappings, m)
+	if !w.running {
+		w.running = true
+		go w.commitLoop()
+	}
+	w.mu.Unlock()
+	<-c.done
+	return c.err
+}
+
+// unwritten drops from ms the mappings cache.db has already (a name asked
+// again, answered from the pool's memory), looking them up in one read
+// transaction for the whole batch.
+func (w *mappingWriter) unwritten(ms []mapping) []mapping {
+	_ = w.db.View(func(tx *bbolt.Tx) error {
+		ms = slices.DeleteFunc(ms, func(m mapping) bool {
+			bk := tx.Bucket(m.bucket)
+			return bk != nil && string(bk.Get(m.ip.AsSlice())) == m.host
+		})
+		return nil
+	})
+	return ms
+}
+
+// commitLoop journals the waiting mappings, a write at a time, until none
+// are left, and folds the journal when it has foldEvery records.
+func (w *mappingWriter) commitLoop() {
+	for {
+		w.mu.Lock()
+		c := w.next
+		w.next = nil
+		if c == nil {
+			w.running = false
+			w.idle.Broadcast()
+			w.mu.Unlock()
+			return
+		}
+		w.mu.Unlock()
+		w.io.Lock()
+		c.err = w.appendLocked(w.unwritten(c.mappings))
+		close(c.done)
+		if len(w.unfolded) >= w.foldAt {
+			if err := w.foldLocked(); err != nil {
+				// Try again once as many more came in, not after every write.
+				w.foldAt = len(w.unfolded) + w.foldEvery
+				w.log.Warn("fake-ip journal not folded into cache.db; it keeps the mappings", "mappings", len(w.unfolded), "err", err)
+			}
+		}
+		w.io.Unlock()
+	}
+}
+
+// appendLocked writes ms to the journal in one write.
+func (w *mappingWriter) appendLocked(ms []mapping) error {
+	if w.journal == nil {
+		return errWriterClosed
+	}
+	if len(ms) == 0 {
+		return nil
+	}
+	w.buf = w.buf[:0]
+	for _, m := range ms {
+		w.buf = appendRecord(w.buf, m)
+	}
+	n, err := w.journal.Write(w.buf)
+	if err != nil {
+		// A torn record would end the replay: cut it off.
+		if n > 0 {
+			err = errors.Join(err, w.journal.Truncate(w.size))
+		}
+		return fmt.Errorf("fake-ip journal: %w", err)
+	}
+	w.size += int64(n)
+	w.commits.Add(1)
+	w.unfolded = append(w.unfolded, ms...)
+	w.mu.Lock()
+	for _, m := range ms {
+		w.journaled[m.ip] = m.host
+	}
+	w.mu.Unlock()
+	return nil
+}
+
+// foldLocked puts the journal's mappings into cache.db in one transaction
+// and empties the journal. If the transaction fails the journal keeps
+// them; a later fold or the next start puts them in cache.db.
+func (w *mappingWriter) foldLocked() error {
+	if len(w.unfolded) == 0 {
+		return nil
+	}
+	start := time.Now()
+	err := w.db.Update(func(tx *bbolt.Tx) error {
+		for _, m := range w.unfolded {
+			if err := putMapping(tx, m); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cache.db %s: folding the fake-ip journal: %w", w.db.Path(), err)
+	}
+	w.folds.Add(1)
+	w.foldAt = w.foldEvery
+	w.log.Debug("fake-ip journal folded into cache.db", "mappings", len(w.unfolded), "took", time.Since(start))
+	return w.truncateLocked()
+}
+
+// truncateLocked empties the journal and forgets its mappings.
+func (w *mappingWriter) truncateLocked() error {
+	clear(w.unfolded)
+	w.unfolded = w.unfolded[:0]
+	w.mu.Lock()
+	clear(w.journaled)
+	w.mu.Unlock()
+	if err := w.journal.Truncate(0); err != nil {
+		// The records stay and are folded again later, which changes
+		// nothing: folding a mapping twice is folding it once.
+		return fmt.Errorf("fake-ip journal: %w", err)
+	}
+	w.size = 0
+	return nil
+}
+
+// fold folds the journal into cache.db now.
+func (w *mappingWriter) fold() error {
+	w.io.Lock()
+	defer w.io.Unlock()
+	if w.journal == nil {
+		return errWriterClosed
+	}
+	return w.foldLocked()
+}
+
+// flush forgets the journal's mappings and empties cache.db's fake-ip
+// buckets, after mihomo emptied the pools (POST /cache/fakeip/flush).
+func (w *mappingWriter) flush() error {
+	w.io.Lock()
+	defer w.io.Unlock()
+	if w.journal != nil {
+		if err := w.truncateLocked(); err != nil {
+			return err
+		}
+	}
+	err := w.db.Update(func(tx *bbolt.Tx) error {
+		for _, name := range fakeIPBuckets {
+			if tx.Bucket(name) == nil {
+				continue
+			}
+			if err := tx.DeleteBucket(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("cache.db %s: %w", w.db.Path(), err)
+	}
+	return nil
+}
+
+// close lets the writes queued so far finish, folds the journal into
+// cache.db and removes it (a clean stop leaves cache.db alone, as mihomo
+// does); later writes fail.
+func (w *mappingWriter) close() error {
+	w.mu.Lock()
+	w.closed = true
+	for w.running {
+		w.idle.Wait()
+	}
+	w.mu.Unlock()
+	w.io.Lock()
+	defer w.io.Unlock()
+	if w.journal == nil {
+		return nil
+	}
+	err := w.foldLocked()
+	if err == nil && w.size == 0 {
+		err = os.Remove(w.journal.Name())
+	}
+	err = errors.Join(err, w.journal.Close())
+	w.journal = nil
+	return err
+}
+
+// flushStoredMappings empties cache.db's fake-ip buckets and the journal,
+// after mihomo emptied the pools (POST /cache/fakeip/flush): mihomo's own
+// flush reaches only the memory stores tpgw gave its persisted pools.
+func flushStoredMappings() error {
+	if w := liveMappings.Load(); w != nil {
+		return w.flush()
+	}
+	return nil
+}

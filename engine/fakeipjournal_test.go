@@ -1,0 +1,267 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/metacubex/bbolt"
+	D "github.com/miekg/dns"
+)
+
+// stored reports whether the journal file of w or cache.db maps host to ip
+// (what a crash right now would keep).
+func stored(w *mappingWriter, host string, ip netip.Addr) bool {
+	data, err := os.ReadFile(journalPath(w.db))
+	if err == nil {
+		recs, _ := parseJournal(data)
+		for _, m := range recs {
+			if m.host == host && m.ip == ip {
+				return true
+			}
+		}
+	}
+	found := false
+	_ = w.db.View(func(tx *bbolt.Tx) error {
+		if bk := tx.Bucket(bucketFor(ip)); bk != nil {
+			found = string(bk.Get(ip.AsSlice())) == host && bytes.Equal(bk.Get([]byte(host)), ip.AsSlice())
+		}
+		return nil
+	})
+	return found
+}
+
+// journalRecords are the records of w's journal file.
+func journalRecords(t *testing.T, w *mappingWriter) []mapping {
+	t.Helper()
+	data, err := os.ReadFile(journalPath(w.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	recs, rest := parseJournal(data)
+	if rest != 0 {
+		t.Errorf("the journal ends with %d bytes that are no record", rest)
+	}
+	return recs
+}
+
+// dbMapping is what db maps host to, and that address back to.
+func dbMapping(t *testing.T, db *bbolt.DB, host string) (ip netip.Addr, back string) {
+	t.Helper()
+	err := db.View(func(tx *bbolt.Tx) error {
+		for _, name := range fakeIPBuckets {
+			bk := tx.Bucket(name)
+			if bk == nil {
+				continue
+			}
+			if v := bk.Get([]byte(host)); v != nil {
+				ip, _ = netip.AddrFromSlice(v)
+				back = string(bk.Get(v))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ip, back
+}
+
+func newMapping(host, addr string) mapping {
+	ip := netip.MustParseAddr(addr)
+	return mapping{bucket: bucketFor(ip), host: host, ip: ip}
+}
+
+func TestJournalRecords(t *testing.T) {
+	long := string(bytes.Repeat([]byte("a"), 300))
+	in := []mapping{newMapping("a.example", "198.18.0.5"), newMapping("v6.example", "fd00::1:2"), newMapping(long, "198.18.255.254")}
+	var b []byte
+	for _, m := range in {
+		b = appendRecord(b, m)
+	}
+	recs, rest := parseJournal(b)
+	if rest != 0 || len(recs) != len(in) {
+		t.Fatalf("parsed %d records and %d bytes left, want %d and 0", len(recs), rest, len(in))
+	}
+	for i := range in {
+		if recs[i].host != in[i].host || recs[i].ip != in[i].ip || !bytes.Equal(recs[i].bucket, in[i].bucket) {
+			t.Errorf("record %d = %+v, want %+v", i, recs[i], in[i])
+		}
+	}
+	// A torn last record, or a damaged one, ends the journal there.
+	two := len(appendRecord(appendRecord(nil, in[0]), in[1]))
+	for name, c := range map[string]struct {
+		data []byte
+		recs int
+	}{
+		"torn":    {b[:len(b)-3], 2},
+		"flipped": {append(append([]byte{}, b[:len(b)-1]...), b[len(b)-1]^1), 2},
+		"garbage": {append(append([]byte{}, b...), 0xde, 0xad, 0xbe, 0xef, 4, 0, 0, 0, 0, 0, 0), 3},
+	} {
+		recs, rest := parseJournal(c.data)
+		want := len(c.data) - two
+		if c.recs == 3 {
+			want = len(c.data) - len(b)
+		}
+		if len(recs) != c.recs || rest != want {
+			t.Errorf("%s: %d records and %d bytes left of %d, want %d and %d", name, len(recs), rest, len(c.data), c.recs, want)
+		}
+	}
+}
+
+// TestJournalSurvivesCrash: mappings journaled by a writer that never
+// closed (tpgw killed) are in cache.db once the next writer opens, in
+// order (an address handed to a second name maps to that one), and the
+// journal is empty; a torn record at the end is dropped with a warning.
+func TestJournalSurvivesCrash(t *testing.T) {
+	db := tempDB(t)
+	w, err := openMappingWriter(db, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []mapping{newMapping("first.example", "198.18.0.1"), newMapping("second.example", "198.18.0.2"), newMapping("reused.example", "198.18.0.1"), newMapping("six.example", "fd00::6")} {
+		if err := w.write(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ip, _ := dbMapping(t, db, "second.example"); ip.IsValid() {
+		t.Fatalf("second.example already in cache.db (%v) before any fold", ip)
+	}
+	// The crash: the file is left as it is, with half a record at its end.
+	w.journal.Close()
+	tail := appendRecord(nil, newMapping("torn.example", "198.18.0.3"))
+	f, err := os.OpenFile(journalPath(db), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(tail[:len(tail)-4]); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	var logs bytes.Buffer
+	w2, err := openMappingWriter(db, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w2.close()
+	for host, want := range map[string]string{"second.example": "198.18.0.2", "reused.example": "198.18.0.1", "six.example": "fd00::6"} {
+		if ip, back := dbMapping(t, db, host); ip != netip.MustParseAddr(want) || back != host {
+			t.Errorf("cache.db maps %s to %v (and that to %q), want %s", host, ip, back, want)
+		}
+	}
+	if ip, _ := dbMapping(t, db, "first.example"); ip.IsValid() {
+		t.Errorf("cache.db maps first.example to %v; its address went to reused.example", ip)
+	}
+	if ip, _ := dbMapping(t, db, "torn.example"); ip.IsValid() {
+		t.Errorf("cache.db maps torn.example to %v from a torn record", ip)
+	}
+	if recs := journalRecords(t, w2); len(recs) != 0 {
+		t.Errorf("journal after the replay: %v", recs)
+	}
+	if !bytes.Contains(logs.Bytes(), []byte("damaged record")) || !bytes.Contains(logs.Bytes(), []byte("mappings=4")) {
+		t.Errorf("the replay's log says nothing of the torn record or of the mappings folded:\n%s", logs.String())
+	}
+	// The new writer appends after the empty journal as usual.
+	if err := w2.write(newMapping("after.example", "198.18.0.9")); err != nil {
+		t.Fatal(err)
+	}
+	if recs := journalRecords(t, w2); len(recs) != 1 || recs[0].host != "after.example" {
+		t.Errorf("journal after one more write: %v", recs)
+	}
+}
+
+// TestJournalFolds: the journal is folded into cache.db once it holds
+// foldEvery mappings, and on close; writers that wait meanwhile get theirs
+// written. A mapping already in cache.db or the journal is not written
+// again.
+func TestJournalFolds(t *testing.T) {
+	db := tempDB(t)
+	w, err := openMappingWriter(db, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.foldEvery, w.foldAt = 64, 64
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for i := range 200 {
+		wg.Go(func() {
+			errs <- w.write(newMapping(fmt.Sprintf("n%d.example", i), fmt.Sprintf("198.18.1.%d", i)))
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The writer answers the waiters before it folds: let it finish.
+	w.mu.Lock()
+	for w.running {
+		w.idle.Wait()
+	}
+	w.mu.Unlock()
+	folds := w.folds.Load()
+	if folds < 1 || folds > 200/64 {
+		t.Errorf("%d folds of 200 mappings at 64 a fold", folds)
+	}
+	inJournal := len(journalRecords(t, w))
+	if inJournal >= 64 {
+		t.Errorf("the journal holds %d mappings, more than a fold's worth", inJournal)
+	}
+	for i := range 200 {
+		host := fmt.Sprintf("n%d.example", i)
+		if !stored(w, host, netip.MustParseAddr(fmt.Sprintf("198.18.1.%d", i))) {
+			t.Errorf("%s neither in cache.db nor in the journal", host)
+		}
+	}
+	commits := w.commits.Load()
+	for _, i := range []int{0, 199} {
+		if err := w.write(newMapping(fmt.Sprintf("n%d.example", i), fmt.Sprintf("198.18.1.%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := w.commits.Load() - commits; c != 0 {
+		t.Errorf("mappings written already took %d more journal writes", c)
+	}
+	if err := w.close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(journalPath(db)); !os.IsNotExist(err) {
+		t.Errorf("journal after close: %v; want it removed", err)
+	}
+	for _, i := range []int{0, 199} {
+		host := fmt.Sprintf("n%d.example", i)
+		if ip, back := dbMapping(t, db, host); ip != netip.MustParseAddr(fmt.Sprintf("198.18.1.%d", i)) || back != host {
+			t.Errorf("cache.db after close maps %s to %v (%q)", host, ip, back)
+		}
+	}
+	if err := w.write(newMapping("late.example", "198.18.2.1")); err != errWriterClosed {
+		t.Errorf("a write after close: %v, want %v", err, errWriterClosed)
+	}
+}
+
+// BenchmarkNewNames: the engine's answers to names never asked before, with
+// store-fake-ip on (each answer waits for its mapping's journal write).
+func BenchmarkNewNames(b *testing.B) {
+	b.SetParallelism(64)
+	b.RunParallel(func(pb *testing.PB) {
+		q := new(D.Msg)
+		for pb.Next() {
+			q.SetQuestion(fmt.Sprintf("bench%d.new.example.", benchNames.Add(1)), D.TypeA)
+			if _, err := testEngine.ServeDNS(context.Background(), q); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// benchNames numbers the names BenchmarkNewNames asks, across its runs.
+var benchNames atomic.Int64

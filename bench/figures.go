@@ -18,6 +18,7 @@ var figureDefs = []struct{ key, name, unit string }{
 	{"ss_server_cpu_per_gb", "ss-server CPU per GB, same runs (the proxy server both ss setups share)", "CPU s/GB"},
 	{"ss_server_cores", "Cores ss-server kept busy in the 4-stream download", "cores"},
 	{"conn_rate", "Short connections (wrk -c32, Connection: close)", "req/s"},
+	{"conn_cpu", "Gateway process CPU per short connection, same runs", "µs"},
 	{"lat_p50", "Request latency p50 (wrk -c1, keep-alive)", "µs"},
 	{"lat_p99", "Request latency p99 (wrk -c1, keep-alive)", "µs"},
 	{"lat_added_p50", "Added latency p50 (minus K)", "µs"},

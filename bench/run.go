@@ -292,13 +292,22 @@ func hostBusy() float64 {
 
 func (r *runner) measureHTTP(g *gateway) {
 	url := fmt.Sprintf("http://%s:%d/", r.tp.UpstreamIP, httpPort)
-	out, err := r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t2", "-c32", "-d5s", "-H", "Connection: close", url)
+	const rateSeconds = 5
+	before := g.cpu()
+	out, err := r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t2", "-c32", fmt.Sprintf("-d%ds", rateSeconds), "-H", "Connection: close", url)
+	cpu := g.cpu() - before
 	if res, perr := ParseWrk(out); err != nil || perr != nil {
 		r.fail(g.setup+" wrk connection rate", errors.Join(err, perr))
 		r.s.add("conn_rate", g.setup, math.NaN())
 	} else {
 		r.s.add("conn_rate", g.setup, res.RequestsPerSec)
-		r.logf("  connections/s %.0f (errors %d)", res.RequestsPerSec, res.Errors)
+		// The gateway's CPU over the run (wrk's start and end included,
+		// when the gateway idles) per connection wrk completed.
+		perConn := cpu / (res.RequestsPerSec * rateSeconds) * 1e6
+		if !math.IsNaN(cpu) && res.RequestsPerSec > 0 {
+			r.s.add("conn_cpu", g.setup, perConn)
+		}
+		r.logf("  connections/s %.0f (errors %d), gateway %.1f µs of CPU each", res.RequestsPerSec, res.Errors, perConn)
 	}
 	out, err = r.tp.Client.Run(r.env, 30*time.Second, "wrk", "-t1", "-c1", "-d3s", "--latency", url)
 	if res, perr := ParseWrk(out); err != nil || perr != nil || res.P50 == 0 {

@@ -258,7 +258,7 @@ func (f *flow) splice(dir int) {
 // finish passes a direction's EOF on (shutting down the write side of its
 // destination) and ends the flow when both directions are done.
 func (f *flow) finish(dir int) {
-	if f.dirs[dir].dst.CloseWrite() != nil {
+	if rawCloseWrite(f.dirs[dir].dstRaw) != nil {
 		f.cut()
 	} else if f.done.Add(1) == 2 {
 		f.shutdown()

@@ -201,3 +201,35 @@ func TestDirectionWriteWaits(t *testing.T) {
 		t.Fatalf("write: %v", err)
 	}
 }
+
+// TestRawCloseWrite: the raw shutdown passes a FIN (the peer reads EOF)
+// and leaves the socket readable, as CloseWrite does; on a closed socket
+// it fails.
+func TestRawCloseWrite(t *testing.T) {
+	a, b := tcpPair(t)
+	defer a.Close()
+	defer b.Close()
+	rc, err := a.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rawCloseWrite(rc); err != nil {
+		t.Fatal(err)
+	}
+	_ = b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := b.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("the peer read %d, %v after the raw shutdown; want EOF", n, err)
+	}
+	if _, err := b.Write([]byte("still open")); err != nil {
+		t.Fatal(err)
+	}
+	_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 16)
+	if n, err := io.ReadAtLeast(a, buf, len("still open")); err != nil || string(buf[:n]) != "still open" {
+		t.Fatalf("the shut-down side read %q, %v", buf[:n], err)
+	}
+	a.Close()
+	if err := rawCloseWrite(rc); err == nil {
+		t.Error("a raw shutdown of a closed socket succeeded")
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	C "github.com/metacubex/mihomo/constant"
 	N "github.com/metacubex/sing/common/network"
@@ -343,13 +344,27 @@ func (c *flowRemote) ReaderReplaceable() bool { return true }
 func (c *flowRemote) WriterReplaceable() bool { return true }
 
 // parker is the engine's epoll set of parked directions and its poller.
+//
+// The poller does not block in epoll_wait: the epoll set is itself in Go's
+// poller (an epoll descriptor is readable while it has events), and the
+// poller goroutine takes the events with a raw epoll_pwait that does not
+// wait. A thread blocked in epoll_wait held its P (scheduler slot) until
+// Go's monitor thread (sysmon) took it away, and every wake-up had to get
+// one back: on 2 cores half the process's Ps, and sysmon waking every 20 µs
+// to hand them over while connections came and went.
 type parker struct {
-	epfd  int
-	wake  int // eventfd: stops the poller
-	mu    sync.Mutex
-	flows map[uint32]*flow
-	next  uint32
-	done  chan struct{}
+	epfd   int
+	epFile *os.File // epfd, in Go's poller
+	wake   int      // eventfd: stops the poller
+	mu     sync.Mutex
+	flows  map[uint32]*flow
+	next   uint32
+	done   chan struct{}
+	events []unix.EpollEvent
+	// The state of one pass of the poller (take), for RawConn.Read.
+	takeFn  func(fd uintptr) bool
+	stopped bool
+	err     error
 }
 
 // dirStop marks the eventfd's event (the directions are dirUp and dirDown).
@@ -371,9 +386,23 @@ func newParker() (*parker, error) {
 		}
 		return nil, fmt.Errorf("engine: epoll eventfd: %w", err)
 	}
-	p := &parker{epfd: epfd, wake: wake, flows: map[uint32]*flow{}, done: make(chan struct{})}
-	go p.poll()
-	return p, nil
+	var rc syscall.RawConn
+	if err = unix.SetNonblock(epfd, true); err == nil {
+		p := &parker{epfd: epfd, wake: wake, flows: map[uint32]*flow{}, done: make(chan struct{}), events: make([]unix.EpollEvent, 128)}
+		// Non-blocking, so os.NewFile puts it in Go's poller.
+		p.epFile = os.NewFile(uintptr(epfd), "tpgw-parked-flows")
+		if rc, err = p.epFile.SyscallConn(); err == nil {
+			p.takeFn = p.take
+			go p.poll(rc)
+			return p, nil
+		}
+		p.epFile.Close()
+		unix.Close(wake)
+		return nil, fmt.Errorf("engine: epoll in Go's poller: %w", err)
+	}
+	unix.Close(epfd)
+	unix.Close(wake)
+	return nil, fmt.Errorf("engine: epoll: %w", err)
 }
 
 // close ends every flow, stops the poller and closes the epoll set.
@@ -383,7 +412,7 @@ func (p *parker) close() {
 	one[0] = 1 // eventfd counters are host-endian; 1 in any byte order wakes it
 	_, _ = unix.Write(p.wake, one[:])
 	<-p.done
-	unix.Close(p.epfd)
+	p.epFile.Close()
 	unix.Close(p.wake)
 }
 
@@ -426,23 +455,42 @@ func (p *parker) closeAll() {
 	}
 }
 
-// poll starts a pump for each direction that became readable (or hung up).
-func (p *parker) poll() {
+// poll starts a pump for each direction that became readable (or hung up),
+// waiting in Go's poller while the epoll set has no events, until the
+// eventfd's event stops it.
+func (p *parker) poll(rc syscall.RawConn) {
 	defer close(p.done)
-	events := make([]unix.EpollEvent, 128)
-	for {
-		n, err := unix.EpollWait(p.epfd, events, -1)
-		if err != nil {
-			if err == unix.EINTR {
-				continue
-			}
+	for !p.stopped {
+		if err := rc.Read(p.takeFn); err != nil || p.err != nil {
+			// Cannot happen while the parker is open: it closes the
+			// epoll set only after the poller stopped.
 			return
 		}
+	}
+}
+
+// take handles the events the epoll set has, without waiting; false (wait
+// until it is readable) once it has none.
+func (p *parker) take(fd uintptr) bool {
+	for {
+		// A raw system call with a zero timeout, which never waits
+		// (epoll_pwait: every architecture has it).
+		n, _, errno := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, fd, uintptr(unsafe.Pointer(&p.events[0])), uintptr(len(p.events)), 0, 0, 0)
+		switch {
+		case errno == unix.EINTR:
+			continue
+		case errno != 0:
+			p.err = errno
+			return true
+		case n == 0:
+			return false
+		}
 		p.mu.Lock()
-		for _, ev := range events[:n] {
+		for _, ev := range p.events[:n] {
 			if ev.Pad == dirStop {
+				p.stopped = true
 				p.mu.Unlock()
-				return
+				return true
 			}
 			if f := p.flows[uint32(ev.Fd)]; f != nil && (ev.Pad == dirUp || ev.Pad == dirDown) {
 				go f.pump(int(ev.Pad))

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strings"
 	"syscall"
@@ -338,6 +339,24 @@ func TestParkerClose(t *testing.T) {
 	}
 	if n := openFDs(); n != before+2 {
 		t.Errorf("a parker opened %d descriptors, want 2 (epoll, eventfd)", n-before)
+	}
+	// The poller waits in Go's poller, not in a system call that holds a
+	// thread and its P.
+	var state string
+	for range 100 {
+		buf := make([]byte, 1<<20)
+		for _, g := range strings.Split(string(buf[:runtime.Stack(buf, true)]), "\n\n") {
+			if strings.Contains(g, "engine.(*parker).poll(") {
+				state, _, _ = strings.Cut(g, "\n")
+			}
+		}
+		if strings.Contains(state, "[IO wait") {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(state, "[IO wait") {
+		t.Errorf("the idle poller's goroutine is %q, want it in IO wait", state)
 	}
 	p.close()
 	select {

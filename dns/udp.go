@@ -218,16 +218,21 @@ const workerOOB = 64
 // query sent to this server's own port is answered from the listening
 // socket (ls's), with origDst as source address.
 func (s *Server) replyUDP(w *tsock.BatchWriter, ls *replyBatch, reply []byte, client, origDst netip.AddrPort) error {
+	var queued bool
 	switch {
 	case !origDst.IsValid():
-		w.Add(reply, client, nil, ls.v6)
+		queued = w.Add(reply, client, nil, ls.v6)
 	case origDst.Port() == s.addr.Port():
-		w.Add(reply, client, sourceCmsg(origDst.Addr()), ls.v6)
+		queued = w.Add(reply, client, sourceCmsg(origDst.Addr()), ls.v6)
 	case !s.transparent:
 		// Cannot happen without tproxy, which needs a transparent socket.
 		return fmt.Errorf("query to %v on a non-transparent socket", origDst)
 	default:
 		return s.replies.sendBatch(w, origDst, []pendingReply{{reply, client, origDst}})
+	}
+	if !queued {
+		// An IPv6 client on an IPv4 socket: cannot happen.
+		return fmt.Errorf("reply to %v cannot be sent on this socket", client)
 	}
 	return w.Flush(ls.rc)
 }

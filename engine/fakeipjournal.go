@@ -29,8 +29,11 @@ import (
 // So the answer that carries a new fake IP leaves once its mapping is
 // appended to the journal beside cache.db (cache.db.tpgw-journal), one
 // write(2) for all the names that came in meanwhile (group commit), and the
-// journal is folded into cache.db in one transaction every foldEvery names,
-// on a reload, and on a clean stop, which removes the journal. After a crash
+// journal is folded into cache.db in one transaction every foldEvery names
+// (in the background: new names go on being journaled and answered while
+// the fold waits for cache.db, and its records then leave the journal by a
+// rename of a file holding the rest), on a reload, and on a clean stop,
+// which removes the journal. After a crash
 // the next start folds what the journal holds before the pools are built. Neither file is fsynced
 // (cache.db is opened NoSync, see Start): what is written survives a crash
 // of tpgw, not a power cut, as before. Until a fold, cache.db lags behind by
@@ -46,8 +49,12 @@ import (
 // transaction; it bounds the journal, and the memory its index takes.
 const foldEvery = 8192
 
-// journalSuffix names the journal after cache.db.
-const journalSuffix = ".tpgw-journal"
+// journalSuffix names the journal after cache.db; journalNewSuffix the
+// file that replaces it once its first records are folded.
+const (
+	journalSuffix    = ".tpgw-journal"
+	journalNewSuffix = ".new"
+)
 
 // journalRecordHeader is the fixed part of a record.
 const journalRecordHeader = 4 + 1 + 2
@@ -68,13 +75,16 @@ type mappingWriter struct {
 	closed    bool
 	journaled map[netip.Addr]string // the journal's mappings (the last per address)
 
-	io        sync.Mutex // the journal file, size, unfolded and buf
-	journal   *os.File
-	size      int64     // the journal's length
-	unfolded  []mapping // the journal's records, in order
-	buf       []byte
-	foldEvery int // foldEvery, but for tests
-	foldAt    int // fold once unfolded has this many
+	io          sync.Mutex // the journal file and the fields down to foldAt
+	journal     *os.File
+	path        string    // the journal's (journal.Name() may be the file it replaced)
+	size        int64     // the journal's length
+	unfolded    []mapping // the journal's records, in order
+	buf         []byte
+	foldEvery   int  // foldEvery, but for tests
+	foldAt      int  // fold once unfolded has this many
+	foldRunning bool // a fold runs in the background (backgroundFold)
+	foldWG      sync.WaitGroup
 
 	commits atomic.Int64 // journal writes
 	folds   atomic.Int64
@@ -99,11 +109,16 @@ func journalPath(db *bbolt.DB) string { return db.Path() + journalSuffix }
 // crash left it there) and empties it.
 func openMappingWriter(db *bbolt.DB, log *slog.Logger) (*mappingWriter, error) {
 	path := journalPath(db)
+	// A replacement a crash left unfinished: the journal still has all its
+	// records.
+	if err := os.Remove(path + journalNewSuffix); err != nil && !os.IsNotExist(err) {
+		return nil, fmt.Errorf("fake-ip journal: %w", err)
+	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("fake-ip journal: %w", err)
 	}
-	w := &mappingWriter{db: db, log: log, journal: f, journaled: map[netip.Addr]string{}, foldEvery: foldEvery, foldAt: foldEvery}
+	w := &mappingWriter{db: db, log: log, journal: f, path: path, journaled: map[netip.Addr]string{}, foldEvery: foldEvery, foldAt: foldEvery}
 	w.idle.L = &w.mu
 	data, err := io.ReadAll(f)
 	if err != nil {
@@ -229,12 +244,98 @@ func (w *mappingWriter) commitLoop() {
 		w.io.Lock()
 		c.err = w.appendLocked(w.unwritten(c.mappings))
 		close(c.done)
-		if len(w.unfolded) >= w.foldAt {
-			if err := w.foldLocked(); err != nil {
-				// Try again once as many more came in, not after every write.
-				w.foldAt = len(w.unfolded) + w.foldEvery
-				w.log.Warn("fake-ip journal not folded into cache.db; it keeps the mappings", "mappings", len(w.unfolded), "err", err)
-			}
+		if len(w.unfolded) >= w.foldAt && !w.foldRunning && w.journal != nil {
+			w.startFoldLocked()
+		}
+		w.io.Unlock()
+	}
+}
+
+// backgroundFold puts recs, the journal's first records, into cache.db while
+// new ones are still appended after them (a fold of 8192 names takes tens of
+// milliseconds, which the answers of new names would otherwise wait for),
+// and then drops them from the journal.
+func (w *mappingWriter) backgroundFold(recs []mapping) {
+	defer w.foldWG.Done()
+	start := time.Now()
+	err := w.update(recs)
+	w.io.Lock()
+	defer w.io.Unlock()
+	w.foldRunning = false
+	if err != nil {
+		// Try again once as many more came in, not after every write.
+		w.foldAt = len(w.unfolded) + w.foldEvery
+		w.log.Warn("fake-ip journal not folded into cache.db; it keeps the mappings", "mappings", len(w.unfolded), "err", err)
+		return
+	}
+	w.folds.Add(1)
+	w.foldAt = w.foldEvery
+	if err := w.dropFoldedLocked(len(recs)); err != nil {
+		w.log.Warn("fake-ip journal: folded records kept; they are folded again later", "err", err)
+		return
+	}
+	w.log.Debug("fake-ip journal folded into cache.db", "mappings", len(recs), "took", time.Since(start), "left", len(w.unfolded))
+	if len(w.unfolded) >= w.foldAt {
+		// As many came in during this fold.
+		w.startFoldLocked()
+	}
+}
+
+// startFoldLocked starts a fold of the journal's records so far in the
+// background.
+func (w *mappingWriter) startFoldLocked() {
+	w.foldRunning = true
+	w.foldWG.Add(1)
+	go w.backgroundFold(slices.Clone(w.unfolded))
+}
+
+// dropFoldedLocked drops the first n records (folded) from the journal: the
+// records after them go to a new file, which then replaces the journal. A
+// crash before that finds all of them in the old one, and folds the first
+// n again, which changes nothing.
+func (w *mappingWriter) dropFoldedLocked(n int) error {
+	if w.journal == nil {
+		return errWriterClosed
+	}
+	rest := w.unfolded[n:]
+	if len(rest) == 0 {
+		return w.truncateLocked()
+	}
+	f, err := os.OpenFile(w.path+journalNewSuffix, os.O_RDWR|os.O_CREATE|os.O_TRUNC|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("fake-ip journal: %w", err)
+	}
+	w.buf = w.buf[:0]
+	for _, m := range rest {
+		w.buf = appendRecord(w.buf, m)
+	}
+	if _, err = f.Write(w.buf); err == nil {
+		err = os.Rename(f.Name(), w.path)
+	}
+	if err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return fmt.Errorf("fake-ip journal: %w", err)
+	}
+	w.journal.Close()
+	w.journal, w.size = f, int64(len(w.buf))
+	w.unfolded = slices.Clone(rest)
+	w.mu.Lock()
+	clear(w.journaled)
+	for _, m := range w.unfolded {
+		w.journaled[m.ip] = m.host
+	}
+	w.mu.Unlock()
+	return nil
+}
+
+// lockIdle takes io once no fold runs in the background.
+func (w *mappingWriter) lockIdle() {
+	for {
+		w.foldWG.Wait()
+		w.io.Lock()
+		if !w.foldRunning {
+			return
 		}
 		w.io.Unlock()
 	}
@@ -279,8 +380,19 @@ func (w *mappingWriter) foldLocked() error {
 		return nil
 	}
 	start := time.Now()
+	if err := w.update(w.unfolded); err != nil {
+		return err
+	}
+	w.folds.Add(1)
+	w.foldAt = w.foldEvery
+	w.log.Debug("fake-ip journal folded into cache.db", "mappings", len(w.unfolded), "took", time.Since(start))
+	return w.truncateLocked()
+}
+
+// update puts recs into cache.db, in order, in one transaction.
+func (w *mappingWriter) update(recs []mapping) error {
 	err := w.db.Update(func(tx *bbolt.Tx) error {
-		for _, m := range w.unfolded {
+		for _, m := range recs {
 			if err := putMapping(tx, m); err != nil {
 				return err
 			}
@@ -290,10 +402,7 @@ func (w *mappingWriter) foldLocked() error {
 	if err != nil {
 		return fmt.Errorf("cache.db %s: folding the fake-ip journal: %w", w.db.Path(), err)
 	}
-	w.folds.Add(1)
-	w.foldAt = w.foldEvery
-	w.log.Debug("fake-ip journal folded into cache.db", "mappings", len(w.unfolded), "took", time.Since(start))
-	return w.truncateLocked()
+	return nil
 }
 
 // truncateLocked empties the journal and forgets its mappings.
@@ -314,7 +423,7 @@ func (w *mappingWriter) truncateLocked() error {
 
 // fold folds the journal into cache.db now.
 func (w *mappingWriter) fold() error {
-	w.io.Lock()
+	w.lockIdle()
 	defer w.io.Unlock()
 	if w.journal == nil {
 		return errWriterClosed
@@ -325,7 +434,7 @@ func (w *mappingWriter) fold() error {
 // flush forgets the journal's mappings and empties cache.db's fake-ip
 // buckets, after mihomo emptied the pools (POST /cache/fakeip/flush).
 func (w *mappingWriter) flush() error {
-	w.io.Lock()
+	w.lockIdle()
 	defer w.io.Unlock()
 	if w.journal != nil {
 		if err := w.truncateLocked(); err != nil {
@@ -359,14 +468,14 @@ func (w *mappingWriter) close() error {
 		w.idle.Wait()
 	}
 	w.mu.Unlock()
-	w.io.Lock()
+	w.lockIdle()
 	defer w.io.Unlock()
 	if w.journal == nil {
 		return nil
 	}
 	err := w.foldLocked()
 	if err == nil && w.size == 0 {
-		err = os.Remove(w.journal.Name())
+		err = os.Remove(w.path)
 	}
 	err = errors.Join(err, w.journal.Close())
 	w.journal = nil

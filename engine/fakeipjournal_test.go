@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/metacubex/bbolt"
 	D "github.com/miekg/dns"
@@ -202,12 +203,14 @@ func TestJournalFolds(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The writer answers the waiters before it folds: let it finish.
+	// The writer answers the waiters before it folds, and folds in the
+	// background: let both finish.
 	w.mu.Lock()
 	for w.running {
 		w.idle.Wait()
 	}
 	w.mu.Unlock()
+	w.foldWG.Wait()
 	folds := w.folds.Load()
 	if folds < 1 || folds > 200/64 {
 		t.Errorf("%d folds of 200 mappings at 64 a fold", folds)
@@ -245,6 +248,89 @@ func TestJournalFolds(t *testing.T) {
 	}
 	if err := w.write(newMapping("late.example", "198.18.2.1")); err != errWriterClosed {
 		t.Errorf("a write after close: %v, want %v", err, errWriterClosed)
+	}
+}
+
+// TestFoldInBackground: a fold waits for cache.db (another writer holds
+// bbolt's write lock here), while new mappings are journaled and their
+// writers answered meanwhile; once it is done, the journal holds only the
+// mappings that came after its records, cache.db the rest.
+func TestFoldInBackground(t *testing.T) {
+	db := tempDB(t)
+	w, err := openMappingWriter(db, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.close()
+	w.foldEvery, w.foldAt = 8, 8
+	hold, held := make(chan struct{}), make(chan struct{})
+	go db.Update(func(*bbolt.Tx) error { close(held); <-hold; return nil })
+	<-held
+	for i := range 8 {
+		if err := w.write(newMapping(fmt.Sprintf("first%d.example", i), fmt.Sprintf("198.18.3.%d", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The eighth started a fold, which waits for cache.db.
+	done := make(chan error, 1)
+	go func() { done <- w.write(newMapping("during.example", "198.18.3.100")) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		close(hold)
+		t.Fatal("a new mapping waited for the fold")
+	}
+	w.io.Lock()
+	running := w.foldRunning
+	w.io.Unlock()
+	if !running {
+		t.Error("no fold running while cache.db is held")
+	}
+	if recs := journalRecords(t, w); len(recs) != 9 {
+		t.Errorf("journal during the fold: %d records, want 9", len(recs))
+	}
+	close(hold)
+	w.foldWG.Wait()
+	recs := journalRecords(t, w)
+	if len(recs) != 1 || recs[0].host != "during.example" {
+		t.Errorf("journal after the fold: %v, want during.example alone", recs)
+	}
+	for i := range 8 {
+		host := fmt.Sprintf("first%d.example", i)
+		if ip, back := dbMapping(t, db, host); ip != netip.MustParseAddr(fmt.Sprintf("198.18.3.%d", i)) || back != host {
+			t.Errorf("cache.db maps %s to %v (%q) after the fold", host, ip, back)
+		}
+	}
+	if !stored(w, "during.example", netip.MustParseAddr("198.18.3.100")) {
+		t.Error("during.example is neither in the journal nor in cache.db")
+	}
+	// Appends go on in the new journal file.
+	if err := w.write(newMapping("after.example", "198.18.3.101")); err != nil {
+		t.Fatal(err)
+	}
+	if recs := journalRecords(t, w); len(recs) != 2 {
+		t.Errorf("journal after one more: %v", recs)
+	}
+	// A replacement a crash left half made is dropped at the next start.
+	if err := os.WriteFile(journalPath(db)+journalNewSuffix, []byte("partial"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.journal.Close()
+	w2, err := openMappingWriter(db, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w2.close()
+	if _, err := os.Stat(journalPath(db) + journalNewSuffix); !os.IsNotExist(err) {
+		t.Errorf("the half-made replacement is still there: %v", err)
+	}
+	for _, host := range []string{"during.example", "after.example"} {
+		if ip, _ := dbMapping(t, db, host); !ip.IsValid() {
+			t.Errorf("%s not in cache.db after the restart", host)
+		}
 	}
 }
 

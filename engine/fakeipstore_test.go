@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/metacubex/bbolt"
 	"github.com/metacubex/http"
@@ -45,8 +46,9 @@ func TestPersistedPoolKeptInMemory(t *testing.T) {
 }
 
 // TestNewNamesWrittenTogether: names asked at once each have their mapping
-// in cache.db, in mihomo's format, when their answer is out, and share
-// write transactions.
+// in cache.db or its journal when their answer is out, and the names that
+// come in while a journal write runs share the next; folded, the mappings
+// are in cache.db in mihomo's format.
 func TestNewNamesWrittenTogether(t *testing.T) {
 	w := liveMappings.Load()
 	if w == nil {
@@ -75,16 +77,29 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 			}
 		})
 	}
+	// A slow disk: the journal's first write waits while the others
+	// come in.
+	w.io.Lock()
 	close(start)
+	queued := 0
+	for deadline := time.Now().Add(10 * time.Second); queued < n/2 && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		w.mu.Lock()
+		if w.next != nil {
+			queued = len(w.next.mappings)
+		}
+		w.mu.Unlock()
+	}
+	time.Sleep(20 * time.Millisecond)
+	w.io.Unlock()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
 		t.Error(err)
 	}
 	commits := w.commits.Load() - commitsBefore
-	t.Logf("%d new names in %d journal writes", n, commits)
-	if commits < 1 || commits >= n {
-		t.Errorf("%d new names took %d journal writes, want fewer", n, commits)
+	t.Logf("%d new names in %d journal writes (%d queued behind the first)", n, commits, queued)
+	if commits < 1 || commits > n/10 {
+		t.Errorf("%d new names took %d journal writes, want at most %d", n, commits, n/10)
 	}
 	// Folded, they are in cache.db in mihomo's format.
 	if err := w.fold(); err != nil {

@@ -81,10 +81,10 @@ type mappingWriter struct {
 	size        int64     // the journal's length
 	unfolded    []mapping // the journal's records, in order
 	buf         []byte
-	foldEvery   int  // foldEvery, but for tests
-	foldAt      int  // fold once unfolded has this many
-	foldRunning bool // a fold runs in the background (backgroundFold)
-	foldWG      sync.WaitGroup
+	foldEvery   int           // foldEvery, but for tests
+	foldAt      int           // fold once unfolded has this many
+	foldRunning bool          // a fold runs in the background (backgroundFold)
+	foldDone    chan struct{} // closed when it ends
 
 	commits atomic.Int64 // journal writes
 	folds   atomic.Int64
@@ -255,13 +255,13 @@ func (w *mappingWriter) commitLoop() {
 // new ones are still appended after them (a fold of 8192 names takes tens of
 // milliseconds, which the answers of new names would otherwise wait for),
 // and then drops them from the journal.
-func (w *mappingWriter) backgroundFold(recs []mapping) {
-	defer w.foldWG.Done()
+func (w *mappingWriter) backgroundFold(recs []mapping, done chan struct{}) {
 	start := time.Now()
 	err := w.update(recs)
 	w.io.Lock()
 	defer w.io.Unlock()
 	w.foldRunning = false
+	close(done)
 	if err != nil {
 		// Try again once as many more came in, not after every write.
 		w.foldAt = len(w.unfolded) + w.foldEvery
@@ -285,8 +285,8 @@ func (w *mappingWriter) backgroundFold(recs []mapping) {
 // background.
 func (w *mappingWriter) startFoldLocked() {
 	w.foldRunning = true
-	w.foldWG.Add(1)
-	go w.backgroundFold(slices.Clone(w.unfolded))
+	w.foldDone = make(chan struct{})
+	go w.backgroundFold(slices.Clone(w.unfolded), w.foldDone)
 }
 
 // dropFoldedLocked drops the first n records (folded) from the journal: the
@@ -332,12 +332,13 @@ func (w *mappingWriter) dropFoldedLocked(n int) error {
 // lockIdle takes io once no fold runs in the background.
 func (w *mappingWriter) lockIdle() {
 	for {
-		w.foldWG.Wait()
 		w.io.Lock()
 		if !w.foldRunning {
 			return
 		}
+		done := w.foldDone
 		w.io.Unlock()
+		<-done
 	}
 }
 

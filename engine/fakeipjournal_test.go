@@ -210,7 +210,8 @@ func TestJournalFolds(t *testing.T) {
 		w.idle.Wait()
 	}
 	w.mu.Unlock()
-	w.foldWG.Wait()
+	w.lockIdle()
+	w.io.Unlock()
 	folds := w.folds.Load()
 	if folds < 1 || folds > 200/64 {
 		t.Errorf("%d folds of 200 mappings at 64 a fold", folds)
@@ -293,7 +294,8 @@ func TestFoldInBackground(t *testing.T) {
 		t.Errorf("journal during the fold: %d records, want 9", len(recs))
 	}
 	close(hold)
-	w.foldWG.Wait()
+	w.lockIdle()
+	w.io.Unlock()
 	recs := journalRecords(t, w)
 	if len(recs) != 1 || recs[0].host != "during.example" {
 		t.Errorf("journal after the fold: %v, want during.example alone", recs)

@@ -91,9 +91,8 @@ type mappingWriter struct {
 }
 
 type mapping struct {
-	bucket []byte
-	host   string
-	ip     netip.Addr
+	host string
+	ip   netip.Addr
 }
 
 type commit struct {
@@ -175,7 +174,7 @@ func parseJournal(data []byte) (recs []mapping, rest int) {
 			break
 		}
 		ip, _ := netip.AddrFromSlice(data[journalRecordHeader : journalRecordHeader+ipLen])
-		recs = append(recs, mapping{bucket: bucketFor(ip), host: string(data[journalRecordHeader+ipLen : n]), ip: ip})
+		recs = append(recs, mapping{host: string(data[journalRecordHeader+ipLen : n]), ip: ip})
 		data = data[n:]
 	}
 	return recs, len(data)
@@ -219,7 +218,7 @@ func (w *mappingWriter) write(m mapping) error {
 func (w *mappingWriter) unwritten(ms []mapping) []mapping {
 	_ = w.db.View(func(tx *bbolt.Tx) error {
 		ms = slices.DeleteFunc(ms, func(m mapping) bool {
-			bk := tx.Bucket(m.bucket)
+			bk := tx.Bucket(bucketFor(m.ip))
 			return bk != nil && string(bk.Get(m.ip.AsSlice())) == m.host
 		})
 		return nil
@@ -271,6 +270,8 @@ func (w *mappingWriter) backgroundFold(recs []mapping, done chan struct{}) {
 	w.folds.Add(1)
 	w.foldAt = w.foldEvery
 	if err := w.dropFoldedLocked(len(recs)); err != nil {
+		// As above: they go with the next fold, not after every write.
+		w.foldAt = len(w.unfolded) + w.foldEvery
 		w.log.Warn("fake-ip journal: folded records kept; they are folded again later", "err", err)
 		return
 	}
@@ -305,11 +306,7 @@ func (w *mappingWriter) dropFoldedLocked(n int) error {
 	if err != nil {
 		return fmt.Errorf("fake-ip journal: %w", err)
 	}
-	w.buf = w.buf[:0]
-	for _, m := range rest {
-		w.buf = appendRecord(w.buf, m)
-	}
-	if _, err = f.Write(w.buf); err == nil {
+	if _, err = f.Write(w.encodeLocked(rest)); err == nil {
 		err = os.Rename(f.Name(), w.path)
 	}
 	if err != nil {
@@ -322,11 +319,27 @@ func (w *mappingWriter) dropFoldedLocked(n int) error {
 	w.unfolded = slices.Clone(rest)
 	w.mu.Lock()
 	clear(w.journaled)
-	for _, m := range w.unfolded {
+	w.mu.Unlock()
+	w.noteJournaledLocked(w.unfolded)
+	return nil
+}
+
+// encodeLocked encodes ms as journal records into w.buf.
+func (w *mappingWriter) encodeLocked(ms []mapping) []byte {
+	w.buf = w.buf[:0]
+	for _, m := range ms {
+		w.buf = appendRecord(w.buf, m)
+	}
+	return w.buf
+}
+
+// noteJournaledLocked records ms, now in the journal, for write's check.
+func (w *mappingWriter) noteJournaledLocked(ms []mapping) {
+	w.mu.Lock()
+	for _, m := range ms {
 		w.journaled[m.ip] = m.host
 	}
 	w.mu.Unlock()
-	return nil
 }
 
 // lockIdle takes io once no fold runs in the background.
@@ -350,11 +363,7 @@ func (w *mappingWriter) appendLocked(ms []mapping) error {
 	if len(ms) == 0 {
 		return nil
 	}
-	w.buf = w.buf[:0]
-	for _, m := range ms {
-		w.buf = appendRecord(w.buf, m)
-	}
-	n, err := w.journal.Write(w.buf)
+	n, err := w.journal.Write(w.encodeLocked(ms))
 	if err != nil {
 		// A torn record would end the replay: cut it off.
 		if n > 0 {
@@ -365,11 +374,7 @@ func (w *mappingWriter) appendLocked(ms []mapping) error {
 	w.size += int64(n)
 	w.commits.Add(1)
 	w.unfolded = append(w.unfolded, ms...)
-	w.mu.Lock()
-	for _, m := range ms {
-		w.journaled[m.ip] = m.host
-	}
-	w.mu.Unlock()
+	w.noteJournaledLocked(ms)
 	return nil
 }
 

@@ -204,7 +204,7 @@ var liveMappings atomic.Pointer[mappingWriter]
 // putMapping records m as mihomo's cachefile store does (address → name and
 // name → address), dropping the name the address had before.
 func putMapping(tx *bbolt.Tx, m mapping) error {
-	bk, err := tx.CreateBucketIfNotExists(m.bucket)
+	bk, err := tx.CreateBucketIfNotExists(bucketFor(m.ip))
 	if err != nil {
 		return err
 	}
@@ -247,7 +247,7 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 		if mapped, ok := e.LookupFakeIP(ip); !ok || mapped != host {
 			continue
 		}
-		if err := w.write(mapping{bucket: bucketFor(ip), host: host, ip: ip}); err != nil {
+		if err := w.write(mapping{host: host, ip: ip}); err != nil {
 			return fmt.Errorf("fake-ip mapping %s → %v not written: %w", host, ip, err)
 		}
 	}

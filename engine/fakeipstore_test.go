@@ -150,7 +150,7 @@ func TestMappingsReusedAddress(t *testing.T) {
 	db := tempDB(t)
 	put := func(host, addr string) {
 		t.Helper()
-		m := mapping{bucket: []byte("fakeip"), host: host, ip: ip(addr)}
+		m := mapping{host: host, ip: ip(addr)}
 		if err := db.Update(func(tx *bbolt.Tx) error { return putMapping(tx, m) }); err != nil {
 			t.Fatal(err)
 		}

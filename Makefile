@@ -9,7 +9,7 @@ GOFILES := $(shell find . -name '*.go' -not -path './bin/*' 2>/dev/null)
 # Tests that touch the kernel run in namespaces and may take a while.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: build test fuzz demo bench lint deps rules clean
+.PHONY: build test race fuzz demo bench lint deps rules clean
 
 ## build: compile bin/tpgw (rebuilt only when Go files change)
 build: bin/tpgw
@@ -27,7 +27,13 @@ test: deps build lint
 	TPGW_BIN=$(CURDIR)/bin/tpgw $(GO) test -count=1 -run '^$$' ./... >/dev/null # compile every test binary with full parallelism first
 	TPGW_BIN=$(CURDIR)/bin/tpgw TPGW_OPENWRT_ARCHES=all $(GO) test -p 1 -count=1 -timeout $(TEST_TIMEOUT) ./...
 	$(MAKE) router-e2e
+	$(MAKE) race
 	$(MAKE) fuzz
+
+## race: the packages whose goroutines share state (the engine's flows, fake-ip pools and journal, the DNS server, the relay) under the race detector
+RACE_PKGS ?= ./engine/ ./dns/ ./relay/ ./internal/tsock/
+race:
+	TPGW_BIN=$(CURDIR)/bin/tpgw $(GO) test -race -p 1 -count=1 -timeout $(TEST_TIMEOUT) $(RACE_PKGS)
 
 ## fuzz: run each fuzz target for FUZZTIME executions (parsers of untrusted bytes)
 # A count of executions, not a duration, and a short minimization of each new

@@ -16,6 +16,7 @@ import (
 
 	"github.com/metacubex/chi"
 	"github.com/metacubex/http"
+	"github.com/metacubex/mihomo/component/fakeip"
 	"github.com/metacubex/mihomo/component/resolver"
 	"github.com/metacubex/mihomo/component/updater"
 	"github.com/metacubex/mihomo/config"
@@ -103,18 +104,47 @@ func decisionsChanged() {
 
 // flushFakeIP is mihomo's POST /cache/fakeip/flush (dashboards' "flush
 // fake-ip"), which also empties the mappings cache.db keeps for the pools
-// tpgw keeps in memory.
+// tpgw keeps in memory. Those go first: a name the pools map meanwhile
+// keeps its record (then stale, and overwritten when its address is handed
+// on), where the other way round it could be gone from cache.db while a
+// client still holds its address, which a restart might then hand to
+// another name.
 func flushFakeIP(w http.ResponseWriter, _ *http.Request) {
-	if err := resolver.FlushFakeIP(); err != nil {
-		writeError(w, http.StatusBadRequest, err.Error())
-		return
-	}
 	if err := flushStoredMappings(); err != nil {
 		writeError(w, http.StatusInternalServerError, "tpgw: "+err.Error())
 		return
 	}
+	if err := flushPools(); err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
 	w.WriteHeader(http.StatusNoContent)
 }
+
+// flushPools empties the running config's fake-ip pools, as mihomo's
+// resolver.FlushFakeIP does, but each under the pool's own lock: mihomo's
+// Pool.FlushFakeIP moves the pool's position without it, a data race with
+// the queries answered meanwhile (TestFlushWhileAnswering under -race).
+func flushPools() error {
+	pools := livePools.Load()
+	if pools == nil || !poolLayout.ok {
+		return resolver.FlushFakeIP()
+	}
+	for _, p := range *pools {
+		mu := lockedPool{p}.mux()
+		mu.Lock()
+		err := p.FlushFakeIP()
+		mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// livePools are the running config's fake-ip pools, for flushPools
+// (mihomo's state is process-wide, and so is this).
+var livePools atomic.Pointer[[]*fakeip.Pool]
 
 func refuse(msg string) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) { writeError(w, http.StatusForbidden, msg) }

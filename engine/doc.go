@@ -75,7 +75,14 @@
 // leave, and folds the journal into cache.db every few thousand names
 // (fakeipstore.go, fakeipjournal.go): mihomo wrote each one to cache.db
 // under the pool's lock, so a burst of new names was answered one disk
-// write at a time.
+// write at a time. A dashboard's "flush fake-ip" empties each pool under
+// the pool's lock, which mihomo's flush does not take (controller.go).
+//
+// Under the race detector (make race, and a race-built tpgw through the
+// e2e tests) two races remain, both mihomo's own and benign in practice:
+// its log level is a plain variable that ApplyConfig sets while its
+// goroutines log, and a reload replaces the resolver's package variables
+// (updateDNS) while the tunnel reads them.
 //
 // mihomo keeps its state in package variables, so a process runs one Engine.
 package engine

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -161,6 +162,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 	hub.ApplyConfig(cfg)
 	e.controller = controllerSettings(cfg)
 	e.pools = fakeIPPools(cfg)
+	livePools.Store(new(slices.Clone(e.pools)))
 	logLevel.Store(int32(cfg.General.LogLevel))
 	e.keepDNSView(cfg)
 	log.Info("mihomo started", "proxies", len(tunnel.Proxies()), "rules", len(tunnel.Rules()),
@@ -257,6 +259,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	// No fake IP handed out so far goes to a new name now (fakeip.go).
 	handOver(e.pools, built)
 	e.pools = fakeIPPools(cfg)
+	livePools.Store(new(slices.Clone(e.pools)))
 	if e.fakeIPs != nil {
 		e.fakeIPs.afterReload(cfg)
 	} else if e.fakeIPs, err = startFakeIPKeeper(cfg, e.stateDir, e.log); err != nil {

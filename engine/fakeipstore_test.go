@@ -282,6 +282,70 @@ func TestFlushFakeIP(t *testing.T) {
 	}
 }
 
+// TestFlushWhileAnswering: a flush while new names are answered leaves every
+// answer in the pool's range and the pool usable. mihomo's Pool.FlushFakeIP
+// moves the position without the pool's lock; tpgw's flush takes it (the
+// data race shows under go test -race, which make test runs on this package).
+func TestFlushWhileAnswering(t *testing.T) {
+	prefix := testEngine.pools[0].IPNet()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			q := new(D.Msg)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				q.SetQuestion(fmt.Sprintf("during-flush-%d-%d.example.", g, i), D.TypeA)
+				r, err := testEngine.ServeDNS(context.Background(), q)
+				if err == nil && len(r.Answer) != 1 {
+					err = fmt.Errorf("answer %v", r)
+				}
+				if err == nil {
+					if ip, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A.To4()); !prefix.Contains(ip) {
+						err = fmt.Errorf("%s answered %v, outside %v", q.Question[0].Name, ip, prefix)
+					}
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for range 20 {
+		rec := httptest.NewRecorder()
+		flushFakeIP(rec, httptest.NewRequest(http.MethodPost, "/cache/fakeip/flush", nil))
+		if rec.Code != http.StatusNoContent {
+			t.Errorf("flush: %d %s", rec.Code, rec.Body)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	// The pool goes on: a name asked after the flushes maps both ways.
+	q := new(D.Msg)
+	q.SetQuestion("after-flushes.example.", D.TypeA)
+	r, err := testEngine.ServeDNS(context.Background(), q)
+	if err != nil || len(r.Answer) != 1 {
+		t.Fatalf("answer after the flushes: %v, %v", r, err)
+	}
+	ip, _ := netip.AddrFromSlice(r.Answer[0].(*D.A).A.To4())
+	if host, ok := testEngine.LookupFakeIP(ip); !ok || host != "after-flushes.example" {
+		t.Errorf("%v maps back to %q (%v), want after-flushes.example", ip, host, ok)
+	}
+}
+
 func TestMemoryStoreSize(t *testing.T) {
 	for prefix, want := range map[string]int{
 		"198.18.0.0/16": 1 << 16, "10.99.0.0/24": 256, "10.0.0.0/8": maxMemoryStore, "fd00::/64": maxMemoryStore, "fd00::/108": 1 << 20, "fd00::/120": 256,

@@ -42,7 +42,10 @@ func ListenTCP(addr string, h TCPHandler, log *slog.Logger) (*TCPListener, error
 	}
 	// IP_TRANSPARENT (CAP_NET_ADMIN) lets it accept connections to
 	// non-local addresses, which is what TPROXY delivers.
-	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent)}
+	// Keep-alive probes are set once on the listener, which the accepted
+	// connections inherit; KeepAlive < 0 stops Go's Accept from setting
+	// them again on each (four setsockopt calls per connection).
+	lc := net.ListenConfig{Control: tsock.Control(tsock.SetTransparent, tsock.SetKeepAlive), KeepAlive: -1}
 	// Go ≥ 1.24 listens with MPTCP by default; TPROXY does not divert MPTCP
 	// subflows to the listener on some kernels, so force plain TCP.
 	lc.SetMultipathTCP(false)

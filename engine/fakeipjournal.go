@@ -438,7 +438,7 @@ func (w *mappingWriter) fold() error {
 }
 
 // flush forgets the journal's mappings and empties cache.db's fake-ip
-// buckets, after mihomo emptied the pools (POST /cache/fakeip/flush).
+// buckets (POST /cache/fakeip/flush, before the pools are emptied).
 func (w *mappingWriter) flush() error {
 	w.lockIdle()
 	defer w.io.Unlock()
@@ -488,9 +488,9 @@ func (w *mappingWriter) close() error {
 	return err
 }
 
-// flushStoredMappings empties cache.db's fake-ip buckets and the journal,
-// after mihomo emptied the pools (POST /cache/fakeip/flush): mihomo's own
-// flush reaches only the memory stores tpgw gave its persisted pools.
+// flushStoredMappings empties cache.db's fake-ip buckets and the journal
+// (POST /cache/fakeip/flush, before flushPools empties the pools): mihomo's
+// own flush reaches only the memory stores tpgw gave its persisted pools.
 func flushStoredMappings() error {
 	if w := liveMappings.Load(); w != nil {
 		return w.flush()

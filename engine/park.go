@@ -386,23 +386,23 @@ func newParker() (*parker, error) {
 		}
 		return nil, fmt.Errorf("engine: epoll eventfd: %w", err)
 	}
-	var rc syscall.RawConn
-	if err = unix.SetNonblock(epfd, true); err == nil {
-		p := &parker{epfd: epfd, wake: wake, flows: map[uint32]*flow{}, done: make(chan struct{}), events: make([]unix.EpollEvent, 128)}
-		// Non-blocking, so os.NewFile puts it in Go's poller.
-		p.epFile = os.NewFile(uintptr(epfd), "tpgw-parked-flows")
-		if rc, err = p.epFile.SyscallConn(); err == nil {
-			p.takeFn = p.take
-			go p.poll(rc)
-			return p, nil
-		}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, fmt.Errorf("engine: epoll: %w", err)
+	}
+	p := &parker{epfd: epfd, wake: wake, flows: map[uint32]*flow{}, done: make(chan struct{}), events: make([]unix.EpollEvent, 128)}
+	// Non-blocking, so os.NewFile puts it in Go's poller.
+	p.epFile = os.NewFile(uintptr(epfd), "tpgw-parked-flows")
+	rc, err := p.epFile.SyscallConn()
+	if err != nil {
 		p.epFile.Close()
 		unix.Close(wake)
 		return nil, fmt.Errorf("engine: epoll in Go's poller: %w", err)
 	}
-	unix.Close(epfd)
-	unix.Close(wake)
-	return nil, fmt.Errorf("engine: epoll: %w", err)
+	p.takeFn = p.take
+	go p.poll(rc)
+	return p, nil
 }
 
 // close ends every flow, stops the poller and closes the epoll set.

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metacubex/sing/common/bufio"
+
 	"github.com/tpgw/tpgw/internal/testsrv"
 )
 
@@ -203,6 +205,40 @@ func TestLazySpliceConnClose(t *testing.T) {
 			t.Fatalf("peer read %d of %d bytes, then %v; want all, then a reset (ECONNRESET)", len(got), len(payload), err)
 		}
 	})
+}
+
+// TestLazySpliceArmedByAnswer: the client's side of a flow mihomo's tunnel
+// relays (the sniffer is on) is armed before the remote's first byte reaches
+// the client, also while the client → remote copy has not asked yet (it
+// writes the sniffer's peeked bytes first, and on a loaded host it can be
+// that late): a process that dies right after the answer resets the
+// client instead of ending its stream with a FIN.
+func TestLazySpliceArmedByAnswer(t *testing.T) {
+	client, inbound := tcpPair(t)
+	remote, remotePeer := tcpPair(t)
+	lc := newLazySplice(inbound.(*net.TCPConn))
+	copied := make(chan error, 1)
+	// Only the remote → client copy, as sing's relay runs it.
+	go func() { _, err := bufio.Copy(lc.buffered, remote); copied <- err }()
+	defer func() {
+		remotePeer.Close()
+		select {
+		case <-copied:
+		case <-time.After(5 * time.Second):
+			t.Error("the remote → client copy did not end within 5s of the remote's close")
+		}
+	}()
+	if _, err := remotePeer.Write([]byte("answer")); err != nil {
+		t.Fatal(err)
+	}
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, make([]byte, len("answer"))); err != nil {
+		t.Fatalf("the answer through the copy: %v", err)
+	}
+	lc.TCPConn.Close() // the descriptor closed, as by the kernel when the process dies
+	if n, err := client.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client after the answer and its socket's close: read %d bytes, %v; want a reset (ECONNRESET)", n, err)
+	}
 }
 
 // TestDrainSendsBounded: a cut flow waits for its queued bytes only while

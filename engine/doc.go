@@ -76,7 +76,9 @@
 // (fakeipstore.go, fakeipjournal.go): mihomo wrote each one to cache.db
 // under the pool's lock, so a burst of new names was answered one disk
 // write at a time. A dashboard's "flush fake-ip" empties each pool under
-// the pool's lock, which mihomo's flush does not take (controller.go).
+// the pool's lock, which mihomo's flush does not take (controller.go). A
+// TPROXYed datagram whose mihomo worker queue is full waits for room, up to
+// 10 ms, instead of being dropped at once (udpqueue.go).
 //
 // Under the race detector (make race, and a race-built tpgw through the
 // e2e tests) two races remain, both mihomo's own and benign in practice:

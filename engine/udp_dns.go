@@ -9,8 +9,6 @@ import (
 	D "github.com/miekg/dns"
 
 	"github.com/metacubex/mihomo/component/resolver"
-	C "github.com/metacubex/mihomo/constant"
-	"github.com/metacubex/mihomo/tunnel"
 )
 
 // ErrNoDNS is returned by ServeDNS when the mihomo config has no dns block enabled.
@@ -47,15 +45,15 @@ func (e *Engine) LookupFakeIP(ip netip.Addr) (string, bool) {
 	return resolver.FindHostByIP(ip)
 }
 
-// HandleUDP hands one TPROXYed datagram to mihomo. It does not block: mihomo
-// queues it per source, matches rules for a new session, and sends replies
-// through reply. reply's from is the address the reply must appear to come
+// HandleUDP hands one TPROXYed datagram to mihomo. It blocks only while
+// mihomo's queue for the datagram's source is full, up to udpQueueWait
+// (udpqueue.go): mihomo queues it per source, matches rules for a new
+// session, and sends replies through reply. reply's from is the address the reply must appear to come
 // from; when it is invalid the reply comes from the flow's original
 // destination. release is called once mihomo no longer needs data (the
 // relay may recycle the buffer then).
 func (e *Engine) HandleUDP(src, dst netip.AddrPort, data []byte, reply func(b []byte, from netip.AddrPort) (int, error), release func()) {
-	p := &udpPacket{src: src, data: data, reply: reply, release: release}
-	tunnel.Tunnel.HandleUDPPacket(p, e.metadata(C.UDP, src, dst))
+	e.queueUDP(&udpPacket{src: src, data: data, reply: reply, release: release}, src, dst)
 }
 
 // udpPacket adapts a relay datagram to mihomo's C.UDPPacket.

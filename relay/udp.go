@@ -18,7 +18,9 @@ import (
 
 // UDPHandler receives TPROXYed UDP datagrams (engine.Engine satisfies it).
 //
-// HandleUDP must not block. data is valid until release is called, which the
+// HandleUDP must not block for long: while it runs, datagrams wait in the
+// listener's socket buffer (the engine waits at most 10 ms, for room in a
+// full queue). data is valid until release is called, which the
 // handler does exactly once, when it no longer needs data (the relay then
 // recycles the buffer). reply(b, from) sends b to src so that it appears to
 // come from from (full cone: the address the reply really came from), or from
@@ -356,7 +358,8 @@ func (l *UDPListener) Close() error {
 	err := l.conn.Close()
 	close(l.stop)
 	l.janitor.Wait()
-	// Serve returns at its next read; HandleUDP does not block, so this is short.
+	// Serve returns at its next read; HandleUDP blocks for at most a few
+	// milliseconds, so this is short.
 	l.serving.Wait()
 	l.table.close()
 	l.home.Close()

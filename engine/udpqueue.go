@@ -21,9 +21,9 @@ import (
 // busy, the worker goroutine is sometimes not run for a few milliseconds,
 // and a stream of datagrams then overflowed its queue: of 134,000 datagrams
 // at 300 Mbit/s in the bench's namespaces, 300–1,600 were dropped there in
-// each of 4 runs (0.28–1.54% lost in all, kernel forwarding 0.05–0.33% in
-// the same runs); with the wait, 10–18 found the queue full, none waited
-// out udpQueueWait, and 0.14–0.19% were lost (kernel forwarding 0.11–0.26%),
+// each of 5 runs (0.28–1.54% lost in all, kernel forwarding 0–0.33% in the
+// same runs); with the wait, 10–18 found the queue full, none waited out
+// udpQueueWait, and 0.14–0.19% were lost (kernel forwarding 0.11–0.26%),
 // most of the rest at the receiving socket as with kernel forwarding.
 //
 // The queues and their once-only set-up are mihomo's unexported variables,

@@ -48,10 +48,10 @@ func (e *Engine) LookupFakeIP(ip netip.Addr) (string, bool) {
 // HandleUDP hands one TPROXYed datagram to mihomo. It blocks only while
 // mihomo's queue for the datagram's source is full, up to udpQueueWait
 // (udpqueue.go): mihomo queues it per source, matches rules for a new
-// session, and sends replies through reply. reply's from is the address the reply must appear to come
-// from; when it is invalid the reply comes from the flow's original
-// destination. release is called once mihomo no longer needs data (the
-// relay may recycle the buffer then).
+// session, and sends replies through reply. reply's from is the address
+// the reply must appear to come from; when it is invalid the reply comes
+// from the flow's original destination. release is called once mihomo no
+// longer needs data (the relay may recycle the buffer then).
 func (e *Engine) HandleUDP(src, dst netip.AddrPort, data []byte, reply func(b []byte, from netip.AddrPort) (int, error), release func()) {
 	e.queueUDP(&udpPacket{src: src, data: data, reply: reply, release: release}, src, dst)
 }

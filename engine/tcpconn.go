@@ -118,11 +118,10 @@ type lazySpliceConn struct {
 	down     atomic.Int64
 	// buffered is the BufferedConn mihomo reads this connection through
 	// (sniffing, the first-byte peek), until the relay starts.
-	buffered  *N.BufferedConn
-	mu        sync.Mutex // guards armed and closed
-	armed     bool       // armReset (Close disarms or drains)
-	closed    bool
-	armedOnce atomic.Bool // armed was set (arm's check without mu)
+	buffered *N.BufferedConn
+	mu       sync.Mutex  // guards setting armed and closed
+	armed    atomic.Bool // armReset (Close disarms or drains); read without mu by arm's fast path
+	closed   bool
 }
 
 // lazySplice wraps c and returns the mihomo BufferedConn around the wrapper,
@@ -146,15 +145,14 @@ func newLazySplice(c *net.TCPConn) *lazySpliceConn {
 // first (seen on a loaded host: a process killed right after the answer
 // ended the flow with a FIN).
 func (c *lazySpliceConn) arm() {
-	if c.armedOnce.Load() {
+	if c.armed.Load() {
 		return // the copies ask before every chunk
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !c.closed && !c.armed {
+	if !c.closed && !c.armed.Load() {
 		armReset(c.TCPConn)
-		c.armed = true
-		c.armedOnce.Store(true)
+		c.armed.Store(true)
 	}
 }
 
@@ -165,7 +163,7 @@ func (c *lazySpliceConn) arm() {
 func (c *lazySpliceConn) Close() error {
 	c.mu.Lock()
 	c.closed = true
-	armed := c.armed
+	armed := c.armed.Load()
 	c.mu.Unlock()
 	if armed {
 		if finished(c.TCPConn) {

@@ -27,7 +27,7 @@ import (
 // most of the rest at the receiving socket as with kernel forwarding.
 //
 // The queues and their once-only set-up are mihomo's unexported variables,
-// reached by name as flow.go reaches its functions; TestMihomoInternals
+// reached by name as flow.go reaches its functions; TestUDPThroughMihomoQueues
 // checks that they are there and that a queued datagram is relayed.
 
 //go:linkname mihomoUDPInit github.com/metacubex/mihomo/tunnel.udpInit

@@ -69,6 +69,7 @@ type Server struct {
 
 	queries, malformed, errs atomic.Uint64
 	workers                  atomic.Uint64 // UDP workers started (udpWorker)
+	workerReplies            replyCombiner // the UDP workers' answers (sendReply)
 	cache                    *replyCache
 	local                    *localForward // ForwardLocalNames; nil: off
 }

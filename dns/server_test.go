@@ -246,6 +246,64 @@ func TestWorkersReused(t *testing.T) {
 	}
 }
 
+// Answers that UDP workers finish while another worker sends wait for
+// that worker, which sends them with its own in batches: their senders
+// return at once, and their query slots stay taken until they are sent.
+func TestWorkerAnswersSentTogether(t *testing.T) {
+	s := startServer(t, "127.0.0.1:0")
+	wantA(t, exchange(t, "udp", s.Addr(), query("first.test", D.TypeA)), "first.test") // serving
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	client := c.LocalAddr().(*net.UDPAddr).AddrPort()
+	const n = 2*udpBatch + 5 // three batches
+	name := func(i int) string { return fmt.Sprintf("together%d.test", i) }
+	answer := func(i int) pendingReply {
+		q := query(name(i), D.TypeA)
+		q.Id = uint16(i)
+		req, err := q.Pack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !s.acquire() {
+			t.Fatal("no query slot")
+		}
+		return pendingReply{reply: s.answer(req, true, netip.AddrPort{}), client: client}
+	}
+
+	rc := &s.workerReplies
+	rc.mu.Lock()
+	rc.sending = true // as if a worker were sending
+	rc.mu.Unlock()
+	for i := range n - 1 {
+		s.sendReply(answer(i)) // returns: left to the sender
+	}
+	if held := len(s.sem); held != n-1 {
+		t.Errorf("%d query slots taken with %d answers waiting, want %d", held, n-1, n-1)
+	}
+	if err := c.SetReadDeadline(time.Now().Add(100 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if k, _, err := c.ReadFrom(make([]byte, 512)); err == nil {
+		t.Fatalf("an answer (%d bytes) left while they waited for the sender", k)
+	}
+	rc.mu.Lock()
+	rc.sending = false // that worker is done
+	rc.mu.Unlock()
+	s.sendReply(answer(n - 1)) // the next answer's worker sends them all
+	wantAnswers(t, c, s, n, name)
+	if held := len(s.sem); held != 0 {
+		t.Errorf("%d query slots still taken after the answers went", held)
+	}
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	if rc.sending || len(rc.pending) != 0 {
+		t.Errorf("after the send: sending %v, %d answers pending", rc.sending, len(rc.pending))
+	}
+}
+
 func TestSlowEngine(t *testing.T) {
 	s := startServer(t, "127.0.0.1:0")
 	c := &D.Client{Net: "udp", Timeout: queryTimeout + 2*time.Second}

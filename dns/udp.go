@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
@@ -24,7 +25,10 @@ func (s *Server) serveUDP() error {
 	if err == nil {
 		var rb *replyBatch
 		if rb, err = s.newReplyBatch(); err == nil {
-			return s.readUDP(br, rb)
+			if s.workerReplies.rb, err = s.newReplyBatch(); err == nil {
+				rb.bufs = new([udpBatch][maxCachedReply]byte)
+				return s.readUDP(br, rb)
+			}
 		}
 	}
 	// A Close before the reader was made (it reaches the socket) is no error.
@@ -84,7 +88,7 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *repl
 	default:
 		s.workers.Add(1)
 		s.wg.Add(1)
-		go s.udpWorker(q, rb)
+		go s.udpWorker(q)
 	}
 	return true
 }
@@ -105,22 +109,18 @@ const workerIdle = time.Second
 // stack, and growing (copying) it took 7% of the process's CPU while new
 // names came in.
 //
-// A worker sends its answers with a raw system call (sendmmsg of one, like
-// the reader's batches), on ls, the listening socket the reader's batch
-// holds (only its socket, which does not change, is used here), or on a
-// reply socket.
-func (s *Server) udpWorker(q udpQuery, ls *replyBatch) {
+// A worker sends its answers together with those other workers finish
+// meanwhile (sendReply).
+func (s *Server) udpWorker(q udpQuery) {
 	defer s.wg.Done()
 	wait := time.NewTimer(workerIdle)
 	defer wait.Stop()
-	w := tsock.NewBatchWriter(1, workerOOB)
 	for {
 		if reply := s.answer(q.req, true, q.origDst); reply != nil {
-			if err := s.replyUDP(w, ls, reply, q.client, q.origDst); err != nil {
-				s.log.Debug("udp reply", "client", q.client, "from", q.origDst, "err", err)
-			}
+			s.sendReply(pendingReply{reply, q.client, q.origDst}) // releases
+		} else {
+			s.release()
 		}
-		s.release()
 		wait.Reset(workerIdle)
 		select {
 		case q = <-s.idle:
@@ -135,7 +135,7 @@ func (s *Server) udpWorker(q udpQuery, ls *replyBatch) {
 // replyBatch holds the cached answers of one burst of queries until they
 // are sent together.
 type replyBatch struct {
-	bufs    [udpBatch][maxCachedReply]byte
+	bufs    *[udpBatch][maxCachedReply]byte // the reader's: for slot
 	pending []pendingReply
 	w       *tsock.BatchWriter
 	rc      syscall.RawConn // the listening socket's
@@ -175,7 +175,13 @@ func (rb *replyBatch) add(reply []byte, client, origDst netip.AddrPort) {
 
 // flushReplies sends the queued answers: those that leave from the
 // listening socket in one sendmmsg, and those that leave from a reply
-// socket (TPROXYed queries) in one per socket.
+// socket (TPROXYed queries) in one per socket. Each answer leaves from the
+// address its client sent the query to (origDst), as a client drops a
+// reply from any other address or port: a TPROXYed query (say to
+// 203.0.113.2:53) arrived on our port with its destination unchanged, and
+// its answer leaves from a transparent socket bound to that address; one
+// sent to this server's port is answered from the listening socket, with
+// origDst as source address (sourceCmsg).
 func (s *Server) flushReplies(rb *replyBatch) {
 	if len(rb.pending) == 0 {
 		return
@@ -207,34 +213,53 @@ func (s *Server) flushReplies(rb *replyBatch) {
 	rb.pending = rb.pending[:0]
 }
 
-// workerOOB is room for a worker's control message (sourceCmsg).
-const workerOOB = 64
+// replyCombiner gathers the answers of UDP workers. The first worker with
+// an answer sends it, and then every answer other workers finish while it
+// sends, a batch at a time, until none is left; those workers do not wait.
+// New names often finish together: their answers wait for one journal
+// write (the engine's persisted fake-ip pool), and are then sent in a few
+// sendmmsg calls instead of one each. A worker that finds nothing else
+// sends its answer at once, as alone.
+type replyCombiner struct {
+	mu      sync.Mutex
+	pending []pendingReply // answers to send
+	spare   []pendingReply // the last batch sent, emptied, for reuse
+	sending bool           // a worker is sending
+	rb      *replyBatch    // the sender's (the listening socket's, its own writer)
+}
 
-// replyUDP sends reply to client so that it comes from origDst, the address
-// the client sent its query to, through w (empty; a batch of one). A
-// TPROXYed query (say to 203.0.113.2:53) arrived on our port with its
-// destination unchanged; a client drops a reply from any other address or
-// port, so the reply leaves from a transparent socket bound to origDst. A
-// query sent to this server's own port is answered from the listening
-// socket (ls's), with origDst as source address.
-func (s *Server) replyUDP(w *tsock.BatchWriter, ls *replyBatch, reply []byte, client, origDst netip.AddrPort) error {
-	var queued bool
-	switch {
-	case !origDst.IsValid():
-		queued = w.Add(reply, client, nil, ls.v6)
-	case origDst.Port() == s.addr.Port():
-		queued = w.Add(reply, client, sourceCmsg(origDst.Addr()), ls.v6)
-	case !s.transparent:
-		// Cannot happen without tproxy, which needs a transparent socket.
-		return fmt.Errorf("query to %v on a non-transparent socket", origDst)
-	default:
-		return s.replies.sendBatch(w, origDst, []pendingReply{{reply, client, origDst}})
+// sendReply sends p, an answer a worker finished (p.reply is its own), or
+// leaves it to the worker sending now. Its query's slot (acquire) is
+// released once it is sent, so that answers waiting here count against
+// maxInFlight.
+func (s *Server) sendReply(p pendingReply) {
+	c := &s.workerReplies
+	c.mu.Lock()
+	c.pending = append(c.pending, p)
+	if c.sending {
+		c.mu.Unlock()
+		return
 	}
-	if !queued {
-		// An IPv6 client on an IPv4 socket: cannot happen.
-		return fmt.Errorf("reply to %v cannot be sent on this socket", client)
+	c.sending = true
+	for len(c.pending) > 0 {
+		batch := c.pending
+		c.pending = c.spare
+		c.mu.Unlock()
+		for rest := batch; len(rest) > 0; {
+			n := min(len(rest), udpBatch)
+			c.rb.pending = rest[:n]
+			s.flushReplies(c.rb) // clears them
+			for range n {
+				s.release()
+			}
+			rest = rest[n:]
+		}
+		c.rb.pending = nil
+		c.mu.Lock()
+		c.spare = batch[:0]
 	}
-	return w.Flush(ls.rc)
+	c.sending = false
+	c.mu.Unlock()
 }
 
 // sourceCmsg is the control message that makes a reply sent on the listening

@@ -193,13 +193,14 @@ func (e *Engine) keepMappingsInMemory(cfg *config.Config) error {
 		if err := w.fold(); err != nil {
 			return err
 		}
+		w.forgetStored() // the new pools' ranges are read anew
 	} else {
 		var err error
 		if w, err = openMappingWriter(db, e.log); err != nil {
 			return err
 		}
 	}
-	swapped, err := keepInMemory(db, fakeIPPools(cfg))
+	swapped, err := keepInMemory(db, fakeIPPools(cfg), w)
 	if err != nil || !swapped {
 		if w != old {
 			_ = w.close()

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"hash/maphash"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -68,12 +69,13 @@ type mappingWriter struct {
 	db  *bbolt.DB
 	log *slog.Logger
 
-	mu        sync.Mutex // the fields down to journaled
-	idle      sync.Cond  // on mu: running became false
-	next      *commit    // the mappings waiting for the next write
-	running   bool       // a goroutine is writing
-	closed    bool
-	journaled map[netip.Addr]string // the journal's mappings (the last per address)
+	mu      sync.Mutex // the fields down to stored
+	idle    sync.Cond  // on mu: running became false
+	next    *commit    // the mappings waiting for the next write
+	running bool       // a goroutine is writing
+	closed  bool
+	stored  map[[16]byte]uint64 // see storedLocked
+	seed    maphash.Seed
 
 	io          sync.Mutex // the journal file and the fields down to foldAt
 	journal     *os.File
@@ -117,7 +119,7 @@ func openMappingWriter(db *bbolt.DB, log *slog.Logger) (*mappingWriter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fake-ip journal: %w", err)
 	}
-	w := &mappingWriter{db: db, log: log, journal: f, path: path, journaled: map[netip.Addr]string{}, foldEvery: foldEvery, foldAt: foldEvery}
+	w := &mappingWriter{db: db, log: log, journal: f, path: path, stored: map[[16]byte]uint64{}, seed: maphash.MakeSeed(), foldEvery: foldEvery, foldAt: foldEvery}
 	w.idle.L = &w.mu
 	data, err := io.ReadAll(f)
 	if err != nil {
@@ -180,10 +182,51 @@ func parseJournal(data []byte) (recs []mapping, rest int) {
 	return recs, len(data)
 }
 
-// journaledLocked reports whether the journal maps m's address to its name.
-func (w *mappingWriter) journaledLocked(m mapping) bool {
-	host, ok := w.journaled[m.ip]
-	return ok && host == m.host
+// storedLocked reports whether cache.db or the journal maps m's address to
+// its name, as far as this writer knows: stored holds, for each address, a
+// 64-bit hash of the name of the last mapping the writer journaled for it
+// or found in cache.db when its pools were built (noteStored), which are
+// all the fake-ip mappings cache.db and the journal get while the pools
+// keep theirs in memory. A name asked again (answered from the pool's
+// memory) is not written again, and a new one is written without a look
+// into cache.db, which cost 6% of the process's CPU while new names came
+// in. Keys are 16-byte addresses (IPv4 ones IPv4-mapped) and values
+// hashes, so that the collector has no pointers to follow: about 50 bytes
+// per address in use.
+func (w *mappingWriter) storedLocked(m mapping) bool {
+	k, h := w.storedEntry(m)
+	v, ok := w.stored[k]
+	return ok && v == h
+}
+
+// storedEntry is m's key and value in stored. The hash of an IPv6
+// mapping's name is inverted: an IPv6 address that is an IPv4 address in
+// its mapped form (a pool would have to be made so) never counts as
+// written for the IPv4 one.
+func (w *mappingWriter) storedEntry(m mapping) ([16]byte, uint64) {
+	h := maphash.String(w.seed, m.host)
+	if m.ip.Is6() {
+		h = ^h
+	}
+	return m.ip.As16(), h
+}
+
+// noteStored records ms, now in the journal or cache.db, for write's check.
+func (w *mappingWriter) noteStored(ms []mapping) {
+	w.mu.Lock()
+	for _, m := range ms {
+		k, h := w.storedEntry(m)
+		w.stored[k] = h
+	}
+	w.mu.Unlock()
+}
+
+// forgetStored empties stored: cache.db's fake-ip buckets are gone (flush),
+// or are about to be read anew (keepMappingsInMemory).
+func (w *mappingWriter) forgetStored() {
+	w.mu.Lock()
+	clear(w.stored)
+	w.mu.Unlock()
 }
 
 // write journals m (unless cache.db or the journal has it) and returns once
@@ -194,7 +237,7 @@ func (w *mappingWriter) write(m mapping) error {
 		w.mu.Unlock()
 		return errWriterClosed
 	}
-	if w.journaledLocked(m) {
+	if w.storedLocked(m) {
 		w.mu.Unlock()
 		return nil
 	}
@@ -212,20 +255,6 @@ func (w *mappingWriter) write(m mapping) error {
 	return c.err
 }
 
-// unwritten drops from ms the mappings cache.db has already (a name asked
-// again, answered from the pool's memory), looking them up in one read
-// transaction for the whole batch.
-func (w *mappingWriter) unwritten(ms []mapping) []mapping {
-	_ = w.db.View(func(tx *bbolt.Tx) error {
-		ms = slices.DeleteFunc(ms, func(m mapping) bool {
-			bk := tx.Bucket(bucketFor(m.ip))
-			return bk != nil && string(bk.Get(m.ip.AsSlice())) == m.host
-		})
-		return nil
-	})
-	return ms
-}
-
 // commitLoop journals the waiting mappings, a write at a time, until none
 // are left, and folds the journal when it has foldEvery records.
 func (w *mappingWriter) commitLoop() {
@@ -241,7 +270,7 @@ func (w *mappingWriter) commitLoop() {
 		}
 		w.mu.Unlock()
 		w.io.Lock()
-		c.err = w.appendLocked(w.unwritten(c.mappings))
+		c.err = w.appendLocked(c.mappings)
 		close(c.done)
 		if len(w.unfolded) >= w.foldAt && !w.foldRunning && w.journal != nil {
 			w.startFoldLocked()
@@ -317,10 +346,6 @@ func (w *mappingWriter) dropFoldedLocked(n int) error {
 	w.journal.Close()
 	w.journal, w.size = f, int64(len(w.buf))
 	w.unfolded = slices.Clone(rest)
-	w.mu.Lock()
-	clear(w.journaled)
-	w.mu.Unlock()
-	w.noteJournaledLocked(w.unfolded)
 	return nil
 }
 
@@ -331,15 +356,6 @@ func (w *mappingWriter) encodeLocked(ms []mapping) []byte {
 		w.buf = appendRecord(w.buf, m)
 	}
 	return w.buf
-}
-
-// noteJournaledLocked records ms, now in the journal, for write's check.
-func (w *mappingWriter) noteJournaledLocked(ms []mapping) {
-	w.mu.Lock()
-	for _, m := range ms {
-		w.journaled[m.ip] = m.host
-	}
-	w.mu.Unlock()
 }
 
 // lockIdle takes io once no fold runs in the background.
@@ -374,7 +390,7 @@ func (w *mappingWriter) appendLocked(ms []mapping) error {
 	w.size += int64(n)
 	w.commits.Add(1)
 	w.unfolded = append(w.unfolded, ms...)
-	w.noteJournaledLocked(ms)
+	w.noteStored(ms)
 	return nil
 }
 
@@ -411,13 +427,11 @@ func (w *mappingWriter) update(recs []mapping) error {
 	return nil
 }
 
-// truncateLocked empties the journal and forgets its mappings.
+// truncateLocked empties the journal (its mappings are in cache.db, or
+// are being flushed).
 func (w *mappingWriter) truncateLocked() error {
 	clear(w.unfolded)
 	w.unfolded = w.unfolded[:0]
-	w.mu.Lock()
-	clear(w.journaled)
-	w.mu.Unlock()
 	if err := w.journal.Truncate(0); err != nil {
 		// The records stay and are folded again later, which changes
 		// nothing: folding a mapping twice is folding it once.
@@ -458,6 +472,7 @@ func (w *mappingWriter) flush() error {
 		}
 		return nil
 	})
+	w.forgetStored()
 	if err != nil {
 		return fmt.Errorf("cache.db %s: %w", w.db.Path(), err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/metacubex/bbolt"
+	"github.com/metacubex/mihomo/component/fakeip"
 	D "github.com/miekg/dns"
 )
 
@@ -353,3 +354,69 @@ func BenchmarkNewNames(b *testing.B) {
 
 // benchNames numbers the names BenchmarkNewNames asks, across its runs.
 var benchNames atomic.Int64
+
+// TestStoredMappingsNotRewritten: a mapping cache.db had when the pools were
+// built, or one journaled or folded since, is not written again; a name
+// that takes over an address is; after a flush, or with the pools built
+// anew on a reload, the writer knows only what cache.db then holds.
+func TestStoredMappingsNotRewritten(t *testing.T) {
+	db := tempDB(t)
+	for _, m := range []mapping{newMapping("a.example", "198.18.0.4"), newMapping("old.example", "198.18.0.9")} {
+		if err := db.Update(func(tx *bbolt.Tx) error { return putMapping(tx, m) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w, err := openMappingWriter(db, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.close()
+	build := func() {
+		t.Helper()
+		p, err := fakeip.New(fakeip.Options{IPNet: netip.MustParsePrefix("198.18.0.0/24"), Persistence: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if swapped, err := keepInMemory(db, []*fakeip.Pool{p}, w); err != nil || !swapped {
+			t.Fatalf("keepInMemory: %v, %v", swapped, err)
+		}
+	}
+	write := func(m mapping, wantCommits int64) {
+		t.Helper()
+		before := w.commits.Load()
+		if err := w.write(m); err != nil {
+			t.Fatal(err)
+		}
+		if c := w.commits.Load() - before; c != wantCommits {
+			t.Errorf("writing %s → %v took %d journal writes, want %d", m.host, m.ip, c, wantCommits)
+		}
+		if !stored(w, m.host, m.ip) {
+			t.Errorf("%s → %v neither in cache.db nor in the journal", m.host, m.ip)
+		}
+	}
+	build()
+	write(newMapping("a.example", "198.18.0.4"), 0) // in cache.db
+	write(newMapping("b.example", "198.18.0.4"), 1) // takes a.example's address
+	write(newMapping("b.example", "198.18.0.4"), 0) // journaled
+	write(newMapping("a.example", "198.18.0.5"), 1)
+	write(newMapping("six.example", "fdfe::4"), 1)
+	write(newMapping("six.example", "fdfe::4"), 0)
+	write(newMapping("b.example", "::ffff:198.18.0.4"), 1) // not the IPv4 address's
+	if err := w.fold(); err != nil {
+		t.Fatal(err)
+	}
+	write(newMapping("a.example", "198.18.0.5"), 0) // folded
+	// A reload: the journal is folded, the writer forgets, the new pools
+	// read cache.db (keepMappingsInMemory).
+	if err := w.fold(); err != nil {
+		t.Fatal(err)
+	}
+	w.forgetStored()
+	build()
+	write(newMapping("b.example", "198.18.0.4"), 0)
+	write(newMapping("old.example", "198.18.0.9"), 0)
+	if err := w.flush(); err != nil {
+		t.Fatal(err)
+	}
+	write(newMapping("b.example", "198.18.0.4"), 1) // cache.db was emptied
+}

@@ -35,8 +35,10 @@ import (
 //
 // The cost: the mappings of a persisted pool are in memory as well as in
 // cache.db, about 300 bytes per name of 30 characters (measured with
-// runtime.MemStats over 50,000 names): 19 MB once every address of a /16
-// range is in use. The OpenWrt package keeps store-fake-ip off.
+// runtime.MemStats over 50,000 names), and the writer's index of what is
+// written about 50 more (mappingWriter.storedLocked): 23 MB once every
+// address of a /16 range is in use. The OpenWrt package keeps
+// store-fake-ip off.
 
 // storeLayout locates fakeip.Pool's store field (an unexported interface).
 var storeLayout = func() (l struct {
@@ -107,9 +109,10 @@ func memoryStoreSize(prefix netip.Prefix) int {
 }
 
 // keepInMemory gives each persisted pool of pools a memory store holding
-// the mappings cache.db has for its range, and says whether it did. The
-// pools must not be in use yet (mihomo just built them).
-func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
+// the mappings cache.db has for its range, and says whether it did; w
+// notes them as stored (mappingWriter.storedLocked). The pools must not be
+// in use yet (mihomo just built them).
+func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool, w *mappingWriter) (bool, error) {
 	swapped := false
 	for _, p := range pools {
 		if !persistedStore(p) {
@@ -125,9 +128,11 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 			// the pool stays as mihomo made it.
 			continue
 		}
-		if err := loadMappings(db, p, store); err != nil {
+		loaded, err := loadMappings(db, p, store)
+		if err != nil {
 			return swapped, err
 		}
+		w.noteStored(loaded)
 		lp := lockedPool{p}
 		lp.mux().Lock()
 		poolStore(p).Set(poolStore(mem))
@@ -137,10 +142,11 @@ func keepInMemory(db *bbolt.DB, pools []*fakeip.Pool) (bool, error) {
 	return swapped, nil
 }
 
-// loadMappings puts the mappings cache.db holds for p's range into store:
-// those whose address and name point at each other (a name that got
-// another address since leaves a stale entry behind).
-func loadMappings(db *bbolt.DB, p *fakeip.Pool, store storeOps) error {
+// loadMappings puts the mappings cache.db holds for p's range into store,
+// and returns them: those whose address and name point at each other (a
+// name that got another address since leaves a stale entry behind).
+func loadMappings(db *bbolt.DB, p *fakeip.Pool, store storeOps) ([]mapping, error) {
+	var loaded []mapping
 	err := db.View(func(tx *bbolt.Tx) error {
 		bk := tx.Bucket(bucketFor(p.IPNet().Addr()))
 		if bk == nil {
@@ -157,13 +163,14 @@ func loadMappings(db *bbolt.DB, p *fakeip.Pool, store storeOps) error {
 			host := string(v)
 			store.PutByIP(ip, host)
 			store.PutByHost(host, ip)
+			loaded = append(loaded, mapping{host, ip})
 			return nil
 		})
 	})
 	if err != nil {
-		return fmt.Errorf("cache.db %s: reading the fake-ip mappings: %w", db.Path(), err)
+		return nil, fmt.Errorf("cache.db %s: reading the fake-ip mappings: %w", db.Path(), err)
 	}
-	return nil
+	return loaded, nil
 }
 
 // savePositions writes the positions of pools to cache.db where mihomo's

@@ -182,14 +182,25 @@ func TestMappingsReusedAddress(t *testing.T) {
 	if !ok {
 		t.Fatal("the memory store lacks the methods tpgw calls")
 	}
-	if err := loadMappings(db, p, store); err != nil {
+	loaded, err := loadMappings(db, p, store)
+	if err != nil {
 		t.Fatal(err)
+	}
+	returned := map[string]string{}
+	for _, m := range loaded {
+		returned[m.ip.String()] = m.host
 	}
 	for addr, want := range map[string]string{"10.99.0.4": "c.example", "10.99.0.5": "b.example", "10.99.0.7": "d.example", "10.99.0.6": ""} {
 		host, _ := p.LookBack(ip(addr))
 		if host != want {
 			t.Errorf("loaded pool: %s → %q, want %q", addr, host, want)
 		}
+		if returned[addr] != want {
+			t.Errorf("loadMappings returned %s → %q, want %q", addr, returned[addr], want)
+		}
+	}
+	if len(returned) != 3 {
+		t.Errorf("loadMappings returned %v, want the 3 loaded", loaded)
 	}
 	if p.Exist(ip("10.98.0.9")) {
 		t.Error("a mapping outside the pool's range was loaded")

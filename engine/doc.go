@@ -81,10 +81,12 @@
 // 10 ms, instead of being dropped at once (udpqueue.go).
 //
 // Under the race detector (make race, and a race-built tpgw through the
-// e2e tests) two races remain, both mihomo's own and benign in practice:
+// e2e tests) three races remain, all mihomo's own and benign in practice:
 // its log level is a plain variable that ApplyConfig sets while its
-// goroutines log, and a reload replaces the resolver's package variables
-// (updateDNS) while the tunnel reads them.
+// goroutines log, a reload replaces the resolver's package variables
+// (updateDNS) while the tunnel reads them, and the mode a dashboard sets
+// (PATCH /configs, tunnel.SetMode) is a plain variable the tunnel reads
+// for every flow.
 //
 // mihomo keeps its state in package variables, so a process runs one Engine.
 package engine

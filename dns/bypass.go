@@ -95,6 +95,37 @@ func (b *Bypass) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 	return realAnswer(q, addrs, min(ttl, uint32(BypassMaxTTL/time.Second))), nil
 }
 
+// BypassChecker is a DirectResolver that can tell, without the network, a
+// name ResolveDirect would certainly not answer with real addresses.
+// engine.Engine satisfies it.
+type BypassChecker interface {
+	MayBypass(name string, qtype uint16) bool
+}
+
+// NewInstant makes the bypass an InstantEngine when its engine is one and
+// its DirectResolver a BypassChecker: a query that may bypass tpgw waits for
+// a worker (ResolveDirect asks a nameserver); any other goes to the engine's
+// instant answers. Without those, serve answers nothing at once.
+func (b *Bypass) NewInstant() (serve func(*D.Msg) (*D.Msg, bool), settle func()) {
+	ie, ok := b.eng.(InstantEngine)
+	bc, ok2 := b.direct.(BypassChecker)
+	if !ok || !ok2 {
+		return func(*D.Msg) (*D.Msg, bool) { return nil, false }, func() {}
+	}
+	inner, settle := ie.NewInstant()
+	serve = func(q *D.Msg) (*D.Msg, bool) {
+		if len(q.Question) != 1 {
+			return nil, false
+		}
+		qq := q.Question[0]
+		if qq.Qclass == D.ClassINET && (qq.Qtype == D.TypeA || qq.Qtype == D.TypeAAAA) && bc.MayBypass(qq.Name, qq.Qtype) {
+			return nil, false
+		}
+		return inner(q)
+	}
+	return serve, settle
+}
+
 // errReloaded: the rules changed while the answer was being decided.
 type errReloaded struct{}
 

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -30,7 +31,7 @@ func (f *fakeDirect) ResolveDirect(ctx context.Context, name string, qtype uint1
 		if qtype == D.TypeAAAA {
 			return nil, 0, true, ""
 		}
-	case "direct.test.":
+	case "direct.test.", "direct.now.test.":
 	default:
 		return nil, 0, false, "rule MATCH → ss"
 	}
@@ -40,14 +41,26 @@ func (f *fakeDirect) ResolveDirect(ctx context.Context, name string, qtype uint1
 	return []netip.Addr{netip.MustParseAddr("203.0.113.2")}, ttl, true, ""
 }
 
+// MayBypass: the names ResolveDirect answers.
+func (f *fakeDirect) MayBypass(name string, qtype uint16) bool {
+	switch name {
+	case "long.test.", "short.test.", "nov6.test.", "direct.test.", "direct.now.test.":
+		return true
+	}
+	return false
+}
+
 // fakeSet records what was added, and fails when fail is set.
 type fakeSet struct {
-	adds    []string // "addr,addr timeout"
+	mu      sync.Mutex // for tests that add through a server's workers
+	adds    []string   // "addr,addr timeout"
 	flushes int
 	fail    bool
 }
 
 func (s *fakeSet) Add(addrs []netip.Addr, timeout time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.fail {
 		return errors.New("netlink: no such set")
 	}
@@ -59,7 +72,13 @@ func (s *fakeSet) Add(addrs []netip.Addr, timeout time.Duration) error {
 	return nil
 }
 
-func (s *fakeSet) Flush() error { s.flushes++; s.adds = nil; return nil }
+func (s *fakeSet) Flush() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.flushes++
+	s.adds = nil
+	return nil
+}
 
 func askBypass(b *Bypass, name string, qtype uint16) (*D.Msg, error) {
 	q := new(D.Msg)
@@ -198,4 +217,48 @@ func TestBypassThroughServer(t *testing.T) {
 	if r.Id != 4242 || !r.Response || answerText(r) != "203.0.113.2/300" || !slices.Equal(r.Question, q.Question) {
 		t.Errorf("reply %v", r)
 	}
+}
+
+// TestBypassInstant: with the bypass in front of an InstantEngine, a name
+// that may bypass tpgw goes to a worker and gets its real address; any
+// other is answered at once with a fake IP. A DirectResolver that cannot
+// tell (no MayBypass) leaves every query to the workers.
+func TestBypassInstant(t *testing.T) {
+	eng := &instantEngine{settled: map[string]bool{}}
+	set := &fakeSet{}
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), NewBypass(eng, &fakeDirect{}, set, testLogger(t)), testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveUntilCleanup(t, s)
+
+	wantA(t, exchange(t, "udp", s.Addr(), query("fake.now.test", D.TypeA)), "fake.now.test")
+	r := exchange(t, "udp", s.Addr(), query("direct.now.test", D.TypeA))
+	if got := answerText(r); got != "203.0.113.2/300" {
+		t.Errorf("direct.now.test: %q, want its real address", got)
+	}
+	eng.mu.Lock()
+	served := slices.Clone(eng.served)
+	eng.mu.Unlock()
+	set.mu.Lock()
+	adds := slices.Clone(set.adds)
+	set.mu.Unlock()
+	if !slices.Equal(served, []string{"fake.now.test."}) || s.workers.Load() != 1 || len(adds) != 1 {
+		t.Errorf("answered at once %v (want fake.now.test. only), %d workers (want 1), set adds %v (want one)", served, s.workers.Load(), adds)
+	}
+
+	// Without MayBypass: nothing at once.
+	plain := NewBypass(eng, onlyResolve{}, &fakeSet{}, testLogger(t))
+	serve, settle := plain.NewInstant()
+	if r, ok := serve(query("fake.now.test", D.TypeA)); ok {
+		t.Errorf("served at once without MayBypass: %v", r)
+	}
+	settle()
+}
+
+// onlyResolve is a DirectResolver without MayBypass.
+type onlyResolve struct{}
+
+func (onlyResolve) ResolveDirect(ctx context.Context, name string, qtype uint16) ([]netip.Addr, uint32, bool, string) {
+	return nil, 0, false, "not DIRECT"
 }

@@ -47,23 +47,10 @@ type route func(ctx context.Context, q *D.Msg, req []byte) (reply []byte, handle
 // handle is handleMessage that also says for how long the reply may be
 // reused for the same query (0: not at all), with an optional route.
 func handle(ctx context.Context, eng Engine, req []byte, udp bool, rt route) ([]byte, verdict, time.Duration) {
-	if len(req) < headerLen {
-		return nil, malformed, 0
+	q, reply, v := parseQuery(req, udp)
+	if q == nil {
+		return reply, v, 0
 	}
-	q := new(D.Msg)
-	if err := q.Unpack(req); err != nil {
-		return nil, malformed, 0
-	}
-	if q.Response {
-		return nil, malformed, 0
-	}
-	if q.Opcode != D.OpcodeQuery {
-		return pack(refusal(q, D.RcodeNotImplemented), udp, q), malformed, 0
-	}
-	if len(q.Question) != 1 {
-		return pack(refusal(q, D.RcodeFormatError), udp, q), malformed, 0
-	}
-
 	cacheable := true
 	if rt != nil {
 		var reply []byte
@@ -78,6 +65,39 @@ func handle(ctx context.Context, eng Engine, req []byte, udp bool, rt route) ([]
 	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
 	r, err := eng.ServeDNS(ctx, q)
 	cancel()
+	b, v, ttl := finish(q, r, err, udp)
+	if !cacheable {
+		ttl = 0
+	}
+	return b, v, ttl
+}
+
+// parseQuery unpacks req, a standard query with one question, for the
+// engine; otherwise q is nil and reply what to send (nil: nothing), with
+// why.
+func parseQuery(req []byte, udp bool) (q *D.Msg, reply []byte, v verdict) {
+	if len(req) < headerLen {
+		return nil, nil, malformed
+	}
+	q = new(D.Msg)
+	if err := q.Unpack(req); err != nil {
+		return nil, nil, malformed
+	}
+	if q.Response {
+		return nil, nil, malformed
+	}
+	if q.Opcode != D.OpcodeQuery {
+		return nil, pack(refusal(q, D.RcodeNotImplemented), udp, q), malformed
+	}
+	if len(q.Question) != 1 {
+		return nil, pack(refusal(q, D.RcodeFormatError), udp, q), malformed
+	}
+	return q, nil, answered
+}
+
+// finish packs r, the engine's answer to q (or its failure, err), as the
+// reply to send, and says for how long it may be reused.
+func finish(q, r *D.Msg, err error, udp bool) ([]byte, verdict, time.Duration) {
 	if err != nil || r == nil {
 		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
 	}
@@ -92,9 +112,6 @@ func handle(ctx context.Context, eng Engine, req []byte, udp bool, rt route) ([]
 		// The engine's answer does not pack (e.g. a record it built is
 		// invalid): the client still deserves an answer.
 		return pack(refusal(q, D.RcodeServerFailure), udp, q), failed, 0
-	}
-	if !cacheable {
-		return b, answered, 0
 	}
 	return b, answered, cacheTTL(r)
 }

@@ -24,6 +24,23 @@ type Engine interface {
 	ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error)
 }
 
+// InstantEngine is an Engine that answers some queries at once: those its
+// answer takes nothing but the process's memory for (a fake IP, a hosts
+// entry). The UDP reader answers those itself, with the rest of their
+// burst, instead of handing each to a worker to wait for the engine: a
+// burst of new names then costs one write of their fake-ip mappings and
+// one send of their answers, not a worker, a write and a send each.
+type InstantEngine interface {
+	Engine
+	// NewInstant returns the functions of one caller that answers a burst
+	// at a time. serve answers q as ServeDNS would, if it can at once; ok
+	// false leaves q to ServeDNS. settle returns once what the answers serve
+	// returned since the last settle need written (new fake-ip mappings)
+	// is written; none of them may leave before. Neither may run
+	// concurrently with itself or the other.
+	NewInstant() (serve func(q *D.Msg) (r *D.Msg, ok bool), settle func())
+}
+
 // Limits of one Server. A flood of queries or connections cannot make it
 // start more goroutines or hold more sockets than these.
 const (
@@ -280,6 +297,12 @@ func (s *Server) answer(req []byte, udp bool, origDst netip.AddrPort) []byte {
 	if v == answered {
 		s.cache.put(req, b, udp, ttl)
 	}
+	s.count(v)
+	return b
+}
+
+// count counts a query by what became of it, for Stats.
+func (s *Server) count(v verdict) {
 	switch v {
 	case answered:
 		s.queries.Add(1)
@@ -289,7 +312,6 @@ func (s *Server) answer(req []byte, udp bool, origDst netip.AddrPort) []byte {
 	case malformed:
 		s.malformed.Add(1)
 	}
-	return b
 }
 
 // acquire takes a query slot, or reports false once the server is closing.

@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -274,7 +276,18 @@ func TestWorkerAnswersSentTogether(t *testing.T) {
 	}
 
 	rc := &s.workerReplies
-	rc.mu.Lock()
+	// The worker of first.test may still be on its way out of sendReply
+	// after its answer arrived.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		rc.mu.Lock()
+		if !rc.sending && len(s.sem) == 0 {
+			break
+		}
+		rc.mu.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("the first worker did not finish sending in 5 s")
+		}
+	}
 	rc.sending = true // as if a worker were sending
 	rc.mu.Unlock()
 	for i := range n - 1 {
@@ -534,4 +547,162 @@ func TestQueryBurstNotDropped(t *testing.T) {
 	sendQueries(t, c, s.Addr(), n, name)
 	serveUntilCleanup(t, s)
 	wantAnswers(t, c, s, n, name)
+}
+
+// instantEngine is fakeEngine as an InstantEngine: names under now.test are
+// answered at once. settle waits for hold to close when it is set, and
+// marks what serve answered as settled; ServeDNS counts its queries.
+type instantEngine struct {
+	fakeEngine
+	hold     chan struct{}
+	serveDNS atomic.Int64
+
+	mu      sync.Mutex
+	served  []string        // names serve answered, in order
+	settled map[string]bool // of those, the ones settle saw
+	settles int
+}
+
+func (e *instantEngine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
+	e.serveDNS.Add(1)
+	return e.fakeEngine.ServeDNS(ctx, q)
+}
+
+func (e *instantEngine) NewInstant() (func(*D.Msg) (*D.Msg, bool), func()) {
+	var unsettled []string
+	serve := func(q *D.Msg) (*D.Msg, bool) {
+		name := q.Question[0].Name
+		if !strings.HasSuffix(name, ".now.test.") {
+			return nil, false
+		}
+		r, err := e.fakeEngine.ServeDNS(context.Background(), q)
+		if err != nil {
+			return nil, false
+		}
+		unsettled = append(unsettled, name)
+		e.mu.Lock()
+		e.served = append(e.served, name)
+		e.mu.Unlock()
+		return r, true
+	}
+	settle := func() {
+		if e.hold != nil {
+			<-e.hold
+		}
+		e.mu.Lock()
+		for _, n := range unsettled {
+			e.settled[n] = true
+		}
+		e.settles++
+		e.mu.Unlock()
+		unsettled = unsettled[:0]
+	}
+	return serve, settle
+}
+
+func (e *instantEngine) isSettled(name string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.settled[D.Fqdn(name)]
+}
+
+// TestInstantAnswers: queries an InstantEngine answers at once are answered
+// by the reader, with no worker; none leaves before the engine has settled
+// it, and the answers of a burst settle together. Other queries go to a
+// worker; a repeated one comes from the reply cache, and garbage is
+// dropped in the reader.
+func TestInstantAnswers(t *testing.T) {
+	eng := &instantEngine{hold: make(chan struct{}), settled: map[string]bool{}}
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveUntilCleanup(t, s)
+	var release sync.Once
+	unhold := func() { release.Do(func() { close(eng.hold) }) }
+	t.Cleanup(unhold) // before the server's Close, should the test end early
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const n = 40
+	name := func(i int) string { return fmt.Sprintf("q%d.now.test", i) }
+	sendQueries(t, c, s.Addr(), n, name)
+
+	// The reader answers the first burst and waits in settle.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		eng.mu.Lock()
+		served := len(eng.served)
+		eng.mu.Unlock()
+		if served > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reader answered nothing at once in 5 s")
+		}
+	}
+	if err := c.SetReadDeadline(time.Now().Add(100 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if k, _, err := c.ReadFrom(make([]byte, 512)); err == nil {
+		t.Fatalf("an answer (%d bytes) left before the engine settled it", k)
+	}
+	unhold()
+
+	// Every answer, each settled when it arrives.
+	seen := make([]bool, n)
+	buf := make([]byte, 512)
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for got := 0; got < n; got++ {
+		k, _, err := c.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("after %d of %d answers: %v", got, n, err)
+		}
+		r := new(D.Msg)
+		if err := r.Unpack(buf[:k]); err != nil {
+			t.Fatal(err)
+		}
+		if int(r.Id) >= n || seen[r.Id] {
+			t.Fatalf("unexpected or repeated answer id %d", r.Id)
+		}
+		seen[r.Id] = true
+		wantA(t, r, name(int(r.Id)))
+		if !eng.isSettled(name(int(r.Id))) {
+			t.Errorf("the answer for %s arrived before settle", name(int(r.Id)))
+		}
+	}
+	eng.mu.Lock()
+	settles, served := eng.settles, len(eng.served)
+	eng.mu.Unlock()
+	// The first burst, then the rest that waited meanwhile, udpBatch at
+	// a time.
+	if served != n || settles > 1+(n+udpBatch-1)/udpBatch {
+		t.Errorf("%d queries answered at once in %d settles, want %d in at most %d", served, settles, n, 1+(n+udpBatch-1)/udpBatch)
+	}
+	if w, e := s.workers.Load(), eng.serveDNS.Load(); w != 0 || e != 0 {
+		t.Errorf("%d workers started, %d queries to ServeDNS; want none", w, e)
+	}
+
+	// Asked again: the reply cache, not the engine.
+	wantA(t, exchange(t, "udp", s.Addr(), query(name(0), D.TypeA)), name(0))
+	// Not answered at once: a worker, through ServeDNS.
+	wantA(t, exchange(t, "udp", s.Addr(), query("later.test", D.TypeA)), "later.test")
+	eng.mu.Lock()
+	served = len(eng.served)
+	eng.mu.Unlock()
+	if served != n || eng.serveDNS.Load() != 1 || s.workers.Load() != 1 {
+		t.Errorf("after a repeated query and another name: %d served at once (want %d), %d to ServeDNS (want 1), %d workers (want 1)", served, n, eng.serveDNS.Load(), s.workers.Load())
+	}
+	// Garbage: dropped by the reader.
+	malformed := s.Stats().Malformed
+	if _, err := c.WriteTo([]byte("not a dns message"), net.UDPAddrFromAddrPort(s.Addr())); err != nil {
+		t.Fatal(err)
+	}
+	waitAccounted(t, s, n+2+1)
+	if got := s.Stats().Malformed; got != malformed+1 || s.workers.Load() != 1 {
+		t.Errorf("garbage: %d malformed (want %d), %d workers (want 1)", got, malformed+1, s.workers.Load())
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	D "github.com/miekg/dns"
 	"golang.org/x/sys/unix"
 
 	"github.com/tpgw/tpgw/internal/tsock"
@@ -17,17 +18,21 @@ import (
 
 // serveUDP reads queries until the socket is closed. One goroutine reads,
 // a burst at a time (recvmmsg): repeated queries are answered from the
-// reply cache right there, the answers of one burst sent together
-// (sendmmsg); the others are answered each on its own goroutine, at most
-// maxInFlight at once.
+// reply cache right there, and so are those the engine answers at once
+// (InstantEngine), the answers of one burst sent together (sendmmsg); the
+// others are answered each on a worker goroutine, at most maxInFlight at
+// once.
 func (s *Server) serveUDP() error {
 	br, err := tsock.NewBatchReader(s.udp, udpBatch, maxUDPQuery, 128)
 	if err == nil {
-		var rb *replyBatch
-		if rb, err = s.newReplyBatch(); err == nil {
+		rd := &udpReader{}
+		if rd.rb, err = s.newReplyBatch(); err == nil {
 			if s.workerReplies.rb, err = s.newReplyBatch(); err == nil {
-				rb.bufs = new([udpBatch][maxCachedReply]byte)
-				return s.readUDP(br, rb)
+				rd.rb.bufs = new([udpBatch][maxCachedReply]byte)
+				if ie, ok := s.eng.(InstantEngine); ok {
+					rd.serveNow, rd.settle = ie.NewInstant()
+				}
+				return s.readUDP(br, rd)
 			}
 		}
 	}
@@ -38,8 +43,24 @@ func (s *Server) serveUDP() error {
 	return fmt.Errorf("dns: udp: %w", err)
 }
 
+// udpReader is the reading goroutine's state.
+type udpReader struct {
+	rb *replyBatch // the burst's answers
+	// The engine's instant answers (InstantEngine), nil without; unsettled
+	// holds this burst's, to go into the reply cache once settled.
+	serveNow  func(*D.Msg) (*D.Msg, bool)
+	settle    func()
+	unsettled []freshReply
+}
+
+// freshReply is an instant answer (reply, for ttl) to req.
+type freshReply struct {
+	req, reply []byte
+	ttl        time.Duration
+}
+
 // readUDP is serveUDP's loop.
-func (s *Server) readUDP(br *tsock.BatchReader, rb *replyBatch) error {
+func (s *Server) readUDP(br *tsock.BatchReader, rd *udpReader) error {
 	for {
 		msgs, err := br.Read()
 		if err != nil {
@@ -52,11 +73,21 @@ func (s *Server) readUDP(br *tsock.BatchReader, rb *replyBatch) error {
 			continue
 		}
 		for _, m := range msgs {
-			if !s.serveDatagram(m.Data, m.OOB, m.Src, rb) {
+			if !s.serveDatagram(m.Data, m.OOB, m.Src, rd) {
 				return nil
 			}
 		}
-		s.flushReplies(rb)
+		if len(rd.unsettled) > 0 {
+			// Their fake-ip mappings are written before any of them
+			// leaves, or is reused from the cache by a worker.
+			rd.settle()
+			for _, f := range rd.unsettled {
+				s.cache.put(f.req, f.reply, true, f.ttl)
+			}
+			clear(rd.unsettled)
+			rd.unsettled = rd.unsettled[:0]
+		}
+		s.flushReplies(rd.rb)
 	}
 }
 
@@ -68,14 +99,21 @@ const udpBatch = 32
 // unpack and is dropped as garbage.
 const maxUDPQuery = 4096
 
-// serveDatagram answers one query datagram (from the cache, queued in rb
-// and sent with the rest of the burst, or by a worker); false once the
-// server is closing.
-func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *replyBatch) bool {
+// serveDatagram answers one query datagram (from the cache or at once,
+// queued in rd.rb and sent with the rest of the burst, or by a worker);
+// false once the server is closing.
+func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rd *udpReader) bool {
 	origDst, _ := tsock.ParseOrigDst(oob) // invalid when none
+	rb := rd.rb
 	if reply := s.cache.appendReply(rb.slot(), data, true); reply != nil {
 		s.queries.Add(1)
 		rb.add(reply, client, origDst)
+		return true
+	}
+	if reply, done := s.answerNow(data, rd); done {
+		if reply != nil {
+			rb.add(reply, client, origDst)
+		}
 		return true
 	}
 	if !s.acquire() {
@@ -91,6 +129,36 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rb *repl
 		go s.udpWorker(q)
 	}
 	return true
+}
+
+// answerNow answers req in the reader when the engine can at once, or
+// drops it (or refuses it) as malformed; done false leaves it to a worker.
+// Local names (ForwardLocalNames) go to a worker: they are forwarded.
+func (s *Server) answerNow(req []byte, rd *udpReader) (reply []byte, done bool) {
+	if rd.serveNow == nil {
+		return nil, false
+	}
+	q, reply, v := parseQuery(req, true)
+	if q == nil {
+		s.count(v)
+		return reply, true
+	}
+	if s.local != nil && isLocalName(q.Question[0].Name) {
+		return nil, false
+	}
+	r, ok := rd.serveNow(q)
+	if !ok {
+		return nil, false
+	}
+	reply, v, ttl := finish(q, r, nil, true)
+	if v == answered {
+		rd.unsettled = append(rd.unsettled, freshReply{req, reply, ttl})
+	} else {
+		// Settle before it leaves all the same.
+		rd.unsettled = append(rd.unsettled, freshReply{req, reply, 0})
+	}
+	s.count(v)
+	return reply, true
 }
 
 // udpQuery is a query the reply cache could not answer.

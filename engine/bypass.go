@@ -52,39 +52,9 @@ func (e *Engine) keepDNSView(cfg *config.Config) {
 // ok with no addresses is an empty answer (the name has none of qtype).
 func (e *Engine) ResolveDirect(ctx context.Context, name string, qtype uint16) (addrs []netip.Addr, ttl uint32, ok bool, why string) {
 	host := strings.ToLower(strings.TrimSuffix(name, "."))
-	if qtype != D.TypeA && qtype != D.TypeAAAA {
-		return nil, 0, false, "not an A or AAAA query"
-	}
-	v := e.dnsView.Load()
-	if v == nil || !v.fakeIP {
-		return nil, 0, false, "dns is not in fake-ip mode"
-	}
-	if v.skipper != nil && v.skipper.ShouldSkipped(host) {
-		return nil, 0, false, "in fake-ip-filter (answered as usual)"
-	}
-	if why := globalBlocker(tunnel.Mode(), tunnel.IsSniffing()); why != "" {
+	rules, r, why := e.directCandidate(host, qtype)
+	if why != "" {
 		return nil, 0, false, why
-	}
-	if _, inHosts := resolver.DefaultHosts.Search(host, false); inHosts {
-		return nil, 0, false, "in hosts"
-	}
-	rules := liveRules()
-	d, why := rules.nameDecision(host)
-	if d == no {
-		return nil, 0, false, why
-	}
-	if d == needAddr && !directUsesDefaultResolver() {
-		// Rules that resolve use the default resolver; the addresses
-		// checked here would come from direct-nameserver.
-		return nil, 0, false, "an address rule comes first and direct-nameserver differs from nameserver"
-	}
-
-	r := resolver.DirectHostResolver
-	if r == nil || !r.Invalid() { // Invalid reports a usable resolver
-		return nil, 0, false, "no resolver for DIRECT"
-	}
-	if qtype == D.TypeAAAA && (resolver.DisableIPv6 || !v.ipv6) {
-		return nil, 0, false, "ipv6 or dns.ipv6 is off in the mihomo config"
 	}
 	q := new(D.Msg)
 	q.SetQuestion(D.Fqdn(host), qtype)
@@ -100,6 +70,54 @@ func (e *Engine) ResolveDirect(ctx context.Context, name string, qtype uint16) (
 		return nil, 0, false, why
 	}
 	return addrs, ttl, true, ""
+}
+
+// MayBypass reports whether ResolveDirect could answer name with real
+// addresses, from what it checks before it asks a nameserver; false means
+// it would not, and the name gets a fake IP. The DNS server asks this
+// before answering a fake IP at once (dns.Bypass's NewInstant).
+func (e *Engine) MayBypass(name string, qtype uint16) bool {
+	_, _, why := e.directCandidate(strings.ToLower(strings.TrimSuffix(name, ".")), qtype)
+	return why == ""
+}
+
+// directCandidate is what ResolveDirect checks before it asks a
+// nameserver: the rules and the resolver to ask with, or why not.
+func (e *Engine) directCandidate(host string, qtype uint16) (rules ruleView, r resolver.Resolver, why string) {
+	if qtype != D.TypeA && qtype != D.TypeAAAA {
+		return ruleView{}, nil, "not an A or AAAA query"
+	}
+	v := e.dnsView.Load()
+	if v == nil || !v.fakeIP {
+		return ruleView{}, nil, "dns is not in fake-ip mode"
+	}
+	if v.skipper != nil && v.skipper.ShouldSkipped(host) {
+		return ruleView{}, nil, "in fake-ip-filter (answered as usual)"
+	}
+	if why := globalBlocker(tunnel.Mode(), tunnel.IsSniffing()); why != "" {
+		return ruleView{}, nil, why
+	}
+	if _, inHosts := resolver.DefaultHosts.Search(host, false); inHosts {
+		return ruleView{}, nil, "in hosts"
+	}
+	rules = liveRules()
+	d, why := rules.nameDecision(host)
+	if d == no {
+		return ruleView{}, nil, why
+	}
+	if d == needAddr && !directUsesDefaultResolver() {
+		// Rules that resolve use the default resolver; the addresses
+		// checked here would come from direct-nameserver.
+		return ruleView{}, nil, "an address rule comes first and direct-nameserver differs from nameserver"
+	}
+	r = resolver.DirectHostResolver
+	if r == nil || !r.Invalid() { // Invalid reports a usable resolver
+		return ruleView{}, nil, "no resolver for DIRECT"
+	}
+	if qtype == D.TypeAAAA && (resolver.DisableIPv6 || !v.ipv6) {
+		return ruleView{}, nil, "ipv6 or dns.ipv6 is off in the mihomo config"
+	}
+	return rules, r, ""
 }
 
 // directUsesDefaultResolver reports whether DIRECT resolves with the

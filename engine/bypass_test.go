@@ -199,4 +199,11 @@ func TestResolveDirectRefuses(t *testing.T) {
 	if _, _, ok, why := testEngine.ResolveDirect(ctx, "web.test.", D.TypeA); ok || !strings.Contains(why, "resolve") {
 		t.Errorf("A with a dead nameserver: ok %v %q", ok, why)
 	}
+	// MayBypass agrees on what is decided before the nameserver.
+	if !testEngine.MayBypass("web.test.", D.TypeA) {
+		t.Error("MayBypass: no for an A query ResolveDirect goes on to resolve")
+	}
+	if testEngine.MayBypass("web.test.", D.TypeMX) {
+		t.Error("MayBypass: yes for an MX query")
+	}
 }

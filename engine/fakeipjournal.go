@@ -229,30 +229,57 @@ func (w *mappingWriter) forgetStored() {
 	w.mu.Unlock()
 }
 
-// write journals m (unless cache.db or the journal has it) and returns once
-// it is written.
-func (w *mappingWriter) write(m mapping) error {
+// writeAll journals ms (those cache.db and the journal do not have yet) in
+// one write, shared with the mappings other callers write meanwhile, and
+// returns once they are written.
+func (w *mappingWriter) writeAll(ms []mapping) error {
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
 		return errWriterClosed
 	}
-	if w.storedLocked(m) {
+	var c *commit
+	for _, m := range ms {
+		if w.storedLocked(m) {
+			continue
+		}
+		if w.next == nil {
+			w.next = &commit{done: make(chan struct{})}
+		}
+		c = w.next
+		c.mappings = append(c.mappings, m)
+	}
+	if c == nil {
 		w.mu.Unlock()
 		return nil
 	}
-	if w.next == nil {
-		w.next = &commit{done: make(chan struct{})}
+	if w.running {
+		w.mu.Unlock()
+		<-c.done
+		return c.err
 	}
-	c := w.next
-	c.mappings = append(c.mappings, m)
-	if !w.running {
-		w.running = true
-		go w.commitLoop()
-	}
+	// No write runs: this caller writes c itself rather than wake a
+	// goroutine to and wait for it (the DNS server's reader settles a burst
+	// here), and leaves what others queue meanwhile to commitLoop.
+	w.running = true
+	w.next = nil
 	w.mu.Unlock()
-	<-c.done
+	w.commit(c)
+	w.mu.Lock()
+	w.continueLocked()
+	w.mu.Unlock()
 	return c.err
+}
+
+// continueLocked, once a write is done, starts commitLoop for the
+// mappings queued meanwhile, or marks the writer idle.
+func (w *mappingWriter) continueLocked() {
+	if w.next != nil {
+		go w.commitLoop()
+		return
+	}
+	w.running = false
+	w.idle.Broadcast()
 }
 
 // commitLoop journals the waiting mappings, a write at a time, until none
@@ -269,14 +296,20 @@ func (w *mappingWriter) commitLoop() {
 			return
 		}
 		w.mu.Unlock()
-		w.io.Lock()
-		c.err = w.appendLocked(c.mappings)
-		close(c.done)
-		if len(w.unfolded) >= w.foldAt && !w.foldRunning && w.journal != nil {
-			w.startFoldLocked()
-		}
-		w.io.Unlock()
+		w.commit(c)
 	}
+}
+
+// commit journals c's mappings in one write, and starts a fold when the
+// journal has foldEvery records.
+func (w *mappingWriter) commit(c *commit) {
+	w.io.Lock()
+	c.err = w.appendLocked(c.mappings)
+	close(c.done)
+	if len(w.unfolded) >= w.foldAt && !w.foldRunning && w.journal != nil {
+		w.startFoldLocked()
+	}
+	w.io.Unlock()
 }
 
 // backgroundFold puts recs, the journal's first records, into cache.db while

@@ -75,6 +75,9 @@ func dbMapping(t *testing.T, db *bbolt.DB, host string) (ip netip.Addr, back str
 	return ip, back
 }
 
+// write journals m alone (writeAll).
+func (w *mappingWriter) write(m mapping) error { return w.writeAll([]mapping{m}) }
+
 func newMapping(host, addr string) mapping {
 	ip := netip.MustParseAddr(addr)
 	return mapping{host: host, ip: ip}

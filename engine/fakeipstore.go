@@ -237,6 +237,20 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 	if w == nil || r == nil || len(q.Question) != 1 {
 		return nil
 	}
+	var buf [2]mapping
+	ms := e.appendMappings(buf[:0], q, r)
+	if err := w.writeAll(ms); err != nil {
+		return fmt.Errorf("fake-ip mappings of %s not written: %w", q.Question[0].Name, err)
+	}
+	return nil
+}
+
+// appendMappings appends the fake-ip mappings r, mihomo's answer to q (one
+// question), carries to ms.
+func (e *Engine) appendMappings(ms []mapping, q, r *D.Msg) []mapping {
+	if r == nil || len(q.Question) != 1 || len(r.Answer) == 0 {
+		return ms
+	}
 	// The name as mihomo's fake-ip handler keys it (fakeip.Pool.Lookup).
 	host := strings.ToLower(strings.TrimRight(q.Question[0].Name, "."))
 	for _, rr := range r.Answer {
@@ -251,12 +265,9 @@ func (e *Engine) persistAnswer(q, r *D.Msg) error {
 		}
 		// Only an address the pool maps to this name (not a real answer
 		// that happens to fall in the fake-ip range).
-		if mapped, ok := e.LookupFakeIP(ip); !ok || mapped != host {
-			continue
-		}
-		if err := w.write(mapping{host: host, ip: ip}); err != nil {
-			return fmt.Errorf("fake-ip mapping %s → %v not written: %w", host, ip, err)
+		if mapped, ok := e.LookupFakeIP(ip); ok && mapped == host {
+			ms = append(ms, mapping{host: host, ip: ip})
 		}
 	}
-	return nil
+	return ms
 }

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,6 +16,9 @@ import (
 	"github.com/metacubex/http/httptest"
 	"github.com/metacubex/mihomo/component/fakeip"
 	"github.com/metacubex/mihomo/component/profile/cachefile"
+	"github.com/metacubex/mihomo/component/resolver"
+	C "github.com/metacubex/mihomo/constant"
+	mdns "github.com/metacubex/mihomo/dns"
 	D "github.com/miekg/dns"
 )
 
@@ -364,5 +368,116 @@ func TestMemoryStoreSize(t *testing.T) {
 		if got := memoryStoreSize(netip.MustParsePrefix(prefix)); got != want {
 			t.Errorf("memoryStoreSize(%s) = %d, want %d", prefix, got, want)
 		}
+	}
+}
+
+// TestInstantAnswers: NewInstant's serve answers fake-ip queries as
+// ServeDNS does, holding their new mappings until settle, which writes
+// them all in one journal write; a name known already is not written
+// again, and what is not a fake-ip query is left to ServeDNS.
+func TestInstantAnswers(t *testing.T) {
+	w := liveMappings.Load()
+	if w == nil {
+		t.Fatal("no mapping writer")
+	}
+	serve, settle := testEngine.NewInstant()
+	const n = 20
+	fakes := make([]netip.Addr, n)
+	commitsBefore := w.commits.Load()
+	for i := range n {
+		name := fmt.Sprintf("instant%d.example", i)
+		q := new(D.Msg)
+		q.SetQuestion(name+".", D.TypeA)
+		r, ok := serve(q)
+		if !ok || r == nil || len(r.Answer) != 1 {
+			t.Fatalf("%s: serve gave %v, %v; want a fake IP", name, r, ok)
+		}
+		a, isA := r.Answer[0].(*D.A)
+		if !isA {
+			t.Fatalf("%s: answer %v", name, r.Answer[0])
+		}
+		fakes[i], _ = netip.AddrFromSlice(a.A.To4())
+		if !fakes[i].IsValid() || !netip.MustParsePrefix("198.18.0.0/16").Contains(fakes[i]) {
+			t.Fatalf("%s: %v is not in the fake-ip range", name, fakes[i])
+		}
+		if stored(w, name, fakes[i]) {
+			t.Fatalf("%s: written before settle", name)
+		}
+		if ip, ok := testEngine.LookupFakeIP(fakes[i]); !ok || ip != name {
+			t.Fatalf("%s: the pool maps %v to %q (%v)", name, fakes[i], ip, ok)
+		}
+	}
+	settle()
+	for i := range n {
+		if name := fmt.Sprintf("instant%d.example", i); !stored(w, name, fakes[i]) {
+			t.Errorf("%s → %v: not written after settle", name, fakes[i])
+		}
+	}
+	if c := w.commits.Load() - commitsBefore; c != 1 {
+		t.Errorf("%d new names took %d journal writes, want 1", n, c)
+	}
+
+	// Asked again: the same address, nothing written.
+	before := w.commits.Load()
+	q := new(D.Msg)
+	q.SetQuestion("instant0.example.", D.TypeA)
+	r, ok := serve(q)
+	if !ok || len(r.Answer) != 1 || !bytesEqualIP(r.Answer[0], fakes[0]) {
+		t.Errorf("instant0.example asked again: %v, %v; want %v", r, ok, fakes[0])
+	}
+	settle()
+	if c := w.commits.Load() - before; c != 0 {
+		t.Errorf("a known name took %d journal writes", c)
+	}
+
+	// Not fake-ip queries: left to ServeDNS.
+	for _, qt := range []uint16{D.TypeTXT, D.TypeMX, D.TypePTR} {
+		q := new(D.Msg)
+		q.SetQuestion("instant0.example.", qt)
+		if r, ok := serve(q); ok {
+			t.Errorf("%s query served at once: %v", D.TypeToString[qt], r)
+		}
+	}
+}
+
+func bytesEqualIP(rr D.RR, ip netip.Addr) bool {
+	a, ok := rr.(*D.A)
+	if !ok {
+		return false
+	}
+	got, _ := netip.AddrFromSlice(a.A.To4())
+	return got == ip
+}
+
+// TestInstantNeverWaitsUpstream: should mihomo's DNS handler ask a
+// nameserver for a query serve let through (here a handler without fake-ip,
+// as a reload could swap in between serve's check and its call), serve gives
+// up at once and leaves the query to ServeDNS: the DNS server's reader never
+// waits for the network. The nameserver never answers.
+func TestInstantNeverWaitsUpstream(t *testing.T) {
+	silent, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	ns := []mdns.NameServer{{Net: "udp", Addr: silent.LocalAddr().String()}}
+	rs := mdns.NewResolver(mdns.Config{Main: ns, Default: ns})
+	saved := resolver.DefaultService
+	resolver.DefaultService = mdns.NewService(rs.Resolver, mdns.NewEnhancer(mdns.EnhancerConfig{EnhancedMode: C.DNSNormal}))
+	defer func() { resolver.DefaultService = saved }()
+
+	serve, settle := testEngine.NewInstant()
+	q := new(D.Msg)
+	q.SetQuestion("upstream-only.example.", D.TypeA)
+	start := time.Now()
+	r, ok := serve(q)
+	took := time.Since(start)
+	settle()
+	if ok {
+		t.Errorf("served at once by a handler that asks upstream: %v", r)
+	}
+	// mihomo's own timeout for a nameserver is seconds.
+	if took > time.Second {
+		t.Errorf("serve took %v: it waited for the nameserver", took)
 	}
 }

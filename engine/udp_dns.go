@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 
 	D "github.com/miekg/dns"
 
@@ -34,6 +35,84 @@ func (e *Engine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 		}
 	}
 	return r, err
+}
+
+// NewInstant returns serve and settle for a caller that answers DNS queries
+// a burst at a time (the DNS server's UDP reader, dns.InstantEngine).
+//
+// serve answers q as ServeDNS does when mihomo's answer takes nothing but
+// memory: an A or AAAA query in fake-ip mode for a name fake-ip-filter
+// does not skip (a fake IP, or a hosts entry). Everything else, ok false,
+// goes to ServeDNS. mihomo gets a context that is already canceled: were
+// its handler to ask upstream after all (a config swapped by a reload
+// between the check and the call), it gives up at once, and serve says no
+// instead of holding the reader up.
+//
+// settle writes the new fake-ip mappings of the answers serve returned
+// since the last settle, in one journal write (shared with ServeDNS's
+// callers), and returns once they are written.
+func (e *Engine) NewInstant() (serve func(*D.Msg) (*D.Msg, bool), settle func()) {
+	b := &instantBatch{e: e}
+	return b.serve, b.settle
+}
+
+// instantBatch is the state of one caller of NewInstant.
+type instantBatch struct {
+	e       *Engine
+	w       *mappingWriter // the writer pending goes to
+	pending []mapping
+}
+
+// canceled is an already canceled context (NewInstant).
+var canceled = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
+
+func (b *instantBatch) serve(q *D.Msg) (*D.Msg, bool) {
+	s := resolver.DefaultService
+	if s == nil || len(q.Question) != 1 {
+		return nil, false
+	}
+	if qt := q.Question[0].Qtype; qt != D.TypeA && qt != D.TypeAAAA {
+		return nil, false
+	}
+	v := b.e.dnsView.Load()
+	if v == nil || !v.fakeIP {
+		return nil, false
+	}
+	// The name as mihomo's fake-ip handler asks its skipper.
+	if v.skipper != nil && v.skipper.ShouldSkipped(strings.TrimRight(q.Question[0].Name, ".")) {
+		return nil, false
+	}
+	r, err := s.ServeMsg(canceled, q)
+	if err != nil || r == nil {
+		return nil, false
+	}
+	w := liveMappings.Load()
+	if w != b.w {
+		// A reload replaced the writer: what the old one was given goes
+		// to it first.
+		b.settle()
+		b.w = w
+	}
+	if w != nil {
+		b.pending = b.e.appendMappings(b.pending, q, r)
+	}
+	return r, true
+}
+
+func (b *instantBatch) settle() {
+	if len(b.pending) == 0 {
+		return
+	}
+	if err := b.w.writeAll(b.pending); err != nil {
+		// The answers still go out, as ServeDNS's do.
+		b.e.log.Warn("fake-ip mappings not saved", "mappings", len(b.pending), "err", err)
+	}
+	clear(b.pending)
+	b.pending = b.pending[:0]
 }
 
 // LookupFakeIP returns the name a fake IP stands for, if ip is in the fake-ip

@@ -24,6 +24,13 @@ import (
 	"github.com/tpgw/tpgw/relay"
 )
 
+// The DNS server's UDP reader answers fake IPs itself (dns.InstantEngine),
+// also with dns-bypass on (dns.BypassChecker).
+var (
+	_ dns.InstantEngine = (*engine.Engine)(nil)
+	_ dns.BypassChecker = (*engine.Engine)(nil)
+)
+
 // netcfgOptions maps the config onto what netcfg needs.
 func netcfgOptions(c *config.Config) netcfg.Options {
 	g := c.Gateway

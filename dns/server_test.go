@@ -505,6 +505,13 @@ func sendQueries(t *testing.T, c net.PacketConn, to netip.AddrPort, n int, name 
 // once, with the fake IP of its name; 10 s at most.
 func wantAnswers(t *testing.T, c net.PacketConn, s *Server, n int, name func(int) string) {
 	t.Helper()
+	wantAnswersEach(t, c, s, n, name, nil)
+}
+
+// wantAnswersEach is wantAnswers that calls each (when not nil) with the
+// id of every answer as it arrives.
+func wantAnswersEach(t *testing.T, c net.PacketConn, s *Server, n int, name func(int) string, each func(id int)) {
+	t.Helper()
 	seen := make([]bool, n)
 	buf := make([]byte, 512)
 	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
@@ -524,6 +531,9 @@ func wantAnswers(t *testing.T, c net.PacketConn, s *Server, n int, name func(int
 		}
 		seen[r.Id] = true
 		wantA(t, r, name(int(r.Id)))
+		if each != nil {
+			each(int(r.Id))
+		}
 	}
 }
 
@@ -651,29 +661,11 @@ func TestInstantAnswers(t *testing.T) {
 	unhold()
 
 	// Every answer, each settled when it arrives.
-	seen := make([]bool, n)
-	buf := make([]byte, 512)
-	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	for got := 0; got < n; got++ {
-		k, _, err := c.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("after %d of %d answers: %v", got, n, err)
+	wantAnswersEach(t, c, s, n, name, func(id int) {
+		if !eng.isSettled(name(id)) {
+			t.Errorf("the answer for %s arrived before settle", name(id))
 		}
-		r := new(D.Msg)
-		if err := r.Unpack(buf[:k]); err != nil {
-			t.Fatal(err)
-		}
-		if int(r.Id) >= n || seen[r.Id] {
-			t.Fatalf("unexpected or repeated answer id %d", r.Id)
-		}
-		seen[r.Id] = true
-		wantA(t, r, name(int(r.Id)))
-		if !eng.isSettled(name(int(r.Id))) {
-			t.Errorf("the answer for %s arrived before settle", name(int(r.Id)))
-		}
-	}
+	})
 	eng.mu.Lock()
 	settles, served := eng.settles, len(eng.served)
 	eng.mu.Unlock()

@@ -106,20 +106,20 @@ type BypassChecker interface {
 // its DirectResolver a BypassChecker: a query that may bypass tpgw waits for
 // a worker (ResolveDirect asks a nameserver); any other goes to the engine's
 // instant answers. Without those, serve answers nothing at once.
-func (b *Bypass) NewInstant() (serve func(*D.Msg) (*D.Msg, bool), settle func()) {
+func (b *Bypass) NewInstant() (serve func(*D.Msg) (*D.Msg, bool, bool), settle func()) {
 	ie, ok := b.eng.(InstantEngine)
 	bc, ok2 := b.direct.(BypassChecker)
 	if !ok || !ok2 {
-		return func(*D.Msg) (*D.Msg, bool) { return nil, false }, func() {}
+		return func(*D.Msg) (*D.Msg, bool, bool) { return nil, false, false }, func() {}
 	}
 	inner, settle := ie.NewInstant()
-	serve = func(q *D.Msg) (*D.Msg, bool) {
+	serve = func(q *D.Msg) (*D.Msg, bool, bool) {
 		if len(q.Question) != 1 {
-			return nil, false
+			return nil, false, false
 		}
 		qq := q.Question[0]
 		if qq.Qclass == D.ClassINET && (qq.Qtype == D.TypeA || qq.Qtype == D.TypeAAAA) && bc.MayBypass(qq.Name, qq.Qtype) {
-			return nil, false
+			return nil, false, false
 		}
 		return inner(q)
 	}

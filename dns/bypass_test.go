@@ -250,7 +250,7 @@ func TestBypassInstant(t *testing.T) {
 	// Without MayBypass: nothing at once.
 	plain := NewBypass(eng, onlyResolve{}, &fakeSet{}, testLogger(t))
 	serve, settle := plain.NewInstant()
-	if r, ok := serve(query("fake.now.test", D.TypeA)); ok {
+	if r, ok, _ := serve(query("fake.now.test", D.TypeA)); ok {
 		t.Errorf("served at once without MayBypass: %v", r)
 	}
 	settle()

@@ -73,13 +73,35 @@ func (c *replyCache) appendReply(dst, req []byte, udp bool) []byte {
 
 // put remembers reply (the answer to req) for ttl, capped at maxCacheAge.
 func (c *replyCache) put(req, reply []byte, udp bool, ttl time.Duration) {
+	c.store(c.prepare(req, reply, udp, ttl))
+}
+
+// cacheItem is a reply made ready for the cache (prepare), to be stored
+// later (store); ok false: nothing to store.
+type cacheItem struct {
+	key   cacheKey
+	entry cacheEntry
+	ok    bool
+}
+
+// prepare copies what put stores, so that req and reply may be reused
+// before the item is stored.
+func (c *replyCache) prepare(req, reply []byte, udp bool, ttl time.Duration) cacheItem {
 	ttl = min(ttl, maxCacheAge)
 	if ttl <= 0 || len(req) < headerLen || len(reply) < headerLen || len(reply) > maxCachedReply {
-		return
+		return cacheItem{}
 	}
 	stored := make([]byte, len(reply))
 	copy(stored, reply)
 	stored[0], stored[1] = 0, 0
+	return cacheItem{key: cacheKey{udp, string(req[2:])}, entry: cacheEntry{reply: stored, expires: c.now().Add(ttl)}, ok: true}
+}
+
+// store stores an item of prepare.
+func (c *replyCache) store(it cacheItem) {
+	if !it.ok {
+		return
+	}
 	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -93,7 +115,7 @@ func (c *replyCache) put(req, reply []byte, udp bool, ttl time.Duration) {
 			clear(c.entries)
 		}
 	}
-	c.entries[cacheKey{udp, string(req[2:])}] = cacheEntry{reply: stored, expires: now.Add(ttl)}
+	c.entries[it.key] = it.entry
 }
 
 // cacheTTL is how long reply r may be reused: the smallest TTL of its

@@ -27,18 +27,21 @@ type Engine interface {
 // InstantEngine is an Engine that answers some queries at once: those its
 // answer takes nothing but the process's memory for (a fake IP, a hosts
 // entry). The UDP reader answers those itself, with the rest of their
-// burst, instead of handing each to a worker to wait for the engine: a
-// burst of new names then costs one write of their fake-ip mappings and
-// one send of their answers, not a worker, a write and a send each.
+// burst, instead of handing each to a worker to wait for the engine. Those
+// that carry a new fake-ip mapping go to the reader's settler, which writes
+// their mappings and sends them: a burst of new names then costs one write
+// and one send, not a worker, a write and a send each, and the reader never
+// waits for the disk.
 type InstantEngine interface {
 	Engine
 	// NewInstant returns the functions of one caller that answers a burst
 	// at a time. serve answers q as ServeDNS would, if it can at once; ok
-	// false leaves q to ServeDNS. settle returns once what the answers serve
-	// returned since the last settle need written (new fake-ip mappings)
-	// is written; none of them may leave before. Neither may run
-	// concurrently with itself or the other.
-	NewInstant() (serve func(q *D.Msg) (r *D.Msg, ok bool), settle func())
+	// false leaves q to ServeDNS. unsettled says the answer needs something
+	// written first (a new fake-ip mapping): it may not leave before a
+	// settle called after serve returned has returned. serve and settle may
+	// run concurrently (the reader serves, the settler settles), each not
+	// with itself.
+	NewInstant() (serve func(q *D.Msg) (r *D.Msg, ok, unsettled bool), settle func())
 }
 
 // Limits of one Server. A flood of queries or connections cannot make it

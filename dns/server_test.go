@@ -560,8 +560,9 @@ func TestQueryBurstNotDropped(t *testing.T) {
 }
 
 // instantEngine is fakeEngine as an InstantEngine: names under now.test are
-// answered at once. settle waits for hold to close when it is set, and
-// marks what serve answered as settled; ServeDNS counts its queries.
+// answered at once, and need settling unless they start with "known".
+// settle waits for hold to close when it is set, and marks what serve
+// answered as settled; ServeDNS counts its queries.
 type instantEngine struct {
 	fakeEngine
 	hold     chan struct{}
@@ -578,34 +579,40 @@ func (e *instantEngine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) 
 	return e.fakeEngine.ServeDNS(ctx, q)
 }
 
-func (e *instantEngine) NewInstant() (func(*D.Msg) (*D.Msg, bool), func()) {
+func (e *instantEngine) NewInstant() (func(*D.Msg) (*D.Msg, bool, bool), func()) {
 	var unsettled []string
-	serve := func(q *D.Msg) (*D.Msg, bool) {
+	serve := func(q *D.Msg) (*D.Msg, bool, bool) {
 		name := q.Question[0].Name
 		if !strings.HasSuffix(name, ".now.test.") {
-			return nil, false
+			return nil, false, false
 		}
 		r, err := e.fakeEngine.ServeDNS(context.Background(), q)
 		if err != nil {
-			return nil, false
+			return nil, false, false
 		}
-		unsettled = append(unsettled, name)
+		known := strings.HasPrefix(name, "known")
 		e.mu.Lock()
+		if !known {
+			unsettled = append(unsettled, name)
+		}
 		e.served = append(e.served, name)
 		e.mu.Unlock()
-		return r, true
+		return r, true, !known
 	}
 	settle := func() {
+		e.mu.Lock()
+		these := unsettled
+		unsettled = nil
+		e.mu.Unlock()
 		if e.hold != nil {
 			<-e.hold
 		}
 		e.mu.Lock()
-		for _, n := range unsettled {
+		for _, n := range these {
 			e.settled[n] = true
 		}
 		e.settles++
 		e.mu.Unlock()
-		unsettled = unsettled[:0]
 	}
 	return serve, settle
 }
@@ -618,9 +625,10 @@ func (e *instantEngine) isSettled(name string) bool {
 
 // TestInstantAnswers: queries an InstantEngine answers at once are answered
 // by the reader, with no worker; none leaves before the engine has settled
-// it, and the answers of a burst settle together. Other queries go to a
-// worker; a repeated one comes from the reply cache, and garbage is
-// dropped in the reader.
+// it, and the answers that wait meanwhile settle together. The reader goes
+// on meanwhile: a query the cache can answer is answered while a settle
+// waits. Other queries go to a worker; a repeated one comes from the reply
+// cache, and garbage is dropped in the reader.
 func TestInstantAnswers(t *testing.T) {
 	eng := &instantEngine{hold: make(chan struct{}), settled: map[string]bool{}}
 	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
@@ -640,16 +648,16 @@ func TestInstantAnswers(t *testing.T) {
 	name := func(i int) string { return fmt.Sprintf("q%d.now.test", i) }
 	sendQueries(t, c, s.Addr(), n, name)
 
-	// The reader answers the first burst and waits in settle.
+	// The reader answers them all while the settler waits in settle.
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
 		eng.mu.Lock()
 		served := len(eng.served)
 		eng.mu.Unlock()
-		if served > 0 {
+		if served == n {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the reader answered nothing at once in 5 s")
+			t.Fatalf("the reader answered %d of %d at once in 5 s", served, n)
 		}
 	}
 	if err := c.SetReadDeadline(time.Now().Add(100 * time.Millisecond)); err != nil {
@@ -657,6 +665,14 @@ func TestInstantAnswers(t *testing.T) {
 	}
 	if k, _, err := c.ReadFrom(make([]byte, 512)); err == nil {
 		t.Fatalf("an answer (%d bytes) left before the engine settled it", k)
+	}
+	// Meanwhile other queries are answered: one that needs no settling by
+	// the reader at once, another by a worker, then from the reply cache.
+	wantA(t, exchange(t, "udp", s.Addr(), query("known.now.test", D.TypeA)), "known.now.test")
+	wantA(t, exchange(t, "udp", s.Addr(), query("meanwhile.test", D.TypeA)), "meanwhile.test")
+	wantA(t, exchange(t, "udp", s.Addr(), query("meanwhile.test", D.TypeA)), "meanwhile.test")
+	if w, e := s.workers.Load(), eng.serveDNS.Load(); w != 1 || e != 1 {
+		t.Errorf("while a settle waited: %d workers started, %d queries to ServeDNS; want 1 and 1 (the second from the cache)", w, e)
 	}
 	unhold()
 
@@ -671,11 +687,11 @@ func TestInstantAnswers(t *testing.T) {
 	eng.mu.Unlock()
 	// The first burst, then the rest that waited meanwhile, udpBatch at
 	// a time.
-	if served != n || settles > 1+(n+udpBatch-1)/udpBatch {
-		t.Errorf("%d queries answered at once in %d settles, want %d in at most %d", served, settles, n, 1+(n+udpBatch-1)/udpBatch)
+	if served != n+1 || settles > 1+(n+udpBatch-1)/udpBatch {
+		t.Errorf("%d queries answered at once in %d settles, want %d in at most %d", served, settles, n+1, 1+(n+udpBatch-1)/udpBatch)
 	}
-	if w, e := s.workers.Load(), eng.serveDNS.Load(); w != 0 || e != 0 {
-		t.Errorf("%d workers started, %d queries to ServeDNS; want none", w, e)
+	if w, e := s.workers.Load(), eng.serveDNS.Load(); w != 1 || e != 1 {
+		t.Errorf("%d workers started, %d queries to ServeDNS; want only meanwhile.test's", w, e)
 	}
 
 	// Asked again: the reply cache, not the engine.
@@ -685,16 +701,133 @@ func TestInstantAnswers(t *testing.T) {
 	eng.mu.Lock()
 	served = len(eng.served)
 	eng.mu.Unlock()
-	if served != n || eng.serveDNS.Load() != 1 || s.workers.Load() != 1 {
-		t.Errorf("after a repeated query and another name: %d served at once (want %d), %d to ServeDNS (want 1), %d workers (want 1)", served, n, eng.serveDNS.Load(), s.workers.Load())
+	// (later.test's worker may be meanwhile.test's, waiting for more.)
+	if served != n+1 || eng.serveDNS.Load() != 2 {
+		t.Errorf("after a repeated query and another name: %d served at once (want %d), %d to ServeDNS (want 2)", served, n+1, eng.serveDNS.Load())
 	}
+	workers := s.workers.Load()
 	// Garbage: dropped by the reader.
 	malformed := s.Stats().Malformed
 	if _, err := c.WriteTo([]byte("not a dns message"), net.UDPAddrFromAddrPort(s.Addr())); err != nil {
 		t.Fatal(err)
 	}
-	waitAccounted(t, s, n+2+1)
-	if got := s.Stats().Malformed; got != malformed+1 || s.workers.Load() != 1 {
-		t.Errorf("garbage: %d malformed (want %d), %d workers (want 1)", got, malformed+1, s.workers.Load())
+	waitAccounted(t, s, n+5+1)
+	if got := s.Stats().Malformed; got != malformed+1 || s.workers.Load() != workers || eng.serveDNS.Load() != 2 {
+		t.Errorf("garbage: %d malformed (want %d), %d workers started (want %d), %d to ServeDNS (want 2)", got, malformed+1, s.workers.Load(), workers, eng.serveDNS.Load())
+	}
+}
+
+// TestInstantBurst: a burst of instant answers far larger than a read
+// (waiting in the socket before the server starts) goes through the reader
+// and the settler a batch at a time; each query gets its own answer, once.
+func TestInstantBurst(t *testing.T) {
+	testenv.RequireRoot(t)           // SO_RCVBUFFORCE, past net.core.rmem_max
+	const n = maxSettling - udpBatch // all for the settler (TestSettlerBounded has more)
+	eng := &instantEngine{settled: map[string]bool{}}
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)} // the client keeps every reply
+	c, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	name := func(i int) string { return fmt.Sprintf("burst%d.now.test", i) }
+	sendQueries(t, c, s.Addr(), n, name)
+	serveUntilCleanup(t, s)
+	wantAnswersEach(t, c, s, n, name, func(id int) {
+		if !eng.isSettled(name(id)) {
+			t.Errorf("the answer for %s arrived before settle", name(id))
+		}
+	})
+	if w := s.workers.Load(); w != 0 {
+		t.Errorf("%d workers started, want none", w)
+	}
+}
+
+// TestSettlerBounded: while a settle waits (a slow disk), at most
+// maxSettling answers wait for it; the queries after them go to the workers
+// and are answered meanwhile, and every query gets its answer once the
+// settle returns.
+func TestSettlerBounded(t *testing.T) {
+	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
+	// The round the settler holds may be up to maxSettling already (the
+	// reader may read that much before the settler takes its first round).
+	const n = 2*maxSettling + 2*udpBatch + 200
+	eng := &instantEngine{hold: make(chan struct{}), settled: map[string]bool{}}
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveUntilCleanup(t, s)
+	var release sync.Once
+	unhold := func() { release.Do(func() { close(eng.hold) }) }
+	t.Cleanup(unhold)
+	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)}
+	c, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	name := func(i int) string { return fmt.Sprintf("slow%d.now.test", i) }
+	sendQueries(t, c, s.Addr(), n, name)
+	// The workers answer the queries past the bound while the settle
+	// waits.
+	seen := make([]bool, n)
+	buf := make([]byte, 512)
+	early := 0
+	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	for early < 100 {
+		k, _, err := c.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("%d answers while the settle waited: %v (ServeDNS had %d)", early, err, eng.serveDNS.Load())
+		}
+		r := new(D.Msg)
+		if err := r.Unpack(buf[:k]); err != nil {
+			t.Fatal(err)
+		}
+		if int(r.Id) >= n || seen[r.Id] {
+			t.Fatalf("unexpected or repeated answer id %d", r.Id)
+		}
+		seen[r.Id] = true
+		wantA(t, r, name(int(r.Id)))
+		early++
+	}
+	if eng.serveDNS.Load() < 100 {
+		t.Errorf("%d queries to ServeDNS while the settle waited, want the ones past the bound", eng.serveDNS.Load())
+	}
+	unhold()
+	rest := 0
+	for i := range seen {
+		if !seen[i] {
+			rest++
+		}
+	}
+	for got := 0; got < rest; got++ {
+		k, _, err := c.ReadFrom(buf)
+		if err != nil {
+			t.Fatalf("after %d of the %d other answers: %v", got, rest, err)
+		}
+		r := new(D.Msg)
+		if err := r.Unpack(buf[:k]); err != nil {
+			t.Fatal(err)
+		}
+		if int(r.Id) >= n || seen[r.Id] {
+			t.Fatalf("unexpected or repeated answer id %d", r.Id)
+		}
+		seen[r.Id] = true
+		wantA(t, r, name(int(r.Id)))
+	}
+	eng.mu.Lock()
+	served := len(eng.served)
+	eng.mu.Unlock()
+	// The round the settler holds, then at most maxSettling and the rest
+	// of a burst.
+	if served > 2*(maxSettling+udpBatch) {
+		t.Errorf("%d answers waited for the settler, want at most %d", served, 2*(maxSettling+udpBatch))
 	}
 }

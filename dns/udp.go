@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -30,7 +31,9 @@ func (s *Server) serveUDP() error {
 			if s.workerReplies.rb, err = s.newReplyBatch(); err == nil {
 				rd.rb.bufs = new([udpBatch][maxCachedReply]byte)
 				if ie, ok := s.eng.(InstantEngine); ok {
-					rd.serveNow, rd.settle = ie.NewInstant()
+					if err = s.startSettler(rd, ie); err != nil {
+						return fmt.Errorf("dns: udp: %w", err)
+					}
 				}
 				return s.readUDP(br, rd)
 			}
@@ -45,18 +48,112 @@ func (s *Server) serveUDP() error {
 
 // udpReader is the reading goroutine's state.
 type udpReader struct {
-	rb *replyBatch // the burst's answers
-	// The engine's instant answers (InstantEngine), nil without; unsettled
-	// holds this burst's, to go into the reply cache once settled.
-	serveNow  func(*D.Msg) (*D.Msg, bool)
-	settle    func()
-	unsettled []freshReply
+	rb *replyBatch // the burst's answers from the cache
+	// The engine's instant answers (InstantEngine), nil without: fresh
+	// holds this burst's, for the settler.
+	serveNow func(*D.Msg) (*D.Msg, bool, bool)
+	settler  *udpSettler
+	fresh    []freshReply
 }
 
-// freshReply is an instant answer (reply, for ttl) to req.
+// freshReply is an instant answer and its entry for the reply cache.
 type freshReply struct {
-	req, reply []byte
-	ttl        time.Duration
+	p    pendingReply
+	item cacheItem
+}
+
+// udpSettler sends the reader's instant answers that need settling once
+// the engine has settled them (written their new fake-ip mappings), on a
+// goroutine of its own: the reader goes on reading, and answering from the
+// cache and the names the engine knows, while a write waits for the disk.
+// The answers that come in while it settles go together in the next round,
+// one settle and one sendmmsg per udpBatch. At most maxSettling wait: past
+// that, the reader hands queries to the workers (bounded by maxInFlight)
+// until the settler catches up.
+type udpSettler struct {
+	settle  func()
+	rb      *replyBatch   // the settler's own
+	kick    chan struct{} // 1-buffered: queue is not empty
+	waiting atomic.Int64  // len(queue)
+	mu      sync.Mutex
+	queue   []freshReply // answers waiting, in order
+	spare   []freshReply // the settler's last round, emptied, for reuse
+}
+
+// maxSettling bounds the answers waiting for the settler.
+const maxSettling = 1024
+
+// full reports whether the settler has maxSettling answers waiting.
+func (st *udpSettler) full() bool { return st.waiting.Load() >= maxSettling }
+
+// startSettler sets rd up for ie's instant answers and starts their settler.
+func (s *Server) startSettler(rd *udpReader, ie InstantEngine) error {
+	rb, err := s.newReplyBatch()
+	if err != nil {
+		return err
+	}
+	st := &udpSettler{rb: rb, kick: make(chan struct{}, 1)}
+	rd.serveNow, st.settle = ie.NewInstant()
+	rd.settler = st
+	s.wg.Add(1)
+	go s.settleLoop(st)
+	return nil
+}
+
+// push hands a burst's instant answers to the settler.
+func (st *udpSettler) push(fresh []freshReply) {
+	st.mu.Lock()
+	st.queue = append(st.queue, fresh...)
+	st.waiting.Store(int64(len(st.queue)))
+	st.mu.Unlock()
+	select {
+	case st.kick <- struct{}{}:
+	default: // kicked already
+	}
+}
+
+// settleLoop settles and sends what the reader pushes until the server
+// closes. An answer enters the reply cache only once settled, so that no
+// worker reuses it before.
+func (s *Server) settleLoop(st *udpSettler) {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-st.kick:
+		case <-s.ctx.Done():
+			return
+		}
+		for {
+			st.mu.Lock()
+			batch := st.queue
+			if len(batch) == 0 {
+				st.mu.Unlock()
+				break
+			}
+			// The reader appends to the array of the settler's last
+			// round now (done with), and this round's goes to spare once
+			// sent. (Swapping for an empty queue would leave spare and
+			// queue on one array, which the next round would send while
+			// the reader appends to it.)
+			st.queue = st.spare[:0]
+			st.waiting.Store(0)
+			st.mu.Unlock()
+			st.settle()
+			for _, f := range batch {
+				s.cache.store(f.item)
+			}
+			for rest := batch; len(rest) > 0; {
+				n := min(len(rest), udpBatch)
+				for _, f := range rest[:n] {
+					st.rb.pending = append(st.rb.pending, f.p)
+				}
+				s.flushReplies(st.rb) // empties st.rb.pending
+				rest = rest[n:]
+			}
+			clear(batch) // drop the replies
+			st.spare = batch[:0]
+		}
+	}
 }
 
 // readUDP is serveUDP's loop.
@@ -77,17 +174,12 @@ func (s *Server) readUDP(br *tsock.BatchReader, rd *udpReader) error {
 				return nil
 			}
 		}
-		if len(rd.unsettled) > 0 {
-			// Their fake-ip mappings are written before any of them
-			// leaves, or is reused from the cache by a worker.
-			rd.settle()
-			for _, f := range rd.unsettled {
-				s.cache.put(f.req, f.reply, true, f.ttl)
-			}
-			clear(rd.unsettled)
-			rd.unsettled = rd.unsettled[:0]
-		}
 		s.flushReplies(rd.rb)
+		if len(rd.fresh) > 0 {
+			rd.settler.push(rd.fresh)
+			clear(rd.fresh)
+			rd.fresh = rd.fresh[:0]
+		}
 	}
 }
 
@@ -99,9 +191,9 @@ const udpBatch = 32
 // unpack and is dropped as garbage.
 const maxUDPQuery = 4096
 
-// serveDatagram answers one query datagram (from the cache or at once,
-// queued in rd.rb and sent with the rest of the burst, or by a worker);
-// false once the server is closing.
+// serveDatagram answers one query datagram (from the cache, queued in
+// rd.rb and sent with the rest of the burst; at once, for the settler; or by
+// a worker); false once the server is closing.
 func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rd *udpReader) bool {
 	origDst, _ := tsock.ParseOrigDst(oob) // invalid when none
 	rb := rd.rb
@@ -110,8 +202,11 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rd *udpR
 		rb.add(reply, client, origDst)
 		return true
 	}
-	if reply, done := s.answerNow(data, rd); done {
-		if reply != nil {
+	if reply, item, fresh, done := s.answerNow(data, rd); done {
+		switch {
+		case fresh:
+			rd.fresh = append(rd.fresh, freshReply{pendingReply{reply, client, origDst}, item})
+		case reply != nil:
 			rb.add(reply, client, origDst)
 		}
 		return true
@@ -131,34 +226,39 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rd *udpR
 	return true
 }
 
-// answerNow answers req in the reader when the engine can at once, or
-// drops it (or refuses it) as malformed; done false leaves it to a worker.
-// Local names (ForwardLocalNames) go to a worker: they are forwarded.
-func (s *Server) answerNow(req []byte, rd *udpReader) (reply []byte, done bool) {
+// answerNow answers req in the reader when the engine can at once (fresh:
+// it needs settling, and leaves, and item goes into the reply cache, once
+// settled; otherwise it is cached and leaves with the burst), or drops it
+// (or refuses it) as malformed; done false leaves it to a worker. Local names
+// (ForwardLocalNames) go to a worker: they are forwarded.
+func (s *Server) answerNow(req []byte, rd *udpReader) (reply []byte, item cacheItem, fresh, done bool) {
 	if rd.serveNow == nil {
-		return nil, false
+		return nil, item, false, false
 	}
 	q, reply, v := parseQuery(req, true)
 	if q == nil {
 		s.count(v)
-		return reply, true
+		return reply, item, false, true
 	}
-	if s.local != nil && isLocalName(q.Question[0].Name) {
-		return nil, false
+	if s.local != nil && isLocalName(q.Question[0].Name) || rd.settler.full() {
+		return nil, item, false, false
 	}
-	r, ok := rd.serveNow(q)
+	r, ok, unsettled := rd.serveNow(q)
 	if !ok {
-		return nil, false
+		return nil, item, false, false
 	}
 	reply, v, ttl := finish(q, r, nil, true)
-	if v == answered {
-		rd.unsettled = append(rd.unsettled, freshReply{req, reply, ttl})
-	} else {
-		// Settle before it leaves all the same.
-		rd.unsettled = append(rd.unsettled, freshReply{req, reply, 0})
-	}
 	s.count(v)
-	return reply, true
+	if !unsettled {
+		if v == answered {
+			s.cache.put(req, reply, true, ttl)
+		}
+		return reply, item, false, true
+	}
+	if v == answered {
+		item = s.cache.prepare(req, reply, true, ttl)
+	}
+	return reply, item, true, true
 }
 
 // udpQuery is a query the reply cache could not answer.

@@ -199,6 +199,13 @@ func (w *mappingWriter) storedLocked(m mapping) bool {
 	return ok && v == h
 }
 
+// has reports whether cache.db or the journal has m (storedLocked).
+func (w *mappingWriter) has(m mapping) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.storedLocked(m)
+}
+
 // storedEntry is m's key and value in stored. The hash of an IPv6
 // mapping's name is inverted: an IPv6 address that is an IPv4 address in
 // its mapped form (a pool would have to be made so) never counts as

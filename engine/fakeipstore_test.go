@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -382,15 +383,16 @@ func TestInstantAnswers(t *testing.T) {
 	}
 	serve, settle := testEngine.NewInstant()
 	const n = 20
+	run := instantRuns.Add(1) // names of its own under -count
 	fakes := make([]netip.Addr, n)
 	commitsBefore := w.commits.Load()
 	for i := range n {
-		name := fmt.Sprintf("instant%d.example", i)
+		name := fmt.Sprintf("instant%d-%d.example", run, i)
 		q := new(D.Msg)
 		q.SetQuestion(name+".", D.TypeA)
-		r, ok := serve(q)
-		if !ok || r == nil || len(r.Answer) != 1 {
-			t.Fatalf("%s: serve gave %v, %v; want a fake IP", name, r, ok)
+		r, ok, unsettled := serve(q)
+		if !ok || r == nil || len(r.Answer) != 1 || !unsettled {
+			t.Fatalf("%s: serve gave %v, %v, unsettled %v; want a new fake IP", name, r, ok, unsettled)
 		}
 		a, isA := r.Answer[0].(*D.A)
 		if !isA {
@@ -409,7 +411,7 @@ func TestInstantAnswers(t *testing.T) {
 	}
 	settle()
 	for i := range n {
-		if name := fmt.Sprintf("instant%d.example", i); !stored(w, name, fakes[i]) {
+		if name := fmt.Sprintf("instant%d-%d.example", run, i); !stored(w, name, fakes[i]) {
 			t.Errorf("%s → %v: not written after settle", name, fakes[i])
 		}
 	}
@@ -420,10 +422,10 @@ func TestInstantAnswers(t *testing.T) {
 	// Asked again: the same address, nothing written.
 	before := w.commits.Load()
 	q := new(D.Msg)
-	q.SetQuestion("instant0.example.", D.TypeA)
-	r, ok := serve(q)
-	if !ok || len(r.Answer) != 1 || !bytesEqualIP(r.Answer[0], fakes[0]) {
-		t.Errorf("instant0.example asked again: %v, %v; want %v", r, ok, fakes[0])
+	q.SetQuestion(fmt.Sprintf("instant%d-0.example.", run), D.TypeA)
+	r, ok, unsettled := serve(q)
+	if !ok || len(r.Answer) != 1 || !bytesEqualIP(r.Answer[0], fakes[0]) || unsettled {
+		t.Errorf("instant%d-0.example asked again: %v, %v, unsettled %v; want %v, settled", run, r, ok, unsettled, fakes[0])
 	}
 	settle()
 	if c := w.commits.Load() - before; c != 0 {
@@ -433,12 +435,16 @@ func TestInstantAnswers(t *testing.T) {
 	// Not fake-ip queries: left to ServeDNS.
 	for _, qt := range []uint16{D.TypeTXT, D.TypeMX, D.TypePTR} {
 		q := new(D.Msg)
-		q.SetQuestion("instant0.example.", qt)
-		if r, ok := serve(q); ok {
+		q.SetQuestion(fmt.Sprintf("instant%d-0.example.", run), qt)
+		if r, ok, _ := serve(q); ok {
 			t.Errorf("%s query served at once: %v", D.TypeToString[qt], r)
 		}
 	}
 }
+
+// instantRuns numbers the runs of the instant tests, whose names must be
+// new each time.
+var instantRuns atomic.Int64
 
 func bytesEqualIP(rr D.RR, ip netip.Addr) bool {
 	a, ok := rr.(*D.A)
@@ -470,7 +476,7 @@ func TestInstantNeverWaitsUpstream(t *testing.T) {
 	q := new(D.Msg)
 	q.SetQuestion("upstream-only.example.", D.TypeA)
 	start := time.Now()
-	r, ok := serve(q)
+	r, ok, _ := serve(q)
 	took := time.Since(start)
 	settle()
 	if ok {
@@ -479,5 +485,50 @@ func TestInstantNeverWaitsUpstream(t *testing.T) {
 	// mihomo's own timeout for a nameserver is seconds.
 	if took > time.Second {
 		t.Errorf("serve took %v: it waited for the nameserver", took)
+	}
+}
+
+// TestInstantServeWhileSettling: serve and settle run concurrently, as the
+// DNS server's reader and settler call them; after a last settle every
+// mapping served is written.
+func TestInstantServeWhileSettling(t *testing.T) {
+	w := liveMappings.Load()
+	if w == nil {
+		t.Fatal("no mapping writer")
+	}
+	serve, settle := testEngine.NewInstant()
+	const n = 300
+	run := instantRuns.Add(1)
+	fakes := make([]netip.Addr, n)
+	done := make(chan struct{})
+	settled := make(chan struct{})
+	go func() {
+		defer close(settled)
+		for {
+			select {
+			case <-done:
+				return
+			default:
+				settle()
+			}
+		}
+	}()
+	for i := range n {
+		q := new(D.Msg)
+		q.SetQuestion(fmt.Sprintf("concurrent%d-%d.example.", run, i), D.TypeA)
+		r, ok, _ := serve(q)
+		if !ok || len(r.Answer) != 1 {
+			close(done)
+			t.Fatalf("concurrent%d: %v, %v", i, r, ok)
+		}
+		fakes[i], _ = netip.AddrFromSlice(r.Answer[0].(*D.A).A.To4())
+	}
+	close(done)
+	<-settled
+	settle()
+	for i := range n {
+		if name := fmt.Sprintf("concurrent%d-%d.example", run, i); !stored(w, name, fakes[i]) {
+			t.Errorf("%s → %v: not written after the last settle", name, fakes[i])
+		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 
 	D "github.com/miekg/dns"
 
@@ -38,7 +39,8 @@ func (e *Engine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 }
 
 // NewInstant returns serve and settle for a caller that answers DNS queries
-// a burst at a time (the DNS server's UDP reader, dns.InstantEngine).
+// a burst at a time (the DNS server's UDP reader and its settler,
+// dns.InstantEngine).
 //
 // serve answers q as ServeDNS does when mihomo's answer takes nothing but
 // memory: an A or AAAA query in fake-ip mode for a name fake-ip-filter
@@ -48,10 +50,12 @@ func (e *Engine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 // between the check and the call), it gives up at once, and serve says no
 // instead of holding the reader up.
 //
-// settle writes the new fake-ip mappings of the answers serve returned
-// since the last settle, in one journal write (shared with ServeDNS's
-// callers), and returns once they are written.
-func (e *Engine) NewInstant() (serve func(*D.Msg) (*D.Msg, bool), settle func()) {
+// serve says an answer is unsettled when it carries a mapping cache.db and
+// its journal do not have yet. settle writes the new fake-ip mappings of the
+// answers serve returned before it was called, in one journal write (shared
+// with ServeDNS's callers), and returns once they are written. serve and
+// settle may run concurrently.
+func (e *Engine) NewInstant() (serve func(*D.Msg) (*D.Msg, bool, bool), settle func()) {
 	b := &instantBatch{e: e}
 	return b.serve, b.settle
 }
@@ -59,8 +63,17 @@ func (e *Engine) NewInstant() (serve func(*D.Msg) (*D.Msg, bool), settle func())
 // instantBatch is the state of one caller of NewInstant.
 type instantBatch struct {
 	e       *Engine
-	w       *mappingWriter // the writer pending goes to
-	pending []mapping
+	mu      sync.Mutex
+	pending []pendingMapping // serve's, for the next settle
+	writing []pendingMapping // settle's (settle only)
+	run     []mapping        // settle's (settle only)
+}
+
+// pendingMapping is a mapping and the writer it goes to: a reload may
+// replace the writer between serve and settle.
+type pendingMapping struct {
+	w *mappingWriter
+	m mapping
 }
 
 // canceled is an already canceled context (NewInstant).
@@ -70,49 +83,63 @@ var canceled = func() context.Context {
 	return ctx
 }()
 
-func (b *instantBatch) serve(q *D.Msg) (*D.Msg, bool) {
+func (b *instantBatch) serve(q *D.Msg) (*D.Msg, bool, bool) {
 	s := resolver.DefaultService
 	if s == nil || len(q.Question) != 1 {
-		return nil, false
+		return nil, false, false
 	}
 	if qt := q.Question[0].Qtype; qt != D.TypeA && qt != D.TypeAAAA {
-		return nil, false
+		return nil, false, false
 	}
 	v := b.e.dnsView.Load()
 	if v == nil || !v.fakeIP {
-		return nil, false
+		return nil, false, false
 	}
 	// The name as mihomo's fake-ip handler asks its skipper.
 	if v.skipper != nil && v.skipper.ShouldSkipped(strings.TrimRight(q.Question[0].Name, ".")) {
-		return nil, false
+		return nil, false, false
 	}
 	r, err := s.ServeMsg(canceled, q)
 	if err != nil || r == nil {
-		return nil, false
+		return nil, false, false
 	}
 	w := liveMappings.Load()
-	if w != b.w {
-		// A reload replaced the writer: what the old one was given goes
-		// to it first.
-		b.settle()
-		b.w = w
+	if w == nil {
+		return r, true, false
 	}
-	if w != nil {
-		b.pending = b.e.appendMappings(b.pending, q, r)
+	var buf [2]mapping
+	unsettled := false
+	for _, m := range b.e.appendMappings(buf[:0], q, r) {
+		if w.has(m) {
+			continue
+		}
+		b.mu.Lock()
+		b.pending = append(b.pending, pendingMapping{w, m})
+		b.mu.Unlock()
+		unsettled = true
 	}
-	return r, true
+	return r, true, unsettled
 }
 
 func (b *instantBatch) settle() {
-	if len(b.pending) == 0 {
-		return
+	b.mu.Lock()
+	b.writing, b.pending = b.pending, b.writing[:0]
+	b.mu.Unlock()
+	// In order, a write per writer (one, but across a reload).
+	for rest := b.writing; len(rest) > 0; {
+		w := rest[0].w
+		b.run = b.run[:0]
+		for len(rest) > 0 && rest[0].w == w {
+			b.run = append(b.run, rest[0].m)
+			rest = rest[1:]
+		}
+		if err := w.writeAll(b.run); err != nil {
+			// The answers still go out, as ServeDNS's do.
+			b.e.log.Warn("fake-ip mappings not saved", "mappings", len(b.run), "err", err)
+		}
 	}
-	if err := b.w.writeAll(b.pending); err != nil {
-		// The answers still go out, as ServeDNS's do.
-		b.e.log.Warn("fake-ip mappings not saved", "mappings", len(b.pending), "err", err)
-	}
-	clear(b.pending)
-	b.pending = b.pending[:0]
+	clear(b.writing)
+	clear(b.run)
 }
 
 // LookupFakeIP returns the name a fake IP stands for, if ip is in the fake-ip

@@ -512,38 +512,72 @@ func wantAnswers(t *testing.T, c net.PacketConn, s *Server, n int, name func(int
 // id of every answer as it arrives.
 func wantAnswersEach(t *testing.T, c net.PacketConn, s *Server, n int, name func(int) string, each func(id int)) {
 	t.Helper()
-	seen := make([]bool, n)
-	buf := make([]byte, 512)
+	a := readAnswers(t, c, n, name)
+	for a.got < n {
+		id := a.next(fmt.Sprintf("server: %+v", s.Stats()))
+		if each != nil {
+			each(id)
+		}
+	}
+}
+
+// answerReader reads the answers to sendQueries' queries from c, each once
+// and with the fake IP of its name, within 10 s.
+type answerReader struct {
+	t    *testing.T
+	c    net.PacketConn
+	name func(int) string
+	seen []bool
+	got  int
+	buf  []byte
+}
+
+func readAnswers(t *testing.T, c net.PacketConn, n int, name func(int) string) *answerReader {
+	t.Helper()
 	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	for got := 0; got < n; got++ {
-		k, _, err := c.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("after %d of %d answers: %v (server: %+v)", got, n, err, s.Stats())
-		}
-		r := new(D.Msg)
-		if err := r.Unpack(buf[:k]); err != nil {
-			t.Fatal(err)
-		}
-		if int(r.Id) >= n || seen[r.Id] {
-			t.Fatalf("unexpected or repeated answer id %d", r.Id)
-		}
-		seen[r.Id] = true
-		wantA(t, r, name(int(r.Id)))
-		if each != nil {
-			each(int(r.Id))
-		}
+	return &answerReader{t: t, c: c, name: name, seen: make([]bool, n), buf: make([]byte, 512)}
+}
+
+// next reads one answer and returns its id; a failure says what is going on
+// (context).
+func (a *answerReader) next(context string) int {
+	a.t.Helper()
+	k, _, err := a.c.ReadFrom(a.buf)
+	if err != nil {
+		a.t.Fatalf("after %d of %d answers: %v (%s)", a.got, len(a.seen), err, context)
 	}
+	r := new(D.Msg)
+	if err := r.Unpack(a.buf[:k]); err != nil {
+		a.t.Fatal(err)
+	}
+	if int(r.Id) >= len(a.seen) || a.seen[r.Id] {
+		a.t.Fatalf("unexpected or repeated answer id %d", r.Id)
+	}
+	a.seen[r.Id] = true
+	a.got++
+	wantA(a.t, r, a.name(int(r.Id)))
+	return int(r.Id)
 }
 
 // A burst of queries that arrives while the reader is busy (here: before it
 // starts) waits in the listening socket, whose buffer is raised past the
 // default's ~270 small datagrams; none is dropped, each gets its answer.
 func TestQueryBurstNotDropped(t *testing.T) {
-	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
 	const n = 2000
-	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), fakeEngine{}, testLogger(t))
+	name := func(i int) string { return fmt.Sprintf("burst%d.test", i) }
+	s, c := queuedBurst(t, fakeEngine{}, n, name)
+	wantAnswers(t, c, s, n, name)
+}
+
+// queuedBurst sends n queries, for name(i), from a client that keeps every
+// reply to a server for eng, which starts serving once they wait in its
+// socket.
+func queuedBurst(t *testing.T, eng Engine, n int, name func(int) string) (*Server, net.PacketConn) {
+	t.Helper()
+	testenv.RequireRoot(t) // SO_RCVBUFFORCE, past net.core.rmem_max
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -552,11 +586,10 @@ func TestQueryBurstNotDropped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	name := func(i int) string { return fmt.Sprintf("burst%d.test", i) }
+	t.Cleanup(func() { c.Close() })
 	sendQueries(t, c, s.Addr(), n, name)
 	serveUntilCleanup(t, s)
-	wantAnswers(t, c, s, n, name)
+	return s, c
 }
 
 // instantEngine is fakeEngine as an InstantEngine: names under now.test are
@@ -623,13 +656,10 @@ func (e *instantEngine) isSettled(name string) bool {
 	return e.settled[D.Fqdn(name)]
 }
 
-// TestInstantAnswers: queries an InstantEngine answers at once are answered
-// by the reader, with no worker; none leaves before the engine has settled
-// it, and the answers that wait meanwhile settle together. The reader goes
-// on meanwhile: a query the cache can answer is answered while a settle
-// waits. Other queries go to a worker; a repeated one comes from the reply
-// cache, and garbage is dropped in the reader.
-func TestInstantAnswers(t *testing.T) {
+// heldServer serves an instantEngine whose settle waits until unhold is
+// called (at the latest as the test ends, before the server closes).
+func heldServer(t *testing.T) (*instantEngine, *Server, func()) {
+	t.Helper()
 	eng := &instantEngine{hold: make(chan struct{}), settled: map[string]bool{}}
 	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
 	if err != nil {
@@ -638,7 +668,18 @@ func TestInstantAnswers(t *testing.T) {
 	serveUntilCleanup(t, s)
 	var release sync.Once
 	unhold := func() { release.Do(func() { close(eng.hold) }) }
-	t.Cleanup(unhold) // before the server's Close, should the test end early
+	t.Cleanup(unhold) // runs before the server's Close
+	return eng, s, unhold
+}
+
+// TestInstantAnswers: queries an InstantEngine answers at once are answered
+// by the reader, with no worker; none leaves before the engine has settled
+// it, and the answers that wait meanwhile settle together. The reader goes
+// on meanwhile: a query the cache can answer is answered while a settle
+// waits. Other queries go to a worker; a repeated one comes from the reply
+// cache, and garbage is dropped in the reader.
+func TestInstantAnswers(t *testing.T) {
+	eng, s, unhold := heldServer(t)
 	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -721,22 +762,10 @@ func TestInstantAnswers(t *testing.T) {
 // (waiting in the socket before the server starts) goes through the reader
 // and the settler a batch at a time; each query gets its own answer, once.
 func TestInstantBurst(t *testing.T) {
-	testenv.RequireRoot(t)           // SO_RCVBUFFORCE, past net.core.rmem_max
 	const n = maxSettling - udpBatch // all for the settler (TestSettlerBounded has more)
 	eng := &instantEngine{settled: map[string]bool{}}
-	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)} // the client keeps every reply
-	c, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	name := func(i int) string { return fmt.Sprintf("burst%d.now.test", i) }
-	sendQueries(t, c, s.Addr(), n, name)
-	serveUntilCleanup(t, s)
+	s, c := queuedBurst(t, eng, n, name)
 	wantAnswersEach(t, c, s, n, name, func(id int) {
 		if !eng.isSettled(name(id)) {
 			t.Errorf("the answer for %s arrived before settle", name(id))
@@ -756,15 +785,7 @@ func TestSettlerBounded(t *testing.T) {
 	// The round the settler holds may be up to maxSettling already (the
 	// reader may read that much before the settler takes its first round).
 	const n = 2*maxSettling + 2*udpBatch + 200
-	eng := &instantEngine{hold: make(chan struct{}), settled: map[string]bool{}}
-	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	serveUntilCleanup(t, s)
-	var release sync.Once
-	unhold := func() { release.Do(func() { close(eng.hold) }) }
-	t.Cleanup(unhold)
+	eng, s, unhold := heldServer(t)
 	lc := net.ListenConfig{Control: tsock.Control(tsock.RaiseRcvBuf)}
 	c, err := lc.ListenPacket(context.Background(), "udp4", "127.0.0.1:0")
 	if err != nil {
@@ -775,52 +796,16 @@ func TestSettlerBounded(t *testing.T) {
 	sendQueries(t, c, s.Addr(), n, name)
 	// The workers answer the queries past the bound while the settle
 	// waits.
-	seen := make([]bool, n)
-	buf := make([]byte, 512)
-	early := 0
-	if err := c.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
-		t.Fatal(err)
-	}
-	for early < 100 {
-		k, _, err := c.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("%d answers while the settle waited: %v (ServeDNS had %d)", early, err, eng.serveDNS.Load())
-		}
-		r := new(D.Msg)
-		if err := r.Unpack(buf[:k]); err != nil {
-			t.Fatal(err)
-		}
-		if int(r.Id) >= n || seen[r.Id] {
-			t.Fatalf("unexpected or repeated answer id %d", r.Id)
-		}
-		seen[r.Id] = true
-		wantA(t, r, name(int(r.Id)))
-		early++
+	a := readAnswers(t, c, n, name)
+	for a.got < 100 {
+		a.next(fmt.Sprintf("while the settle waited; ServeDNS had %d", eng.serveDNS.Load()))
 	}
 	if eng.serveDNS.Load() < 100 {
 		t.Errorf("%d queries to ServeDNS while the settle waited, want the ones past the bound", eng.serveDNS.Load())
 	}
 	unhold()
-	rest := 0
-	for i := range seen {
-		if !seen[i] {
-			rest++
-		}
-	}
-	for got := 0; got < rest; got++ {
-		k, _, err := c.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("after %d of the %d other answers: %v", got, rest, err)
-		}
-		r := new(D.Msg)
-		if err := r.Unpack(buf[:k]); err != nil {
-			t.Fatal(err)
-		}
-		if int(r.Id) >= n || seen[r.Id] {
-			t.Fatalf("unexpected or repeated answer id %d", r.Id)
-		}
-		seen[r.Id] = true
-		wantA(t, r, name(int(r.Id)))
+	for a.got < n {
+		a.next("after the settle")
 	}
 	eng.mu.Lock()
 	served := len(eng.served)

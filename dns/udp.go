@@ -204,9 +204,10 @@ func (s *Server) serveDatagram(data, oob []byte, client netip.AddrPort, rd *udpR
 	}
 	if reply, item, fresh, done := s.answerNow(data, rd); done {
 		switch {
+		case reply == nil: // dropped
 		case fresh:
 			rd.fresh = append(rd.fresh, freshReply{pendingReply{reply, client, origDst}, item})
-		case reply != nil:
+		default:
 			rb.add(reply, client, origDst)
 		}
 		return true

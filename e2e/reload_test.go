@@ -294,3 +294,71 @@ func icmpCounter(t testing.TB, ns *testnet.NS, name string) int {
 	t.Fatalf("no Icmp: %s in /proc/net/snmp", name)
 	return 0
 }
+
+// TestSignalsWhileStarting: a proxy provider whose server answers slowly
+// holds tpgw's start (mihomo loads providers before it runs). A SIGHUP in
+// that moment (systemd's reload, a script) must not kill tpgw, SIGHUP's
+// default action: it starts, then reloads, and traffic flows. A SIGTERM in
+// that moment stops it at once, with nothing installed in the kernel.
+func TestSignalsWhileStarting(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.StartHTTPServer(t, httpPort)
+	before := testnet.Snapshot(t, tp.Gateway)
+	slowConfig := func(holdMS int) string {
+		providers := fmt.Sprintf(`proxy-providers:
+  slow:
+    type: http
+    url: http://203.0.113.2:%d/hold?ms=%d
+    path: ./providers/slow.yaml
+    interval: 0
+`, httpPort, holdMS)
+		return writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, providers+tpgwSection(t, "")))
+	}
+	const loading = "Start initial provider slow"
+
+	t.Run("SIGTERM", func(t *testing.T) {
+		p := tp.Gateway.Start(t, tpgwBin, "run", "-c", slowConfig(30_000))
+		if err := waitLog(p, loading, 10*time.Second, 5*time.Millisecond); err != nil {
+			t.Fatalf("%v:\n%s", err, p.Output())
+		}
+		if err := p.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if exited, _ := p.Wait(5 * time.Second); !exited {
+			t.Fatalf("tpgw still starting 5s after SIGTERM:\n%s", p.Output())
+		}
+		if strings.Contains(p.Output(), "gateway running") {
+			t.Fatalf("the start finished before the SIGTERM; the test proved nothing:\n%s", p.Output())
+		}
+		sameKernelState(t, tp, before, "after a SIGTERM while starting")
+	})
+
+	t.Run("SIGHUP", func(t *testing.T) {
+		p := tp.Gateway.Start(t, tpgwBin, "run", "-c", slowConfig(1500))
+		t.Cleanup(func() {
+			if p.Signal(syscall.SIGTERM) == nil {
+				p.Wait(15 * time.Second)
+			}
+		})
+		if err := waitLog(p, loading, 10*time.Second, 5*time.Millisecond); err != nil {
+			t.Fatalf("%v:\n%s", err, p.Output())
+		}
+		if err := p.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		if err := waitLog(p, "gateway running", 30*time.Second, 20*time.Millisecond); err != nil {
+			t.Fatalf("SIGHUP while starting: %v:\n%s", err, p.Output())
+		}
+		out := p.Output()
+		if strings.Contains(out[:strings.Index(out, "gateway running")], "msg=reloaded") {
+			t.Fatalf("reloaded before the gateway ran:\n%s", out)
+		}
+		if err := waitLog(p, "msg=reloaded", 10*time.Second, 20*time.Millisecond); err != nil {
+			t.Fatalf("the SIGHUP sent while starting: %v:\n%s", err, p.Output())
+		}
+		wantSeen(t, tp, "http://203.0.113.2:8080/", "203.0.113.1", "DIRECT through tpgw, reloaded after a SIGHUP while starting")
+		stopTPGW(t, p, syscall.SIGTERM)
+		sameKernelState(t, tp, before, "after SIGTERM")
+	})
+}

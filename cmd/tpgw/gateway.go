@@ -200,6 +200,15 @@ type gateway struct {
 }
 
 func runGateway(o cmdOpts) (err error) {
+	// SIGHUP is caught from the first moment: a reload (from systemd or a
+	// script) that arrived while tpgw was starting would otherwise kill it,
+	// SIGHUP's default action. The main loop below handles it once the
+	// gateway runs. SIGTERM and SIGINT keep their default until just before
+	// the kernel rules go in, so a start that hangs (a provider download)
+	// can still be stopped; from then on they stop the gateway in order.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	c, err := config.Load(o.configPath)
 	if err != nil {
 		return err
@@ -318,6 +327,7 @@ func runGateway(o cmdOpts) (err error) {
 	// With on-failure open, a watchdog outside this process removes the
 	// divert rules if tpgw dies, so LAN traffic flows directly. It starts
 	// before the rules go in, so there is no moment with rules and no watchdog.
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	var wd *watchdog
 	if c.Gateway.OnFailure == config.FailOpen {
 		wd, err = startWatchdog(log)
@@ -362,9 +372,6 @@ func runGateway(o cmdOpts) (err error) {
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
 	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, ping: ping, log: log}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	verify := time.NewTicker(verifyEvery(backend.Name()))
 	defer verify.Stop()
 	for {

@@ -30,6 +30,7 @@ const PeerStartTimeout = 10 * time.Second
 //
 //	GET  /          the remote IP the server sees, e.g. "203.0.113.1\n"
 //	GET  /bytes?n=N N bytes of 'x'
+//	GET  /hold?ms=M "held\n", after M milliseconds (a slow server)
 //	POST /echo      the request body
 func (tp *Topology) StartHTTPServer(t testing.TB, port int) {
 	t.Helper()
@@ -79,6 +80,20 @@ func upstreamHandler() http.Handler {
 			}
 			n -= m
 		}
+	})
+	mux.HandleFunc("GET /hold", func(w http.ResponseWriter, r *http.Request) {
+		ms, err := strconv.Atoi(r.URL.Query().Get("ms"))
+		if err != nil || ms < 0 || ms > 60_000 {
+			http.Error(w, "ms must be an integer from 0 to 60000", http.StatusBadRequest)
+			return
+		}
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintln(w, "held")
 	})
 	mux.HandleFunc("POST /echo", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/octet-stream")

@@ -102,10 +102,10 @@ func (c *replyCache) store(it cacheItem) {
 	if !it.ok {
 		return
 	}
-	now := c.now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.entries) >= maxCacheEntries {
+		now := c.now() // only a full cache needs the time again
 		for k, e := range c.entries {
 			if !now.Before(e.expires) {
 				delete(c.entries, k)

@@ -50,6 +50,9 @@ func TestPersistedPoolKeptInMemory(t *testing.T) {
 	}
 }
 
+// togetherRuns numbers the runs of TestNewNamesWrittenTogether.
+var togetherRuns atomic.Int64
+
 // TestNewNamesWrittenTogether: names asked at once each have their mapping
 // in cache.db or its journal when their answer is out, and the names that
 // come in while a journal write runs share the next; folded, the mappings
@@ -60,6 +63,9 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 		t.Fatal("no mapping writer")
 	}
 	const n = 200
+	// Names no earlier run in this process asked (go test -count=N), so
+	// that each is new to the pool.
+	prefix := fmt.Sprintf("together%d-", togetherRuns.Add(1))
 	commitsBefore := w.commits.Load()
 	start := make(chan struct{})
 	errs := make(chan error, n)
@@ -67,7 +73,7 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			<-start
-			name := fmt.Sprintf("together%d.example", i)
+			name := fmt.Sprintf("%s%d.example", prefix, i)
 			q := new(D.Msg)
 			q.SetQuestion(name+".", D.TypeA)
 			r, err := testEngine.ServeDNS(context.Background(), q)
@@ -112,7 +118,7 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 	}
 	store := cachefile.Cache().FakeIpStore()
 	for i := range n {
-		name := fmt.Sprintf("together%d.example", i)
+		name := fmt.Sprintf("%s%d.example", prefix, i)
 		fake, ok := store.GetByHost(name)
 		if !ok {
 			t.Errorf("cache.db has no %s after a fold", name)
@@ -127,7 +133,7 @@ func TestNewNamesWrittenTogether(t *testing.T) {
 	}
 	// Asked again, a name is answered from memory and not written again.
 	q := new(D.Msg)
-	q.SetQuestion("together0.example.", D.TypeA)
+	q.SetQuestion(prefix+"0.example.", D.TypeA)
 	before := w.commits.Load()
 	if _, err := testEngine.ServeDNS(context.Background(), q); err != nil {
 		t.Fatal(err)

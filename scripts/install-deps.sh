@@ -22,9 +22,9 @@ check openssl openssl
 check gcc gcc
 check strace strace
 check ping iputils-ping
+check dnsperf dnsperf # e2e TestLocalNamesUnderLoad, and make bench
 if [ "${1:-}" = bench ]; then # make bench only
 	check wrk wrk
-	check dnsperf dnsperf
 fi
 if [ -n "$need" ]; then
 	if [ "$(id -u)" != 0 ]; then

@@ -23,6 +23,7 @@ check gcc gcc
 check strace strace
 check ping iputils-ping
 check dnsperf dnsperf # e2e TestLocalNamesUnderLoad, and make bench
+check systemd-analyze systemd # packaging TestSystemdUnit verifies the unit
 if [ "${1:-}" = bench ]; then # make bench only
 	check wrk wrk
 fi

@@ -479,14 +479,13 @@ func TestSystemdUnit(t *testing.T) {
 	// /usr/bin/tpgw points at a real tpgw; it exits 0 even on unknown or
 	// malformed settings, so any message fails the test. Outside CI a
 	// machine without systemd checks the unit with the parser above only.
-	if _, err := exec.LookPath("systemd-analyze"); err != nil && !testenv.InCI() {
-		t.Logf("systemd-analyze not installed: checked the unit with the parser above only")
-		return
-	}
-	testenv.RequireTools(t, "systemd-analyze")
 	analyze, err := exec.LookPath("systemd-analyze")
 	if err != nil {
-		t.Fatal(err)
+		if !testenv.InCI() {
+			t.Logf("systemd-analyze not installed: checked the unit with the parser above only")
+			return
+		}
+		testenv.RequireTools(t, "systemd-analyze") // fails the test under CI
 	}
 	bin := os.Getenv("TPGW_BIN")
 	if bin == "" {

@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -30,8 +31,9 @@ var provided = map[string]string{
 }
 
 // TestInstallDepsCoversTests: every program a test requires through
-// RequireTools (or testnet's requireTool) is installed by the part of scripts/install-deps.sh that
-// make test runs (not only by its bench part), so a fresh CI machine has it.
+// RequireTools (or testnet's requireTool) is installed by the part of
+// scripts/install-deps.sh that make test runs (not only by its bench part),
+// so a fresh CI machine has it.
 // A test that needed dnsperf while only make bench installed it passed on
 // machines that had run the bench and failed on a fresh one.
 func TestInstallDepsCoversTests(t *testing.T) {
@@ -99,8 +101,8 @@ func installDeps(t *testing.T, path string) (test, bench map[string]bool) {
 var requireCall = regexp.MustCompile(`(?:RequireTools|requireTool)\(\s*\w+\s*,([^)]*)\)`)
 var quoted = regexp.MustCompile(`"[^"]*"`)
 
-// requiredTools maps each program named in a RequireTools call of a Go file
-// under root (or in testnet's requireTool, which calls it) to the first place that names it.
+// requiredTools maps each program named in a RequireTools (or testnet's
+// requireTool) call of a Go file under root to the first place naming it.
 func requiredTools(t *testing.T, root string) map[string]string {
 	t.Helper()
 	tools := map[string]string{}
@@ -122,7 +124,7 @@ func requiredTools(t *testing.T, root string) map[string]string {
 			return err
 		}
 		for _, m := range requireCall.FindAllSubmatchIndex(src, -1) {
-			line := 1 + strings.Count(string(src[:m[0]]), "\n")
+			line := 1 + bytes.Count(src[:m[0]], []byte("\n"))
 			for _, q := range quoted.FindAll(src[m[2]:m[3]], -1) {
 				name, err := strconv.Unquote(string(q))
 				if err != nil {

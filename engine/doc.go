@@ -80,13 +80,15 @@
 // TPROXYed datagram whose mihomo worker queue is full waits for room, up to
 // 10 ms, instead of being dropped at once (udpqueue.go).
 //
-// Under the race detector (make race, and a race-built tpgw through the
-// e2e tests) three races remain, all mihomo's own and benign in practice:
+// Under the race detector three races remain, all mihomo's own and benign
+// in practice:
 // its log level is a plain variable that ApplyConfig sets while its
 // goroutines log, a reload replaces the resolver's package variables
 // (updateDNS) while the tunnel reads them, and the mode a dashboard sets
 // (PATCH /configs, tunnel.SetMode) is a plain variable the tunnel reads
-// for every flow.
+// for every flow. The first is also met by the finalizer mihomo closes an
+// unused proxy from, which logs; the engine's tests run those finalizers and
+// order them before each reload they make (finalizers_test.go).
 //
 // mihomo keeps its state in package variables, so a process runs one Engine.
 package engine

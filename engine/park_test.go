@@ -280,11 +280,11 @@ sniffer:
       override-destination: false
 `
 	sniffCfg = strings.Replace(sniffCfg, "rules:\n", "rules:\n  - DOMAIN,blocked.example,REJECT\n", 1)
-	if err := testEngine.Reload([]byte(sniffCfg), 0); err != nil {
+	if err := reloadEngine(t, []byte(sniffCfg)); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := testEngine.Reload([]byte(testConfig), 0); err != nil {
+		if err := reloadEngine(t, []byte(testConfig)); err != nil {
 			t.Error(err)
 		}
 	})

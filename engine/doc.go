@@ -72,8 +72,8 @@
 // while clients may hold it (fakeip.go). A persisted pool keeps its
 // mappings in memory, and tpgw writes the new ones, those that come in
 // together in one write, to a journal beside cache.db before their answers
-// leave, and folds the journal into cache.db every few thousand names
-// (fakeipstore.go, fakeipjournal.go): mihomo wrote each one to cache.db
+// leave, and folds the journal into cache.db when new names pause, in key
+// order (fakeipstore.go, fakeipjournal.go): mihomo wrote each one to cache.db
 // under the pool's lock, so a burst of new names was answered one disk
 // write at a time. A dashboard's "flush fake-ip" empties each pool under
 // the pool's lock, which mihomo's flush does not take (controller.go). A

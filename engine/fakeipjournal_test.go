@@ -5,8 +5,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -192,7 +195,7 @@ func TestJournalFolds(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.foldEvery, w.foldAt = 64, 64
+	w.foldEvery, w.foldAt, w.foldQuiet = 64, 64, 0 // fold at once
 	var wg sync.WaitGroup
 	errs := make(chan error, 200)
 	for i := range 200 {
@@ -256,6 +259,70 @@ func TestJournalFolds(t *testing.T) {
 	}
 }
 
+// TestFoldWaitsForPause: a journal with foldEvery names is folded only
+// once new names have paused for foldQuiet (a name that comes meanwhile
+// puts the fold off again), and at once when it reaches foldMax however
+// fast names come. A fold seen earlier than foldQuiet after the last write
+// fails; a slow machine only makes the fold later.
+func TestFoldWaitsForPause(t *testing.T) {
+	const quiet = 400 * time.Millisecond
+	w, err := openMappingWriter(tempDB(t), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.close()
+	w.foldEvery, w.foldAt, w.foldMax, w.foldQuiet = 8, 8, 32, quiet
+	n := 0
+	write := func() time.Time {
+		t.Helper()
+		n++
+		if err := w.write(newMapping(fmt.Sprintf("p%d.example", n), fmt.Sprintf("198.18.4.%d", n))); err != nil {
+			t.Fatal(err)
+		}
+		return time.Now()
+	}
+	// waitFold polls until the folds reach want, failing on one seen
+	// before quiet has passed since last.
+	waitFold := func(want int64, last time.Time, early bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for w.folds.Load() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d folds 10s after the last write, want %d", w.folds.Load(), want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if since := time.Since(last); !early && since < quiet {
+			t.Errorf("fold %d came %v after the last write, before the pause of %v", want, since, quiet)
+		}
+	}
+	for range 8 {
+		write()
+	}
+	time.Sleep(quiet / 2)
+	last := write() // puts the fold off
+	waitFold(1, last, false)
+	w.lockIdle()
+	w.io.Unlock()
+	if recs := journalRecords(t, w); len(recs) != 0 {
+		t.Errorf("journal after the fold: %d records, want none", len(recs))
+	}
+	// Names faster than the pause: foldMax of them are folded at once.
+	w.foldQuiet = time.Hour
+	for range 32 {
+		last = write()
+	}
+	waitFold(2, last, true)
+	w.lockIdle()
+	w.io.Unlock()
+	for i := 1; i <= n; i++ {
+		host := fmt.Sprintf("p%d.example", i)
+		if ip, _ := dbMapping(t, w.db, host); ip != netip.MustParseAddr(fmt.Sprintf("198.18.4.%d", i)) {
+			t.Errorf("cache.db maps %s to %v after the folds", host, ip)
+		}
+	}
+}
+
 // TestFoldInBackground: a fold waits for cache.db (another writer holds
 // bbolt's write lock here), while new mappings are journaled and their
 // writers answered meanwhile; once it is done, the journal holds only the
@@ -267,7 +334,7 @@ func TestFoldInBackground(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer w.close()
-	w.foldEvery, w.foldAt = 8, 8
+	w.foldEvery, w.foldAt, w.foldQuiet = 8, 8, 0 // fold at once
 	hold, held := make(chan struct{}), make(chan struct{})
 	go db.Update(func(*bbolt.Tx) error { close(held); <-hold; return nil })
 	<-held
@@ -422,4 +489,100 @@ func TestStoredMappingsNotRewritten(t *testing.T) {
 		t.Fatal(err)
 	}
 	write(newMapping("b.example", "198.18.0.4"), 1) // cache.db was emptied
+}
+
+// TestPutMappingsAsInOrder: putMappings (a fold: each key written once, in
+// key order) leaves cache.db's fake-ip buckets exactly as putMapping record
+// after record does, for batches full of the cases that depend on order:
+// addresses taken over by other names, names that move to another address
+// and back, IPv4 and IPv6 records, over buckets that already hold mappings.
+func TestPutMappingsAsInOrder(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 9))
+	randomMapping := func() mapping {
+		host := fmt.Sprintf("h%d.example", rng.IntN(40))
+		if rng.IntN(4) == 0 {
+			return newMapping(host, fmt.Sprintf("fdfe::%x", rng.IntN(24)))
+		}
+		return newMapping(host, fmt.Sprintf("198.18.0.%d", rng.IntN(24)))
+	}
+	dump := func(db *bbolt.DB) string {
+		var b strings.Builder
+		db.View(func(tx *bbolt.Tx) error {
+			return tx.ForEach(func(name []byte, bk *bbolt.Bucket) error {
+				return bk.ForEach(func(k, v []byte) error {
+					fmt.Fprintf(&b, "%s %x=%x\n", name, k, v)
+					return nil
+				})
+			})
+		})
+		return b.String()
+	}
+	for round := range 200 {
+		inOrder, folded := tempDB(t), tempDB(t)
+		var before, batch []mapping
+		for range rng.IntN(30) {
+			before = append(before, randomMapping())
+		}
+		for range 1 + rng.IntN(60) {
+			batch = append(batch, randomMapping())
+		}
+		for _, db := range []*bbolt.DB{inOrder, folded} {
+			if err := db.Update(func(tx *bbolt.Tx) error {
+				for _, m := range before {
+					if err := putMapping(tx, m); err != nil {
+						return err
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := inOrder.Update(func(tx *bbolt.Tx) error {
+			for _, m := range batch {
+				if err := putMapping(tx, m); err != nil {
+					return err
+				}
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if err := folded.Update(func(tx *bbolt.Tx) error { return putMappings(tx, batch) }); err != nil {
+			t.Fatal(err)
+		}
+		if want, got := dump(inOrder), dump(folded); got != want {
+			t.Fatalf("round %d: cache.db after putMappings:\n%s\nrecord after record:\n%s\nbefore: %v\nbatch: %v", round, got, want, before, batch)
+		}
+	}
+}
+
+// BenchmarkFold: folding journaled names into a young cache.db, as a burst
+// of new names leaves them (random names, consecutive addresses), in
+// transactions of foldEvery (foldMappings).
+func BenchmarkFold(b *testing.B) {
+	for _, n := range []int{8192, 65536} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			recs := make([]mapping, n)
+			for i := range recs {
+				a := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+				recs[i] = mapping{host: fmt.Sprintf("n%x.bench.example", rand.Uint64()), ip: a}
+			}
+			for b.Loop() {
+				b.StopTimer()
+				db, err := bbolt.Open(filepath.Join(b.TempDir(), "cache.db"), 0o600, &bbolt.Options{NoSync: true})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				if err := foldMappings(db, recs); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				db.Close()
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n)/1e3, "µs/name")
+		})
+	}
 }

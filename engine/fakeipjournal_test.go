@@ -273,13 +273,16 @@ func TestFoldWaitsForPause(t *testing.T) {
 	defer w.close()
 	w.foldEvery, w.foldAt, w.foldMax, w.foldQuiet = 8, 8, 32, quiet
 	n := 0
+	// write journals one more name; it returns the time just before, which
+	// is no later than the writer's own note of it.
 	write := func() time.Time {
 		t.Helper()
 		n++
+		before := time.Now()
 		if err := w.write(newMapping(fmt.Sprintf("p%d.example", n), fmt.Sprintf("198.18.4.%d", n))); err != nil {
 			t.Fatal(err)
 		}
-		return time.Now()
+		return before
 	}
 	// waitFold polls until the folds reach want, failing on one seen
 	// before quiet has passed since last.

@@ -30,12 +30,12 @@ import (
 // So the answer that carries a new fake IP leaves once its mapping is
 // appended to the journal beside cache.db (cache.db.tpgw-journal), one
 // write(2) for all the names that came in meanwhile (group commit), and the
-// journal is folded into cache.db in one transaction once it holds
-// foldEvery names and new names have paused for foldQuiet, or at once at
-// foldMax (in the background: new names go on being journaled and answered
-// while the fold waits for cache.db, and its records then leave the journal
-// by a rename of a file holding the rest), on a reload, and on a clean
-// stop, which removes the journal. After a crash the next start folds what
+// journal is folded into cache.db, in transactions of foldEvery names
+// (foldMappings), once it holds foldEvery names and new names have paused
+// for foldQuiet, or at once at foldMax (in the background: new names go on
+// being journaled and answered while the fold waits for cache.db, and its
+// records then leave the journal by a rename of a file holding the rest),
+// on a reload, and on a clean stop, which removes the journal. After a crash the next start folds what
 // the journal holds before the pools are built. Neither file is fsynced
 // (cache.db is opened NoSync, see Start): what is written survives a crash
 // of tpgw, not a power cut, as before. Until a fold, cache.db lags behind
@@ -57,7 +57,7 @@ import (
 // seconds. foldMax bounds the journal and the memory of its index (about
 // 80 bytes a name): it is the size of mihomo's default fake-ip range (a
 // /16), and a journal that holds a pool's worth of names is folded in about
-// a third of a second.
+// a quarter of a second (BenchmarkFold).
 const (
 	foldEvery = 8192
 	foldQuiet = 100 * time.Millisecond

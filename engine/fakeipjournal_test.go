@@ -529,9 +529,11 @@ func TestPutMappingsAsInOrder(t *testing.T) {
 		for range 1 + rng.IntN(60) {
 			batch = append(batch, randomMapping())
 		}
-		for _, db := range []*bbolt.DB{inOrder, folded} {
+		// putOneByOne puts ms into db with putMapping, record after record.
+		putOneByOne := func(db *bbolt.DB, ms []mapping) {
+			t.Helper()
 			if err := db.Update(func(tx *bbolt.Tx) error {
-				for _, m := range before {
+				for _, m := range ms {
 					if err := putMapping(tx, m); err != nil {
 						return err
 					}
@@ -541,16 +543,9 @@ func TestPutMappingsAsInOrder(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := inOrder.Update(func(tx *bbolt.Tx) error {
-			for _, m := range batch {
-				if err := putMapping(tx, m); err != nil {
-					return err
-				}
-			}
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
+		putOneByOne(inOrder, before)
+		putOneByOne(folded, before)
+		putOneByOne(inOrder, batch)
 		if err := folded.Update(func(tx *bbolt.Tx) error { return putMappings(tx, batch) }); err != nil {
 			t.Fatal(err)
 		}

@@ -240,11 +240,7 @@ func putMapping(tx *bbolt.Tx, m mapping) error {
 // an overlay of the buckets (reads fall through to cache.db), and the
 // overlay is then written out sorted.
 func putMappings(tx *bbolt.Tx, recs []mapping) error {
-	type overlay struct {
-		bk      *bbolt.Bucket
-		changes map[string][]byte // key → value; nil: delete the key
-	}
-	overlays := map[string]*overlay{} // by bucket name
+	overlays := map[string]*bucketOverlay{} // by bucket name
 	for _, m := range recs {
 		name := bucketFor(m.ip)
 		o := overlays[string(name)]
@@ -253,18 +249,12 @@ func putMappings(tx *bbolt.Tx, recs []mapping) error {
 			if err != nil {
 				return err
 			}
-			o = &overlay{bk: bk, changes: map[string][]byte{}}
+			o = &bucketOverlay{bk: bk, changes: map[string][]byte{}}
 			overlays[string(name)] = o
 		}
-		get := func(k []byte) []byte {
-			if v, ok := o.changes[string(k)]; ok {
-				return v
-			}
-			return o.bk.Get(k)
-		}
 		key := m.ip.AsSlice()
-		if old := get(key); old != nil && string(old) != m.host {
-			if back := get(old); back != nil && bytes.Equal(back, key) {
+		if old := o.get(key); old != nil && string(old) != m.host {
+			if back := o.get(old); back != nil && bytes.Equal(back, key) {
 				o.changes[string(old)] = nil
 			}
 		}
@@ -286,6 +276,20 @@ func putMappings(tx *bbolt.Tx, recs []mapping) error {
 		}
 	}
 	return nil
+}
+
+// bucketOverlay is a bucket's changes that putMappings has not written yet.
+type bucketOverlay struct {
+	bk      *bbolt.Bucket
+	changes map[string][]byte // key → value; nil: delete the key
+}
+
+// get is k's value with the changes applied.
+func (o *bucketOverlay) get(k []byte) []byte {
+	if v, ok := o.changes[string(k)]; ok {
+		return v
+	}
+	return o.bk.Get(k)
 }
 
 // persistAnswer writes the fake IPs of r, mihomo's answer to q, to cache.db's

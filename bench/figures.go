@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"math"
+	"strings"
 	"time"
 )
 
@@ -62,6 +63,7 @@ func (r *runner) report(started time.Time) *Report {
 	buildFigures(rep, r.s, r.opts.IdleConns, r.opts.Reps)
 	rep.Notes = append(methodNotes(r.opts), r.notes...)
 	rep.Notes = append(rep.Notes, latencyNote(rep)...)
+	rep.Notes = append(rep.Notes, conntrackNote(rep, r.opts.Reps)...)
 	rep.Notes = append(rep.Notes, spliceNotes(r.splice)...)
 	rep.NotMeasured = notMeasured()
 	return rep
@@ -143,6 +145,28 @@ func addedValue(v, k *Value, reps int) *Value {
 	return newValue(diffs)
 }
 
+// conntrackNote gives dns-bypass's throughput against K+ct's, row by row:
+// the part of its distance to K that conntrack explains.
+func conntrackNote(rep *Report, reps int) []string {
+	var parts []string
+	for _, k := range TCPKeys {
+		f := rep.Figure(k)
+		c := withPerRep(ratioCheck("", f.Median(SetupBypass), f.Median(SetupKCT), 1, true), f.Values[SetupBypass], f.Values[SetupKCT], reps)
+		if c.Actual == "not measured" {
+			continue
+		}
+		part := fmt.Sprintf("%s %s", f.Name, c.Actual)
+		if len(c.PerRep) > 1 {
+			part += " (reps " + formatRatios(c.PerRep) + ")"
+		}
+		parts = append(parts, part)
+	}
+	if len(parts) == 0 {
+		return nil
+	}
+	return []string{"tpgw dns-bypass against K+ct (kernel forwarding with conntrack, which dns-bypass cannot do without): " + strings.Join(parts, "; ") + ". Against K the target is checked above; these ratios say how much of the distance to K is conntrack's."}
+}
+
 // latencyNote says how far K's own p99 moved between repetitions: the
 // noise that an added p99 is measured against.
 func latencyNote(rep *Report) []string {
@@ -177,8 +201,8 @@ func replaceN(name string, n int) string {
 func methodNotes(o Options) []string {
 	return []string{
 		fmt.Sprintf("Topology: client ns → gateway ns → upstream ns (iperf3 -s, Go HTTP server), ss-server in the proxy ns behind the upstream; veths only, IPv4. iperf3 -t %d -O 1 (TCP), -t %d (UDP); every setup of a repetition runs in turn, the order rotating between repetitions.", o.Seconds, o.Seconds),
-		"K is kernel forwarding (ip_forward=1, no rules). tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
-		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack and the first rule of tpgw's prerouting chain, which K (no rules, so no conntrack) does not pay.",
+		"K is kernel forwarding (ip_forward=1, no rules, so no conntrack). K+ct is K with one stateful rule in a forward chain (ct state established,related accept), which turns conntrack on for the namespace, as on a router with a stateful firewall (OpenWrt's fw4); it runs the TCP figures only. tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
+		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack (the label that keeps a bypassed connection in the kernel lives there) and the first rule of tpgw's prerouting chain, which K does not pay and K+ct pays but for the rule.",
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
 		"Whole-machine CPU per GB: busy time of all CPUs (/proc/stat: user, nice, system, irq, softirq; not idle, iowait or steal) over the same runs, divided by the same payload. It counts what the process figure cannot: softirq work (K's forwarding, the TCP receive path that runs in the sender's context) and the client and server, which cost the same per GB in every setup; the row below subtracts K's, leaving what the gateway path costs beyond forwarding. Other work on the machine adds to both.",
 		"ss-server: utime+stime of the one ss-server process (/proc/PID/stat), per GB over the four TCP runs and in cores (CPU seconds over the iperf3 run's wall time) for the 4-stream download. It is one thread: at 1.0 core the ss rows measure ss-server, and its cost per byte depends on the gateway's side of the connection too (on veths its sends run the gateway kernel's receive of each segment in its own context, and how the sender's congestion control paces them moves that work between its thread and the timer's softirq).",

@@ -80,13 +80,35 @@ func (r *runner) start(setup string) (*gateway, error) {
 	g := &gateway{setup: setup}
 	gw := r.tp.Gateway
 	switch setup {
-	case SetupK:
+	case SetupK, SetupKCT:
 		for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"} {
 			gw.SetSysctl(r.env, k, "1")
 		}
 		g.undo = func() {
 			for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"} {
 				gw.SetSysctl(r.env, k, "0")
+			}
+		}
+		if setup == SetupKCT {
+			// A ct expression in a table of the namespace turns conntrack
+			// on for it: every forwarded packet is then tracked, as
+			// behind a stateful firewall.
+			file := filepath.Join(r.env.TempDir(), "kct.nft")
+			err := os.WriteFile(file, []byte(kctRuleset), 0o600)
+			var out string
+			if err == nil {
+				out, err = gw.Run(r.env, 10*time.Second, "nft", "-f", file)
+			}
+			if err != nil {
+				g.stop()
+				return nil, fmt.Errorf("bench: start %s: nft: %w\n%s", setup, err, out)
+			}
+			undoForward := g.undo
+			g.undo = func() {
+				if out, err := gw.Run(r.env, 10*time.Second, "nft", "delete", "table", "inet", kctTable); err != nil {
+					r.logf("bench: remove %s's table: %v\n%s", setup, err, out)
+				}
+				undoForward()
 			}
 		}
 		return g, nil
@@ -170,6 +192,17 @@ func (g *gateway) stop() {
 		g.undo = nil
 	}
 }
+
+// kctTable holds K+ct's one rule; kctRuleset is it for nft -f.
+const kctTable = "tpgw_bench_ct"
+
+var kctRuleset = "table inet " + kctTable + ` {
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ct state established,related accept
+	}
+}
+`
 
 // waitOutput waits until p prints marker, failing early if p exits.
 func waitOutput(p *testnet.Proc, marker string) error {

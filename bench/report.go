@@ -10,7 +10,11 @@ import (
 
 // Setups, in the order of the table's columns.
 const (
-	SetupK       = "K"
+	SetupK = "K"
+	// SetupKCT is K with conntrack on (one stateful forward rule), as on a
+	// router with a stateful firewall (OpenWrt's fw4): the reference for
+	// what dns-bypass pays per packet beyond K. Only the TCP figures.
+	SetupKCT     = "K+ct"
 	SetupTPGW    = "tpgw"
 	SetupMihomo  = "mihomo-tproxy"
 	SetupTPGWSS  = "tpgw ss"
@@ -22,7 +26,7 @@ const (
 )
 
 // Setups lists every setup in column order.
-var Setups = []string{SetupK, SetupTPGW, SetupMihomo, SetupTPGWSS, SetupSSRedir, SetupBypass}
+var Setups = []string{SetupK, SetupKCT, SetupTPGW, SetupMihomo, SetupTPGWSS, SetupSSRedir, SetupBypass}
 
 // Report is one benchmark run.
 type Report struct {
@@ -267,12 +271,12 @@ func limitCheck(target string, v, limit float64, atLeast bool, format string) Ch
 // to K (K = 1.0), with the 0.9 target of a single DIRECT stream marked.
 func (r *Report) SVG(keys []string) string {
 	const (
-		width, height = 760, 360
+		width, height = 920, 360
 		left, right   = 60, 20
 		top, bottom   = 40, 90
 	)
 	colors := map[string]string{
-		SetupK: "#777777", SetupTPGW: "#1f77b4", SetupMihomo: "#ff7f0e", SetupTPGWSS: "#2ca02c", SetupSSRedir: "#d62728", SetupBypass: "#9467bd",
+		SetupK: "#777777", SetupKCT: "#bbbbbb", SetupTPGW: "#1f77b4", SetupMihomo: "#ff7f0e", SetupTPGWSS: "#2ca02c", SetupSSRedir: "#d62728", SetupBypass: "#9467bd",
 	}
 	type bar struct {
 		setup string
@@ -333,7 +337,7 @@ func (r *Report) SVG(keys []string) string {
 	for _, s := range Setups {
 		fmt.Fprintf(&b, `<rect x="%.1f" y="%d" width="12" height="12" fill="%s"/><text x="%.1f" y="%d">%s</text>`+"\n",
 			lx, height-30, colors[s], lx+16, height-20, html.EscapeString(s))
-		lx += 130
+		lx += 120
 	}
 	b.WriteString("</svg>\n")
 	return b.String()

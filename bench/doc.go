@@ -7,10 +7,12 @@
 // TPROXY rules (netcfg's plan) for every user-space gateway:
 //
 //	K              kernel forwarding: ip_forward=1, no rules, no process
+//	K+ct           K with one stateful forward rule, so conntrack is on (TCP figures only)
 //	tpgw           bin/tpgw run, MATCH,DIRECT
 //	mihomo-tproxy  the same embedded mihomo serving tproxy-port itself (bench/cmd/mihomo-tproxy)
 //	tpgw ss        bin/tpgw run, MATCH,ss to the real ss-server
 //	ss-redir       shadowsocks-libev ss-redir -T (TPROXY) to the same ss-server
+//	tpgw dns-bypass  bin/tpgw run with tpgw.dns-bypass: a DIRECT-by-domain flow the kernel forwards
 //
 // Each repetition starts every setup in turn (the order rotates between
 // repetitions), runs the figures that apply to it and stops it; the report

@@ -81,34 +81,26 @@ func (r *runner) start(setup string) (*gateway, error) {
 	gw := r.tp.Gateway
 	switch setup {
 	case SetupK, SetupKCT:
-		for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"} {
-			gw.SetSysctl(r.env, k, "1")
-		}
-		g.undo = func() {
+		setForward := func(v string) {
 			for _, k := range []string{"net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"} {
-				gw.SetSysctl(r.env, k, "0")
+				gw.SetSysctl(r.env, k, v)
 			}
 		}
+		setForward("1")
+		g.undo = func() { setForward("0") }
 		if setup == SetupKCT {
 			// A ct expression in a table of the namespace turns conntrack
 			// on for it: every forwarded packet is then tracked, as
 			// behind a stateful firewall.
-			file := filepath.Join(r.env.TempDir(), "kct.nft")
-			err := os.WriteFile(file, []byte(kctRuleset), 0o600)
-			var out string
-			if err == nil {
-				out, err = gw.Run(r.env, 10*time.Second, "nft", "-f", file)
-			}
-			if err != nil {
+			if out, err := gw.Run(r.env, 10*time.Second, "nft", kctAdd); err != nil {
 				g.stop()
-				return nil, fmt.Errorf("bench: start %s: nft: %w\n%s", setup, err, out)
+				return nil, fmt.Errorf("bench: start %s: %w\n%s", setup, err, out)
 			}
-			undoForward := g.undo
 			g.undo = func() {
 				if out, err := gw.Run(r.env, 10*time.Second, "nft", "delete", "table", "inet", kctTable); err != nil {
 					r.logf("bench: remove %s's table: %v\n%s", setup, err, out)
 				}
-				undoForward()
+				setForward("0")
 			}
 		}
 		return g, nil
@@ -193,16 +185,14 @@ func (g *gateway) stop() {
 	}
 }
 
-// kctTable holds K+ct's one rule; kctRuleset is it for nft -f.
-const kctTable = "tpgw_bench_ct"
-
-var kctRuleset = "table inet " + kctTable + ` {
-	chain forward {
-		type filter hook forward priority filter; policy accept;
-		ct state established,related accept
-	}
-}
-`
+// kctTable holds K+ct's one rule, which kctAdd (one nft command line)
+// adds.
+const (
+	kctTable = "tpgw_bench_ct"
+	kctAdd   = "add table inet " + kctTable + "; " +
+		"add chain inet " + kctTable + " forward { type filter hook forward priority filter; policy accept; }; " +
+		"add rule inet " + kctTable + " forward ct state established,related accept"
+)
 
 // waitOutput waits until p prints marker, failing early if p exits.
 func waitOutput(p *testnet.Proc, marker string) error {

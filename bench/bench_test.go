@@ -3,6 +3,7 @@ package bench
 import (
 	"encoding/json"
 	"math"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -168,7 +169,7 @@ func sampleReport() *Report {
 			s.add("host_cpu_per_gb", v.setup, 0.5+v.gbps/10)
 		}
 	}
-	rep := &Report{Machine: Machine{Kernel: "6.18", CPU: "Test CPU", Cores: 2}, Reps: 2}
+	rep := &Report{Machine: Machine{Kernel: "6.18", CPU: "Test CPU", Cores: 2, CC: "reno", HostCC: "bbr"}, Reps: 2}
 	buildFigures(rep, s, 10000, 2)
 	return rep
 }
@@ -251,6 +252,7 @@ func TestMarkdown(t *testing.T) {
 	md := sampleReport().Markdown()
 	for _, want := range []string{
 		"kernel 6.18, Test CPU, 2 cores",
+		"; TCP congestion control reno (the host's default: bbr).",
 		"| Figure | Unit | K | K+ct | tpgw | mihomo-tproxy | tpgw ss | ss-redir | tpgw dns-bypass | Target (measured) | Met |",
 		"| TCP 1 stream, upload | Gbit/s | 10 | 9.80 | 9.50 | 7 | 1.50 | 0.80 | 9.80 | tpgw ≥ 0.90×K (0.95×; reps 0.95/0.95); tpgw ss ≥ ss-redir (1.88×; reps 1.88/1.88); tpgw dns-bypass ≥ 0.97×K (0.98×; reps 0.98/0.98) | ✓ ✓ ✓ |",
 		"| Gateway process CPU per GB (the 4 TCP runs) | CPU s/GB | n/a | n/a | 0.20 |",
@@ -258,6 +260,20 @@ func TestMarkdown(t *testing.T) {
 		if !strings.Contains(md, want) {
 			t.Errorf("Markdown lacks %q:\n%s", want, md)
 		}
+	}
+}
+
+// TestCCNote: the notes say which congestion control the sockets used,
+// the pinned one or the host's.
+func TestCCNote(t *testing.T) {
+	if n := ccNote("reno"); !strings.HasPrefix(n, "TCP congestion control: reno in every namespace of the run") {
+		t.Errorf("ccNote(reno) = %q", n)
+	}
+	if n := ccNote(""); !strings.Contains(n, "inherited from the host's") {
+		t.Errorf(`ccNote("") = %q`, n)
+	}
+	if !slices.Contains(methodNotes(Options{CC: "reno"}), ccNote("reno")) {
+		t.Error("methodNotes lacks the congestion control")
 	}
 }
 

@@ -17,7 +17,10 @@
 // Each repetition starts every setup in turn (the order rotates between
 // repetitions), runs the figures that apply to it and stops it; the report
 // gives the median of the repetitions. Gateway CPU is utime+stime of the
-// gateway process from /proc/PID/stat. The pure parts (parsers, medians,
+// gateway process from /proc/PID/stat. Every namespace's TCP congestion
+// control is pinned (Options.CC, reno by default in tpgw-bench) so that a
+// host whose default paces every sender (BBR) gives figures comparable with
+// one whose default does not. The pure parts (parsers, medians,
 // report, SVG) are unit-tested; the run itself needs root and is started by
 // `make bench` (bench/cmd/tpgw-bench).
 package bench

@@ -47,7 +47,7 @@ var figureDefs = []struct{ key, name, unit string }{
 // report turns the samples into figures with their targets.
 func (r *runner) report(started time.Time) *Report {
 	rep := &Report{
-		Machine:  machine(r.opts.TPGWBin),
+		Machine:  machine(r.opts.TPGWBin, r.opts.CC),
 		Started:  started.Format(time.RFC3339),
 		Duration: time.Since(started).Round(time.Second).String(),
 		Reps:     r.opts.Reps,
@@ -198,9 +198,18 @@ func replaceN(name string, n int) string {
 	return string(out)
 }
 
+// ccNote says which TCP congestion control the run's sockets used.
+func ccNote(cc string) string {
+	if cc == "" {
+		return "TCP congestion control: every socket of the run used its namespace's default, inherited from the host's (see Machine); a pacing one (BBR) runs a timer per burst on every sender, K's included, and slows every setup by as much as that costs on this host."
+	}
+	return fmt.Sprintf("TCP congestion control: %s in every namespace of the run (net.ipv4.tcp_congestion_control, set by the bench whatever the host's default), so hosts with different defaults give comparable figures. On veths nothing is lost, and reno and cubic (the kernel's default) both grow their window until the receiver's limits it, without pacing; BBR, a default on some hosts, paces every sender, K's included, with a timer per burst (on one 2-core host it cut K to a quarter); tpgw-bench -cc \"\" keeps the host's.", cc)
+}
+
 func methodNotes(o Options) []string {
 	return []string{
 		fmt.Sprintf("Topology: client ns → gateway ns → upstream ns (iperf3 -s, Go HTTP server), ss-server in the proxy ns behind the upstream; veths only, IPv4. iperf3 -t %d -O 1 (TCP), -t %d (UDP); every setup of a repetition runs in turn, the order rotating between repetitions.", o.Seconds, o.Seconds),
+		ccNote(o.CC),
 		"K is kernel forwarding (ip_forward=1, no rules, so no conntrack). K+ct is K with one stateful rule in a forward chain (ct state established,related accept), which turns conntrack on for the namespace, as on a router with a stateful firewall (OpenWrt's fw4); it runs the TCP figures only. tpgw and mihomo-tproxy run MATCH,DIRECT; tpgw ss and ss-redir run MATCH,ss to the same ss-server (chacha20-ietf-poly1305). mihomo-tproxy and ss-redir get the same netcfg TPROXY plan as tpgw (nftables; without the DNS hijack).",
 		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack (the label that keeps a bypassed connection in the kernel lives there) and the first rule of tpgw's prerouting chain, which K does not pay and K+ct pays but for the rule.",
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",

@@ -50,6 +50,10 @@ type Machine struct {
 	Cores  int    `json:"cores"`
 	Go     string `json:"go"`
 	TPGW   string `json:"tpgw"`
+	// CC is the TCP congestion control in the bench's namespaces, HostCC
+	// the host's default (which new namespaces inherit unless CC is set).
+	CC     string `json:"tcp_congestion_control"`
+	HostCC string `json:"host_tcp_congestion_control"`
 }
 
 // Figure is one row of the table: a median per setup and the targets it is
@@ -159,7 +163,8 @@ func formatValue(v float64) string {
 // each target of issue 5 with the measured ratio and ✓ or ✗.
 func (r *Report) Markdown() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Machine: kernel %s, %s, %d cores; %s; tpgw %s.  \n", r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.Machine.Go, r.Machine.TPGW)
+	fmt.Fprintf(&b, "Machine: kernel %s, %s, %d cores; %s; tpgw %s; TCP congestion control %s (the host's default: %s).  \n",
+		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.Machine.Go, r.Machine.TPGW, r.Machine.CC, r.Machine.HostCC)
 	fmt.Fprintf(&b, "Run: %s, %d interleaved repetitions (medians), %s; host load average %s at the start, %s at the end.\n\n",
 		r.Started, r.Reps, r.Duration, r.Load[0], r.Load[1])
 	b.WriteString("| Figure | Unit |")

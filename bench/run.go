@@ -31,7 +31,15 @@ type Options struct {
 	// Only, when not empty, limits the run to these parts: "tcp", "http",
 	// "udp", "dns" (the interleaved figures of each setup), "idle", "splice".
 	Only []string
-	Log  io.Writer
+	// CC is the TCP congestion control of every namespace of the run
+	// (net.ipv4.tcp_congestion_control), "" for what they inherit from the
+	// host. New namespaces take the host's default, and a pacing one (BBR)
+	// runs a timer per burst on every sender, K's included: on one 2-core
+	// host it cut K to a quarter. Pinning it makes runs on different hosts
+	// comparable. A namespace other than the host's may only choose from
+	// net.ipv4.tcp_allowed_congestion_control, which always has reno.
+	CC  string
+	Log io.Writer
 }
 
 // part reports whether the run includes part.
@@ -127,6 +135,9 @@ func (r *runner) run() {
 	// late K run could hang. No TIME_WAIT state in the bench's namespaces.
 	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
 		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
+		if r.opts.CC != "" {
+			ns.SetSysctl(r.env, "net.ipv4.tcp_congestion_control", r.opts.CC)
+		}
 	}
 	tp.StartHTTPServer(r.env, httpPort)
 	r.ssPID = tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod).Cmd.Process.Pid
@@ -437,8 +448,15 @@ func (r *runner) measureSplice(setup string) {
 }
 
 // Machine describes the host the run is on.
-func machine(tpgwBin string) Machine {
-	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), CPU: "unknown", TPGW: "unknown"}
+func machine(tpgwBin, cc string) Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version(), CPU: "unknown", TPGW: "unknown", HostCC: "unknown"}
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control"); err == nil {
+		m.HostCC = strings.TrimSpace(string(b))
+	}
+	m.CC = cc
+	if cc == "" {
+		m.CC = m.HostCC
+	}
 	var u unix.Utsname
 	if unix.Uname(&u) == nil {
 		m.Kernel = unix.ByteSliceToString(u.Release[:])

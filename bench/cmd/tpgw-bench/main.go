@@ -22,19 +22,20 @@ func main() {
 	idle := flag.Int("idle", 10000, "idle connections for the memory figures")
 	out := flag.String("out", "docs", "directory for bench.md, bench.json and bench.svg (not written with -only)")
 	only := flag.String("only", "", "comma-separated parts to run (tcp, http, udp, dns, idle, splice); prints the table and writes no files")
+	cc := flag.String("cc", "reno", `TCP congestion control of the bench's namespaces ("" keeps the host's default, which they inherit)`)
 	flag.Parse()
 	var parts []string
 	if *only != "" {
 		parts = strings.Split(*only, ",")
 		*out = ""
 	}
-	if err := run(*bin, *helper, *reps, *secs, *idle, *out, parts); err != nil {
+	if err := run(bench.Options{Reps: *reps, Seconds: *secs, IdleConns: *idle, Only: parts, CC: *cc, Log: os.Stderr}, *bin, *helper, *out); err != nil {
 		fmt.Fprintln(os.Stderr, "tpgw-bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(bin, helper string, reps, secs, idle int, out string, only []string) error {
+func run(opts bench.Options, bin, helper, out string) error {
 	var err error
 	if bin, err = filepath.Abs(bin); err != nil {
 		return err
@@ -42,7 +43,8 @@ func run(bin, helper string, reps, secs, idle int, out string, only []string) er
 	if helper, err = filepath.Abs(helper); err != nil {
 		return err
 	}
-	rep, runErr := bench.Run(bench.Options{TPGWBin: bin, HelperBin: helper, Reps: reps, Seconds: secs, IdleConns: idle, Only: only, Log: os.Stderr})
+	opts.TPGWBin, opts.HelperBin = bin, helper
+	rep, runErr := bench.Run(opts)
 	if rep == nil {
 		return runErr
 	}

@@ -277,6 +277,28 @@ func TestCCNote(t *testing.T) {
 	}
 }
 
+// TestCheckCC: a congestion control the host does not allow namespaces to
+// choose is refused before any namespace is made, naming the list.
+func TestCheckCC(t *testing.T) {
+	for _, c := range []struct {
+		cc, allowed string
+		ok          bool
+	}{
+		{"reno", "", true},
+		{"bbr", "reno bbr\n", true},
+		{"cubic", "reno cubic", true},
+		{"cubic", "reno bbr\n", false},
+	} {
+		err := checkCC(c.cc, c.allowed)
+		if (err == nil) != c.ok {
+			t.Errorf("checkCC(%q, %q) = %v, want ok=%v", c.cc, c.allowed, err, c.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "tcp_allowed_congestion_control (reno bbr)") {
+			t.Errorf("checkCC error %q does not name the allowed list", err)
+		}
+	}
+}
+
 func TestJSONNaNIsNull(t *testing.T) {
 	b, err := sampleReport().JSON()
 	if err != nil {

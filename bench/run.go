@@ -94,6 +94,12 @@ func Run(opts Options) (*Report, error) {
 	if opts.Seconds < 1 {
 		opts.Seconds = 5
 	}
+	if opts.CC != "" {
+		allowed, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+		if err := checkCC(opts.CC, string(allowed)); err != nil {
+			return nil, err
+		}
+	}
 	started := time.Now()
 	loadStart := loadAverage()
 	// The client's idle sockets live in this process and the gateway
@@ -473,6 +479,17 @@ func machine(tpgwBin, cc string) Machine {
 		m.TPGW = strings.TrimSpace(string(out))
 	}
 	return m
+}
+
+// checkCC says why a namespace other than the host's cannot take cc as its
+// default congestion control, given the host's
+// net.ipv4.tcp_allowed_congestion_control (nil when it can). Reno is always
+// allowed; the list is the host's, which the bench does not change.
+func checkCC(cc, allowed string) error {
+	if cc == "reno" || slices.Contains(strings.Fields(allowed), cc) {
+		return nil
+	}
+	return fmt.Errorf("bench: -cc %s: a namespace other than the host's may only choose from net.ipv4.tcp_allowed_congestion_control (%s)", cc, strings.TrimSpace(allowed))
 }
 
 // loadAverage is the 1-minute load average of the host.

@@ -141,7 +141,11 @@ func (r *runner) run() {
 	// late K run could hang. No TIME_WAIT state in the bench's namespaces.
 	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
 		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
-		if r.opts.CC != "" {
+	}
+	// Before any socket of the run exists: a TCP socket takes its
+	// namespace's default congestion control when it is made (Options.CC).
+	if r.opts.CC != "" {
+		for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
 			ns.SetSysctl(r.env, "net.ipv4.tcp_congestion_control", r.opts.CC)
 		}
 	}

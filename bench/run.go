@@ -139,13 +139,11 @@ func (r *runner) run() {
 	// still in TIME_WAIT on the side that closed first, and its SYNs stall
 	// (1 s retransmits), so each run was slower than the one before and a
 	// late K run could hang. No TIME_WAIT state in the bench's namespaces.
+	// The congestion control is set before any socket of the run exists: a
+	// TCP socket takes its namespace's default when it is made (Options.CC).
 	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
 		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
-	}
-	// Before any socket of the run exists: a TCP socket takes its
-	// namespace's default congestion control when it is made (Options.CC).
-	if r.opts.CC != "" {
-		for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
+		if r.opts.CC != "" {
 			ns.SetSysctl(r.env, "net.ipv4.tcp_congestion_control", r.opts.CC)
 		}
 	}

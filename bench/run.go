@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -131,22 +132,7 @@ func (r *runner) run() {
 	r.logf("building namespaces")
 	r.tp = testnet.New(r.env)
 	tp := r.tp
-	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway} {
-		ns.SetSysctl(r.env, "net.ipv4.ip_local_port_range", "1024 65000")
-	}
-	// The connection-rate runs open ~100k connections a minute, more than a
-	// port range holds: a later run reuses ports whose last connection is
-	// still in TIME_WAIT on the side that closed first, and its SYNs stall
-	// (1 s retransmits), so each run was slower than the one before and a
-	// late K run could hang. No TIME_WAIT state in the bench's namespaces.
-	// The congestion control is set before any socket of the run exists: a
-	// TCP socket takes its namespace's default when it is made (Options.CC).
-	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
-		ns.SetSysctl(r.env, "net.ipv4.tcp_max_tw_buckets", "0")
-		if r.opts.CC != "" {
-			ns.SetSysctl(r.env, "net.ipv4.tcp_congestion_control", r.opts.CC)
-		}
-	}
+	prepareNamespaces(r.env, tp, r.opts.CC)
 	tp.StartHTTPServer(r.env, httpPort)
 	r.ssPID = tp.StartSSServer(r.env, ssPort, ssPassword, ssMethod).Cmd.Process.Pid
 	srv := tp.Upstream.Start(r.env, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
@@ -453,6 +439,27 @@ func (r *runner) measureSplice(setup string) {
 	}
 	r.splice[setup] = calls
 	r.logf("  syscalls: %v", calls)
+}
+
+// prepareNamespaces sets the sysctls of the run in tp's namespaces, before
+// any socket of the run exists: cc ("" to keep the inherited default) as
+// every namespace's TCP congestion control, which a TCP socket takes from its
+// namespace when it is made (Options.CC); no TIME_WAIT state; a wide port
+// range where connections start. The connection-rate runs open ~100k
+// connections a minute, more than a port range holds: a later run reuses
+// ports whose last connection is still in TIME_WAIT on the side that closed
+// first, and its SYNs stall (1 s retransmits), so each run was slower than
+// the one before and a late K run could hang.
+func prepareNamespaces(t testing.TB, tp *testnet.Topology, cc string) {
+	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway} {
+		ns.SetSysctl(t, "net.ipv4.ip_local_port_range", "1024 65000")
+	}
+	for _, ns := range []*testnet.NS{tp.Client, tp.Gateway, tp.Upstream, tp.Proxy} {
+		ns.SetSysctl(t, "net.ipv4.tcp_max_tw_buckets", "0")
+		if cc != "" {
+			ns.SetSysctl(t, "net.ipv4.tcp_congestion_control", cc)
+		}
+	}
 }
 
 // Machine describes the host the run is on.

@@ -20,7 +20,8 @@
 // gateway process from /proc/PID/stat. Every namespace's TCP congestion
 // control is pinned (Options.CC, reno by default in tpgw-bench) so that a
 // host whose default paces every sender (BBR) gives figures comparable with
-// one whose default does not. The pure parts (parsers, medians,
-// report, SVG) are unit-tested; the run itself needs root and is started by
-// `make bench` (bench/cmd/tpgw-bench).
+// one whose default does not; TestNamespacesTakeCC checks, in namespaces it
+// makes, that a TCP socket made after the setting takes it. The pure parts
+// (parsers, medians, report, SVG) are unit-tested; the run itself needs root
+// and is started by `make bench` (bench/cmd/tpgw-bench).
 package bench

@@ -153,14 +153,18 @@ func (f *flow) pump(dir int) {
 		_ = d.src.SetReadDeadline(time.Now().Add(idleAfter))
 		bp, n, err := d.read()
 		if n > 0 {
+			// Counted once read, before the write, as mihomo's tracker
+			// counts what it reads: an answer to these bytes may reach the
+			// client before this goroutine runs again, and the dashboard
+			// (or a test) reading the counters then must see them.
+			for _, count := range d.counters {
+				count(int64(n))
+			}
 			werr := d.write((*bp)[:n])
 			chunkPool.Put(bp)
 			if werr != nil {
 				f.cut()
 				return
-			}
-			for _, count := range d.counters {
-				count(int64(n))
 			}
 			d.total += int64(n)
 			if n == chunkSize || d.total >= bulkBytes {

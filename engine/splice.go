@@ -15,7 +15,8 @@ import (
 const pipeSize = 1 << 20
 
 // spliceAll moves a direction's bytes from src to dst with splice(2) through
-// a pipe of its own until src's EOF, calling counters for every chunk.
+// a pipe of its own until src's EOF, calling counters for every chunk as it
+// enters the pipe.
 //
 // The splice calls are raw system calls (as tsock's recvmmsg and sendmmsg;
 // see its doc.go): with both ends non-blocking and SPLICE_F_NONBLOCK they
@@ -83,15 +84,15 @@ func spliceAll(src, dst syscall.RawConn, counters []N.CountFunc) error {
 		if inPipe == 0 {
 			return nil // EOF
 		}
-		n := inPipe
+		// Counted once in the pipe, before the write (as pump counts).
+		for _, count := range counters {
+			count(int64(inPipe))
+		}
 		if err := dst.Write(drain); err != nil {
 			return err
 		}
 		if errOut != nil {
 			return errOut
-		}
-		for _, count := range counters {
-			count(int64(n))
 		}
 	}
 }

@@ -3,6 +3,8 @@ package bench
 import (
 	"encoding/json"
 	"math"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -388,5 +390,54 @@ func TestAddedLatencyPaired(t *testing.T) {
 	note := latencyNote(rep)
 	if len(note) != 1 || !strings.Contains(note[0], "197–793 µs") {
 		t.Fatalf("latency note = %q, want K's p99 spread 197–793 µs", note)
+	}
+}
+
+// TestMissingTools: a run needs the programs of the parts it runs, and
+// names each missing one with its package before it starts.
+func TestMissingTools(t *testing.T) {
+	without := func(absent ...string) func(string) bool {
+		return func(tool string) bool { return !slices.Contains(absent, tool) }
+	}
+	for _, c := range []struct {
+		only   []string
+		absent []string
+		want   []string
+	}{
+		{nil, nil, nil},
+		{nil, []string{"wrk"}, []string{"wrk (Debian package wrk)"}},
+		{[]string{"dns"}, []string{"wrk", "strace"}, nil},
+		{[]string{"dns"}, []string{"dnsperf", "ss-redir"}, []string{"ss-redir (Debian package shadowsocks-libev)", "dnsperf (Debian package dnsperf)"}},
+		{[]string{"idle"}, []string{"ss-redir", "dig", "ss"}, []string{"ss (Debian package iproute2)"}},
+		{[]string{"splice"}, []string{"strace", "iperf3"}, []string{"iperf3 (Debian package iperf3)", "strace (Debian package strace)"}},
+	} {
+		got := missingTools(Options{Only: c.only}, without(c.absent...))
+		if !slices.Equal(got, c.want) {
+			t.Errorf("only %v, absent %v: missing %q, want %q", c.only, c.absent, got, c.want)
+		}
+	}
+}
+
+// TestBenchToolsInstalled: scripts/install-deps.sh (its bench part or the
+// rest) checks every program the bench runs, under the same package.
+func TestBenchToolsInstalled(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "scripts", "install-deps.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checks := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[0] == "check" {
+			checks[f[1]] = f[2]
+		}
+	}
+	for _, tool := range benchTools {
+		pkg, ok := checks[tool.tool]
+		if tool.tool == "ss" && !ok { // iproute2's, as ip is
+			pkg, ok = checks["ip"]
+		}
+		if !ok || pkg != tool.pkg {
+			t.Errorf("install-deps.sh checks %s as %q (found %v), the bench says package %s", tool.tool, pkg, ok, tool.pkg)
+		}
 	}
 }

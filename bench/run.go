@@ -82,6 +82,39 @@ var TCPKeys = []string{"tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down"}
 
 var udpRates = []int{50, 100, 300} // Mbit/s offered
 
+// benchTools are the programs a run uses, each with the part that needs it
+// ("" for every run: the topology's servers start whatever the parts;
+// "setups" for the parts that start every setup in turn) and the Debian
+// package that has it.
+var benchTools = []struct{ part, tool, pkg string }{
+	{"", "ip", "iproute2"},
+	{"", "nft", "nftables"},
+	{"", "iperf3", "iperf3"},
+	{"", "ss-server", "shadowsocks-libev"},
+	{"", "dnsmasq", "dnsmasq-base"},
+	{"setups", "ss-redir", "shadowsocks-libev"},
+	{"setups", "dig", "dnsutils"},
+	{"http", "wrk", "wrk"},
+	{"dns", "dnsperf", "dnsperf"},
+	{"idle", "ss", "iproute2"},
+	{"splice", "strace", "strace"},
+}
+
+// missingTools names the programs the parts opts runs need that has
+// reports absent, with their packages, so that a run fails before its
+// namespaces instead of measuring n/a after minutes.
+func missingTools(opts Options, has func(string) bool) []string {
+	setups := opts.part("tcp") || opts.part("http") || opts.part("udp") || opts.part("dns")
+	var missing []string
+	for _, t := range benchTools {
+		needed := t.part == "" || t.part == "setups" && setups || t.part != "setups" && opts.part(t.part)
+		if needed && !has(t.tool) {
+			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", t.tool, t.pkg))
+		}
+	}
+	return missing
+}
+
 // Run builds the topology, measures every setup and returns the report. The
 // namespaces and every process it started are gone when it returns, also on
 // error; a report with what was measured is returned together with an error.
@@ -94,6 +127,9 @@ func Run(opts Options) (*Report, error) {
 	}
 	if opts.Seconds < 1 {
 		opts.Seconds = 5
+	}
+	if missing := missingTools(opts, testnet.HasTool); len(missing) > 0 {
+		return nil, fmt.Errorf("bench: missing programs: %s; scripts/install-deps.sh bench installs them (make bench runs it)", strings.Join(missing, ", "))
 	}
 	if opts.CC != "" {
 		allowed, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_allowed_congestion_control")

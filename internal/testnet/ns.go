@@ -163,6 +163,13 @@ func (n *NS) execArgs(name string, args []string) []string {
 	return append([]string{"netns", "exec", n.Name, name}, args...)
 }
 
+// HasTool reports whether the program name can be run (in PATH or in the
+// usual sbin and bin directories).
+func HasTool(name string) bool {
+	_, err := lookTool(name)
+	return err == nil
+}
+
 // lookTool finds a program on PATH, then in the sbin directories that a
 // test binary's PATH (CI, sudo -E, IDEs) often lacks.
 func lookTool(name string) (string, error) {

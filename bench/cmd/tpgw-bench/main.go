@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tpgw/tpgw/bench"
 )
 
@@ -44,6 +46,16 @@ func run(opts bench.Options, bin, helper, out string) error {
 		return err
 	}
 	opts.TPGWBin, opts.HelperBin = bin, helper
+	// The output directory is made, or found unwritable, before the run,
+	// not after its minutes of measurement.
+	if out != "" {
+		if err := os.MkdirAll(out, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Access(out, unix.W_OK); err != nil {
+			return fmt.Errorf("-out %s: not writable: %w", out, err)
+		}
+	}
 	rep, runErr := bench.Run(opts)
 	if rep == nil {
 		return runErr

@@ -34,7 +34,8 @@ import (
 //     (spliceAll), as mihomo's relay would, with a pipe of its own.
 //
 // mihomo's connection statistics see every byte (the tracker's counters are
-// called for each chunk, spliced or not), and a
+// called for each chunk, spliced or not, once read and before it is
+// written), and a
 // connection closed from the dashboard (the tracker's Close) ends the flow.
 // Half-closes pass through: EOF one way shuts that way's write side, and the
 // flow ends when both ways are done or either fails.

@@ -100,9 +100,9 @@ var benchTools = []struct{ part, tool, pkg string }{
 	{"splice", "strace", "strace"},
 }
 
-// missingTools names the programs the parts opts runs need that has
-// reports absent, with their packages, so that a run fails before its
-// namespaces instead of measuring n/a after minutes.
+// missingTools names, with their packages, the programs that the parts
+// opts selects need and that has does not find, so that a run fails before
+// its namespaces instead of measuring n/a for minutes.
 func missingTools(opts Options, has func(string) bool) []string {
 	setups := opts.part("tcp") || opts.part("http") || opts.part("udp") || opts.part("dns")
 	var missing []string

@@ -433,9 +433,6 @@ func TestBenchToolsInstalled(t *testing.T) {
 	}
 	for _, tool := range benchTools {
 		pkg, ok := checks[tool.tool]
-		if tool.tool == "ss" && !ok { // iproute2's, as ip is
-			pkg, ok = checks["ip"]
-		}
 		if !ok || pkg != tool.pkg {
 			t.Errorf("install-deps.sh checks %s as %q (found %v), the bench says package %s", tool.tool, pkg, ok, tool.pkg)
 		}

@@ -48,6 +48,11 @@ func (o Options) part(name string) bool {
 	return len(o.Only) == 0 || slices.Contains(o.Only, name)
 }
 
+// perSetup reports whether o runs a part that starts every setup in turn.
+func (o Options) perSetup() bool {
+	return o.part("tcp") || o.part("http") || o.part("udp") || o.part("dns")
+}
+
 // runner holds one benchmark run.
 type runner struct {
 	env   *tbenv.Env
@@ -104,10 +109,17 @@ var benchTools = []struct{ part, tool, pkg string }{
 // opts selects need and that has does not find, so that a run fails before
 // its namespaces instead of measuring n/a for minutes.
 func missingTools(opts Options, has func(string) bool) []string {
-	setups := opts.part("tcp") || opts.part("http") || opts.part("udp") || opts.part("dns")
 	var missing []string
 	for _, t := range benchTools {
-		needed := t.part == "" || t.part == "setups" && setups || t.part != "setups" && opts.part(t.part)
+		var needed bool
+		switch t.part {
+		case "":
+			needed = true
+		case "setups":
+			needed = opts.perSetup()
+		default:
+			needed = opts.part(t.part)
+		}
 		if needed && !has(t.tool) {
 			missing = append(missing, fmt.Sprintf("%s (Debian package %s)", t.tool, t.pkg))
 		}
@@ -179,8 +191,7 @@ func (r *runner) run() {
 	tp.StartDNSMasq(r.env, map[string]string{bypassName: tp.UpstreamIP.String()})
 	r.idle = r.startIdleServer()
 
-	perSetup := r.opts.part("tcp") || r.opts.part("http") || r.opts.part("udp") || r.opts.part("dns")
-	for rep := 0; rep < r.opts.Reps && perSetup; rep++ {
+	for rep := 0; rep < r.opts.Reps && r.opts.perSetup(); rep++ {
 		// Rotate the order so that no setup always runs first or last.
 		n := len(Setups)
 		for i := range n {

@@ -9,6 +9,7 @@ check() { # check PROGRAM PACKAGE
 }
 check nft nftables
 check ip iproute2
+check ss iproute2
 check iptables iptables
 check iperf3 iperf3
 check curl curl

@@ -134,6 +134,44 @@ func TestParseDNSPerf(t *testing.T) {
 	}
 }
 
+func TestParseUDPRcvbufErrors(t *testing.T) {
+	snmp := "Ip: Forwarding DefaultTTL\nIp: 1 64\n" +
+		"Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n" +
+		"Udp: 140000 0 912 140001 907 0 5 0 0\n" +
+		"UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors\n" +
+		"UdpLite: 0 0 0 0 99 0 0 0 0\n"
+	snmp6 := "Udp6InDatagrams                 \t12\nUdp6RcvbufErrors                \t3\nUdpLite6RcvbufErrors            \t77\n"
+	for _, c := range []struct {
+		in   string
+		want int64
+	}{{snmp, 907}, {snmp + snmp6, 910}} {
+		if got, err := ParseUDPRcvbufErrors(c.in); err != nil || got != c.want {
+			t.Errorf("ParseUDPRcvbufErrors = %d, %v; want %d", got, err, c.want)
+		}
+	}
+	for _, bad := range []string{
+		"",    // no Udp counters
+		snmp6, // IPv6 only: not /proc/net/snmp
+		"Udp: InDatagrams RcvbufErrors\nUdp: 1\n",   // a value short
+		"Udp: InDatagrams RcvbufErrors\nUdp: 1 x\n", // not a number
+		"Udp: InDatagrams SndbufErrors\nUdp: 1 2\n", // no RcvbufErrors
+	} {
+		if got, err := ParseUDPRcvbufErrors(bad); err == nil {
+			t.Errorf("ParseUDPRcvbufErrors(%q) = %d, want an error", bad, got)
+		}
+	}
+	// The host's own files parse.
+	var host strings.Builder
+	for _, f := range []string{"/proc/net/snmp", "/proc/net/snmp6"} {
+		if b, err := os.ReadFile(f); err == nil {
+			host.Write(b)
+		}
+	}
+	if _, err := ParseUDPRcvbufErrors(host.String()); err != nil {
+		t.Errorf("this host's counters: %v", err)
+	}
+}
+
 func TestParseStraceSummary(t *testing.T) {
 	out := `% time     seconds  usecs/call     calls    errors syscall
 ------ ----------- ----------- --------- --------- ----------------

@@ -59,3 +59,83 @@ func readProc(t *testing.T, path string) string {
 	}
 	return strings.TrimSpace(string(b))
 }
+
+// TestUDPRcvbufErrorsCounted: datagrams the kernel of a namespace drops at a
+// full receive buffer, over IPv4 and IPv6, show in the count the bench reads
+// there (udpRcvbufErrors), and no other namespace's count moves.
+func TestUDPRcvbufErrorsCounted(t *testing.T) {
+	tp := testnet.New(t)
+	const sent = 200
+	for _, c := range []struct {
+		family int
+		addr   unix.Sockaddr
+	}{
+		{unix.AF_INET, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}},
+		{unix.AF_INET6, &unix.SockaddrInet6{Addr: [16]byte{15: 1}}},
+	} {
+		before, err := udpRcvbufErrors(t, tp.Gateway)
+		if err != nil {
+			t.Fatal(err)
+		}
+		otherBefore, err := udpRcvbufErrors(t, tp.Upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var kept int // datagrams the receiver's buffer took
+		if err := tp.Gateway.Do(func() error {
+			rx, err := unix.Socket(c.family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(rx)
+			// The smallest buffer the kernel allows: a few datagrams.
+			if err := unix.SetsockoptInt(rx, unix.SOL_SOCKET, unix.SO_RCVBUF, 1); err != nil {
+				return err
+			}
+			if err := unix.Bind(rx, c.addr); err != nil {
+				return err
+			}
+			to, err := unix.Getsockname(rx)
+			if err != nil {
+				return err
+			}
+			tx, err := unix.Socket(c.family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(tx)
+			payload := make([]byte, 1000)
+			for range sent {
+				if err := unix.Sendto(tx, payload, 0, to); err != nil {
+					return err
+				}
+			}
+			for { // what the buffer took, never read by the bench's count
+				if _, _, err := unix.Recvfrom(rx, payload, unix.MSG_DONTWAIT); err != nil {
+					break
+				}
+				kept++
+			}
+			return nil
+		}); err != nil {
+			t.Fatalf("family %d: %v", c.family, err)
+		}
+		after, err := udpRcvbufErrors(t, tp.Gateway)
+		if err != nil {
+			t.Fatal(err)
+		}
+		otherAfter, err := udpRcvbufErrors(t, tp.Upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if kept == 0 || kept >= sent/2 {
+			t.Fatalf("family %d: the receive buffer took %d of %d datagrams; the test needs most dropped", c.family, kept, sent)
+		}
+		if got, want := after-before, int64(sent-kept); got != want {
+			t.Errorf("family %d: %d receive-buffer drops counted in the namespace, want %d (%d of %d sent were kept)", c.family, got, want, kept, sent)
+		}
+		if otherAfter != otherBefore {
+			t.Errorf("family %d: another namespace's count moved by %d", c.family, otherAfter-otherBefore)
+		}
+	}
+}

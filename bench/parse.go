@@ -212,3 +212,46 @@ func ParseStraceSummary(out string) (map[string]int64, error) {
 	}
 	return calls, nil
 }
+
+// ParseUDPRcvbufErrors sums the UDP datagrams a namespace's kernel dropped
+// because a socket's receive buffer was full: Udp's RcvbufErrors in
+// /proc/net/snmp (a header line of names, then one of values) and
+// Udp6RcvbufErrors in /proc/net/snmp6, given one after the other in out.
+func ParseUDPRcvbufErrors(out string) (int64, error) {
+	var sum int64
+	found := false
+	var header []string
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		switch {
+		case len(f) == 0:
+		case f[0] == "Udp:" && header == nil:
+			header = f
+		case f[0] == "Udp:":
+			if len(f) != len(header) {
+				return 0, fmt.Errorf("bench: /proc/net/snmp: Udp has %d names and %d values", len(header), len(f))
+			}
+			i := indexOf(header, "RcvbufErrors")
+			if i < 0 {
+				return 0, errors.New("bench: /proc/net/snmp: no Udp RcvbufErrors")
+			}
+			n, err := strconv.ParseInt(f[i], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("bench: /proc/net/snmp: Udp RcvbufErrors %q: %w", f[i], err)
+			}
+			sum, found = sum+n, true
+			header = nil
+		case f[0] == "Udp6RcvbufErrors" && len(f) == 2:
+			n, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("bench: /proc/net/snmp6: Udp6RcvbufErrors %q: %w", f[1], err)
+			}
+			sum += n
+		}
+	}
+	if !found {
+		return 0, errors.New("bench: /proc/net/snmp has no Udp counters")
+	}
+	return sum, nil
+}

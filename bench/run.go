@@ -377,17 +377,68 @@ func (r *runner) measureHTTP(g *gateway) {
 }
 
 func (r *runner) measureUDP(g *gateway) {
+	fastest := udpRates[len(udpRates)-1]
 	for _, rate := range udpRates {
 		key := fmt.Sprintf("udp_loss_%d", rate)
+		what := fmt.Sprintf("%s UDP %d Mbit/s", g.setup, rate)
+		// Where the fastest rate's losses go: full receive buffers of the
+		// gateway's sockets (tpgw's listener; none with K, which forwards)
+		// and of iperf3's server. The counters are each namespace's, where
+		// nothing else receives UDP meanwhile.
+		var drops []*udpDrops
+		if rate == fastest {
+			drops = []*udpDrops{{key: "udp_drop_gateway", ns: r.tp.Gateway}, {key: "udp_drop_server", ns: r.tp.Upstream}}
+		}
+		for _, d := range drops {
+			if d.before, d.err = r.udpRcvbufErrors(d.ns); d.err != nil {
+				r.fail(what, d.err)
+			}
+		}
 		res, err := r.iperf("-u", "-b", fmt.Sprintf("%dM", rate), "-l", "1400")
 		if err != nil {
-			r.fail(fmt.Sprintf("%s UDP %d Mbit/s", g.setup, rate), err)
+			r.fail(what, err)
 			r.s.add(key, g.setup, math.NaN())
 			continue
 		}
 		r.s.add(key, g.setup, res.LostPercent)
 		r.logf("  UDP %d Mbit/s: %.2f%% lost of %d", rate, res.LostPercent, res.Packets)
+		var counted []string
+		for _, d := range drops {
+			if d.err != nil {
+				continue
+			}
+			after, err := r.udpRcvbufErrors(d.ns)
+			if err != nil {
+				r.fail(what, err)
+				continue
+			}
+			r.s.add(d.key, g.setup, float64(after-d.before))
+			counted = append(counted, fmt.Sprintf("%s %d", d.key, after-d.before))
+		}
+		if len(counted) > 0 {
+			r.logf("  UDP %d Mbit/s: dropped at full receive buffers: %s", rate, strings.Join(counted, ", "))
+		}
 	}
+}
+
+// udpDrops is one namespace's count of UDP receive-buffer drops around a
+// run.
+type udpDrops struct {
+	key    string
+	ns     *testnet.NS
+	before int64
+	err    error
+}
+
+func (r *runner) udpRcvbufErrors(ns *testnet.NS) (int64, error) { return udpRcvbufErrors(r.env, ns) }
+
+// udpRcvbufErrors is ParseUDPRcvbufErrors of namespace ns's counters.
+func udpRcvbufErrors(tb testing.TB, ns *testnet.NS) (int64, error) {
+	out, err := ns.Run(tb, 10*time.Second, "cat", "/proc/net/snmp", "/proc/net/snmp6")
+	if err != nil {
+		return 0, fmt.Errorf("bench: udp counters: %w\n%s", err, out)
+	}
+	return ParseUDPRcvbufErrors(out)
 }
 
 // newNamesPerPass is how many new names one pass asks: a second or more of

@@ -73,11 +73,11 @@ func TestUDPRcvbufErrorsCounted(t *testing.T) {
 		{unix.AF_INET, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}},
 		{unix.AF_INET6, &unix.SockaddrInet6{Addr: [16]byte{15: 1}}},
 	} {
-		before, err := udpRcvbufErrors(t, tp.Gateway)
+		before, err := udpRcvbufErrors(tp.Gateway)
 		if err != nil {
 			t.Fatal(err)
 		}
-		otherBefore, err := udpRcvbufErrors(t, tp.Upstream)
+		otherBefore, err := udpRcvbufErrors(tp.Upstream)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,11 +120,11 @@ func TestUDPRcvbufErrorsCounted(t *testing.T) {
 		}); err != nil {
 			t.Fatalf("family %d: %v", c.family, err)
 		}
-		after, err := udpRcvbufErrors(t, tp.Gateway)
+		after, err := udpRcvbufErrors(tp.Gateway)
 		if err != nil {
 			t.Fatal(err)
 		}
-		otherAfter, err := udpRcvbufErrors(t, tp.Upstream)
+		otherAfter, err := udpRcvbufErrors(tp.Upstream)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math"
 	"os"
 	"os/exec"
@@ -430,15 +431,29 @@ type udpDrops struct {
 	err    error
 }
 
-func (r *runner) udpRcvbufErrors(ns *testnet.NS) (int64, error) { return udpRcvbufErrors(r.env, ns) }
+func (r *runner) udpRcvbufErrors(ns *testnet.NS) (int64, error) { return udpRcvbufErrors(ns) }
 
-// udpRcvbufErrors is ParseUDPRcvbufErrors of namespace ns's counters.
-func udpRcvbufErrors(tb testing.TB, ns *testnet.NS) (int64, error) {
-	out, err := ns.Run(tb, 10*time.Second, "cat", "/proc/net/snmp", "/proc/net/snmp6")
-	if err != nil {
-		return 0, fmt.Errorf("bench: udp counters: %w\n%s", err, out)
+// udpRcvbufErrors is ParseUDPRcvbufErrors of namespace ns's counters, read
+// by a thread in ns (/proc/thread-self/net is that thread's namespace's).
+// snmp6 is absent from a kernel without IPv6.
+func udpRcvbufErrors(ns *testnet.NS) (int64, error) {
+	var out []byte
+	if err := ns.Do(func() error {
+		b, err := os.ReadFile("/proc/thread-self/net/snmp")
+		if err != nil {
+			return err
+		}
+		out = b
+		if b6, err := os.ReadFile("/proc/thread-self/net/snmp6"); err == nil {
+			out = append(out, b6...)
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		return nil
+	}); err != nil {
+		return 0, fmt.Errorf("bench: udp counters of %s: %w", ns.Name, err)
 	}
-	return ParseUDPRcvbufErrors(out)
+	return ParseUDPRcvbufErrors(string(out))
 }
 
 // newNamesPerPass is how many new names one pass asks: a second or more of

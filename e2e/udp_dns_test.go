@@ -706,3 +706,36 @@ func TestLocalNamesUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d queries for local names answered at %.0f/s, response codes %s", res.Completed, res.QPS, strings.TrimSpace(codes))
 }
+
+// TestUDPDropsLogged: datagrams to a fake IP that no name maps reach tpgw
+// (the fake-ip range is diverted) and mihomo drops them, since it cannot
+// tell where they go; tpgw says how many when it stops (and every 30 s
+// while it runs), and the reason.
+func TestUDPDropsLogged(t *testing.T) {
+	tp := testnet.New(t)
+	p := startTPGW(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig)))
+	const sent = 20
+	dst := netip.MustParseAddrPort("198.18.255.250:7000")
+	if err := tp.Client.Do(func() error {
+		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(dst))
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for i := range sent {
+			if _, err := fmt.Fprintf(c, "lost-%02d", i); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // mihomo drops each as it arrives
+	stopTPGW(t, p, syscall.SIGTERM)
+	out := p.Output()
+	want := fmt.Sprintf(`msg="UDP datagrams dropped in the gateway since the last report" dropped=%d queue_full=0 unsent=%d total=%d`, sent, sent, sent)
+	if !strings.Contains(out, want) {
+		t.Fatalf("tpgw's log does not say %s:\n%s", want, out)
+	}
+}

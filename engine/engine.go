@@ -65,6 +65,7 @@ type Engine struct {
 	// controller is what the running external-controller server was built
 	// from (Reload keeps the server when it is unchanged).
 	controller string
+	udpDrops   udpDropCounters // datagrams dropped before they were sent on (udpqueue.go)
 }
 
 // started guards mihomo's process-wide state: one Engine per process.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	D "github.com/miekg/dns"
 
@@ -159,7 +160,7 @@ func (e *Engine) LookupFakeIP(ip netip.Addr) (string, bool) {
 // from the flow's original destination. release is called once mihomo no
 // longer needs data (the relay may recycle the buffer then).
 func (e *Engine) HandleUDP(src, dst netip.AddrPort, data []byte, reply func(b []byte, from netip.AddrPort) (int, error), release func()) {
-	e.queueUDP(&udpPacket{src: src, data: data, reply: reply, release: release}, src, dst)
+	e.queueUDP(&udpPacket{src: src, data: data, reply: reply, release: release, unsent: &e.udpDrops.unsent}, src, dst)
 }
 
 // udpPacket adapts a relay datagram to mihomo's C.UDPPacket.
@@ -168,9 +169,18 @@ type udpPacket struct {
 	data    []byte
 	reply   func(b []byte, from netip.AddrPort) (int, error)
 	release func()
+	// unsent counts the datagrams mihomo drops without reading them (nil:
+	// this one is counted elsewhere); read says it has been read, dropped
+	// that Drop ran.
+	unsent  *atomic.Uint64
+	read    atomic.Bool
+	dropped atomic.Bool
 }
 
-func (p *udpPacket) Data() []byte { return p.data }
+func (p *udpPacket) Data() []byte {
+	p.read.Store(true)
+	return p.data
+}
 
 func (p *udpPacket) WriteBack(b []byte, addr net.Addr) (int, error) {
 	var from netip.AddrPort
@@ -189,7 +199,19 @@ func (p *udpPacket) WriteBack(b []byte, addr net.Addr) (int, error) {
 	return p.reply(b, from)
 }
 
+// Drop is mihomo's release of the datagram, once it is sent on or dropped.
+// mihomo reads every datagram it sends on (Data); one it releases unread
+// was dropped: its session's sender queue (128 datagrams) was full, the
+// session was closing, or the destination had no address. (With sniffing
+// on, mihomo reads a new session's first datagrams before that queue, so
+// such a drop of one of them is not counted.)
 func (p *udpPacket) Drop() {
+	if !p.dropped.CompareAndSwap(false, true) {
+		return
+	}
+	if p.unsent != nil && !p.read.Load() {
+		p.unsent.Add(1)
+	}
 	if p.release != nil {
 		p.release()
 		p.release = nil

@@ -3,6 +3,7 @@ package engine
 import (
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 	_ "unsafe" // go:linkname
 
@@ -54,8 +55,37 @@ func (e *Engine) queueUDP(p *udpPacket, src, dst netip.AddrPort) {
 	// any inbound share a worker.
 	q := mihomoUDPQueues[utils.MapHash(pa.Key())%uint64(len(mihomoUDPQueues))]
 	if !sendWithin(q, pa, udpQueueWait) {
+		p.unsent = nil
+		e.udpDrops.queueFull.Add(1)
 		p.Drop()
 	}
+}
+
+// udpDropCounters counts the datagrams the gateway process dropped before
+// they were sent on (UDPDrops).
+type udpDropCounters struct {
+	queueFull atomic.Uint64
+	unsent    atomic.Uint64
+}
+
+// UDPDrops counts the TPROXYed datagrams the engine dropped before they
+// were sent on, since it started.
+type UDPDrops struct {
+	// QueueFull: mihomo's UDP worker for their source had no room for
+	// udpQueueWait.
+	QueueFull uint64
+	// Unsent: mihomo released them unread (udpPacket.Drop): the sender
+	// queue of their session was full, the session was closing (its
+	// outbound could not be set up), or their destination had no address.
+	Unsent uint64
+}
+
+// Total is every datagram UDPDrops counts.
+func (d UDPDrops) Total() uint64 { return d.QueueFull + d.Unsent }
+
+// UDPDrops returns the engine's counts of dropped datagrams.
+func (e *Engine) UDPDrops() UDPDrops {
+	return UDPDrops{QueueFull: e.udpDrops.queueFull.Load(), Unsent: e.udpDrops.unsent.Load()}
 }
 
 // sendWithin puts pa into q, waiting at most wait for room; false if there

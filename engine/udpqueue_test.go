@@ -3,6 +3,7 @@ package engine
 import (
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -52,6 +53,7 @@ func TestUDPThroughMihomoQueues(t *testing.T) {
 		return len(b), nil
 	}
 	src := netip.MustParseAddrPort("127.0.0.1:40123")
+	drops := testEngine.UDPDrops()
 	testEngine.HandleUDP(src, server, []byte("ping"), reply, func() { released <- struct{}{} })
 	select {
 	case a := <-answers:
@@ -70,6 +72,63 @@ func TestUDPThroughMihomoQueues(t *testing.T) {
 	case <-released:
 		t.Error("the datagram's buffer was released twice")
 	case <-time.After(100 * time.Millisecond):
+	}
+	if got := testEngine.UDPDrops(); got != drops {
+		t.Errorf("a datagram sent on changed the drop counts from %+v to %+v", drops, got)
+	}
+}
+
+// TestUDPDropsCounted: a datagram mihomo releases without reading it (to a
+// fake IP its pool does not map, which it refuses) counts as unsent; its
+// buffer is released once.
+func TestUDPDropsCounted(t *testing.T) {
+	before := testEngine.UDPDrops()
+	released := make(chan struct{}, 2)
+	reply := func(b []byte, _ netip.AddrPort) (int, error) {
+		t.Errorf("a reply (%q) to a datagram that was dropped", b)
+		return len(b), nil
+	}
+	testEngine.HandleUDP(netip.MustParseAddrPort("127.0.0.1:40124"), netip.MustParseAddrPort("198.18.255.250:9"),
+		[]byte("lost"), reply, func() { released <- struct{}{} })
+	select {
+	case <-released: // counted before the release
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dropped datagram's buffer was not released within 5s")
+	}
+	if got, want := testEngine.UDPDrops(), (UDPDrops{QueueFull: before.QueueFull, Unsent: before.Unsent + 1}); got != want {
+		t.Errorf("drop counts %+v, want %+v", got, want)
+	}
+	if got := testEngine.UDPDrops().Total(); got != before.Total()+1 {
+		t.Errorf("Total() = %d, want %d", got, before.Total()+1)
+	}
+	select {
+	case <-released:
+		t.Error("the datagram's buffer was released twice")
+	case <-time.After(100 * time.Millisecond):
+	}
+}
+
+// TestUDPPacketDrop: a datagram released unread counts once, however often
+// Drop is called; one read first does not count; one whose drop is counted
+// elsewhere (unsent nil, as queueUDP's) does not count here.
+func TestUDPPacketDrop(t *testing.T) {
+	var unsent atomic.Uint64
+	releases := 0
+	p := &udpPacket{data: []byte("x"), release: func() { releases++ }, unsent: &unsent}
+	p.Drop()
+	p.Drop()
+	if unsent.Load() != 1 || releases != 1 {
+		t.Errorf("dropped unread twice: counted %d, released %d times; want 1 and 1", unsent.Load(), releases)
+	}
+	p = &udpPacket{data: []byte("x"), unsent: &unsent}
+	if string(p.Data()) != "x" {
+		t.Fatal("Data lost the datagram")
+	}
+	p.Drop()
+	p = &udpPacket{data: []byte("x")}
+	p.Drop()
+	if unsent.Load() != 1 {
+		t.Errorf("counted %d, want 1: a datagram read before its release, or counted elsewhere, is no unsent drop", unsent.Load())
 	}
 }
 

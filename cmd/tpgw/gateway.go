@@ -196,7 +196,8 @@ type gateway struct {
 	dns       *dns.Server // nil unless the mihomo dns block is enabled
 	ping      *pinger     // answers pings to the IPv4 fake-ip range
 	log       *slog.Logger
-	verifyErr string // the last error of verifyRules, logged once
+	verifyErr string          // the last error of verifyRules, logged once
+	udpDrops  engine.UDPDrops // the engine's drop counts when last logged
 }
 
 func runGateway(o cmdOpts) (err error) {
@@ -374,10 +375,15 @@ func runGateway(o cmdOpts) (err error) {
 	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, ping: ping, log: log}
 	verify := time.NewTicker(verifyEvery(backend.Name()))
 	defer verify.Stop()
+	drops := time.NewTicker(udpDropsEvery)
+	defer drops.Stop()
+	defer gw.logUDPDrops() // those since the last line
 	for {
 		select {
 		case <-verify.C:
 			gw.verifyRules()
+		case <-drops.C:
+			gw.logUDPDrops()
 		case s := <-sigs:
 			if s == syscall.SIGHUP {
 				_ = gw.reloadLogged(o.configPath, "SIGHUP")
@@ -402,6 +408,31 @@ func verifyEvery(backend string) time.Duration {
 		return 5 * time.Second
 	}
 	return 2 * time.Second
+}
+
+// udpDropsEvery is how often datagrams the gateway dropped are reported:
+// one line for all of a burst's, not one per datagram.
+const udpDropsEvery = 30 * time.Second
+
+// logUDPDrops says how many TPROXYed datagrams the engine dropped since it
+// last said so (none: nothing). Between these and the listener, whose
+// socket buffer the kernel counts (UDP RcvbufErrors in /proc/net/snmp), a
+// datagram the gateway lost is never silent.
+func (gw *gateway) logUDPDrops() {
+	d := gw.eng.UDPDrops()
+	if d.Total() == gw.udpDrops.Total() {
+		return
+	}
+	last := gw.udpDrops
+	gw.udpDrops = d
+	// queue_full: mihomo's UDP worker for their source had no room for
+	// 10 ms; unsent: their session's sender queue was full, the session
+	// was closing, or their destination had no address.
+	gw.log.Warn("UDP datagrams dropped in the gateway since the last report",
+		"dropped", d.Total()-last.Total(),
+		"queue_full", d.QueueFull-last.QueueFull,
+		"unsent", d.Unsent-last.Unsent,
+		"total", d.Total())
 }
 
 // verifyRules puts back kernel rules that something else removed, and says so.

@@ -31,6 +31,8 @@ type gateway struct {
 	pid   int             // the process charged with the gateway's CPU; 0 for K
 	procs []*testnet.Proc // stopped in reverse order
 	undo  func()          // for K: restores ip_forward
+	// output is what the first process printed, once stop has ended it.
+	output string
 }
 
 // config is the tpgw/mihomo config of the bench: rule decides DIRECT or ss.
@@ -177,6 +179,9 @@ func (g *gateway) stop() {
 				p.Wait(stopLimit)
 			}
 		}
+	}
+	if len(g.procs) > 0 {
+		g.output = g.procs[0].Output()
 	}
 	g.procs = nil
 	if g.undo != nil {

@@ -255,3 +255,52 @@ func ParseUDPRcvbufErrors(out string) (int64, error) {
 	}
 	return sum, nil
 }
+
+// udpDropsMsg is the message of tpgw's log line on the datagrams it dropped
+// (cmd/tpgw, logUDPDrops), whose total= is the count since it started.
+const udpDropsMsg = `msg="UDP datagrams dropped in the gateway since the last report"`
+
+// UDPDropsLog is what a stopped tpgw run logged about the datagrams it
+// dropped itself.
+type UDPDropsLog struct {
+	Total     int64 // since it started: the total= of its last drop line (0 without one)
+	QueueFull int64 // of those: mihomo's worker queue full (the lines' queue_full= summed)
+	Unsent    int64 // released by mihomo unsent (unsent= summed)
+	// Complete: its stop was logged to the end ("kernel rules removed",
+	// which comes after the last drop line), so a missing line means none
+	// were dropped.
+	Complete bool
+}
+
+// ParseUDPDropsLog reads the output of a tpgw run that has stopped.
+func ParseUDPDropsLog(out string) UDPDropsLog {
+	var d UDPDropsLog
+	sc := bufio.NewScanner(strings.NewReader(out))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.Contains(line, udpDropsMsg) {
+			continue
+		}
+		for _, f := range strings.Fields(line) {
+			k, v, ok := strings.Cut(f, "=")
+			if !ok {
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil {
+				continue
+			}
+			switch k {
+			case "total":
+				d.Total = n
+			case "queue_full":
+				d.QueueFull += n
+			case "unsent":
+				d.Unsent += n
+			}
+		}
+	}
+	d.Complete = strings.Contains(out, "kernel rules removed")
+	return d
+}

@@ -258,11 +258,25 @@ func (r *runner) measureSetup(setup string) {
 	if r.opts.part("http") && (setup == SetupK || setup == SetupTPGW || setup == SetupMihomo) {
 		r.measureHTTP(g)
 	}
-	if r.opts.part("udp") && (setup == SetupK || setup == SetupTPGW) {
+	udp := r.opts.part("udp") && (setup == SetupK || setup == SetupTPGW)
+	if udp {
 		r.measureUDP(g)
 	}
 	if r.opts.part("dns") && setup == SetupTPGW {
 		r.measureDNS(g)
+	}
+	if udp && setup == SetupTPGW {
+		// tpgw logs the datagrams it dropped itself when it stops; its
+		// DNS server's queries do not pass that path.
+		g.stop()
+		if d := ParseUDPDropsLog(g.output); d.Complete {
+			r.s.add("udp_drop_process", setup, float64(d.Total))
+			r.logf("  UDP: %d datagrams dropped inside tpgw over its UDP runs (its log at stop): %d with mihomo's worker queue full, %d released unsent",
+				d.Total, d.QueueFull, d.Unsent)
+		} else {
+			r.fail(setup+" UDP drops", errors.New("tpgw did not log its stop to the end (no \"kernel rules removed\")"))
+			r.s.add("udp_drop_process", setup, math.NaN())
+		}
 	}
 }
 

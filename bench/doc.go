@@ -22,9 +22,11 @@
 // host whose default paces every sender (BBR) gives figures comparable with
 // one whose default does not; TestNamespacesTakeCC checks, in namespaces it
 // makes, that a TCP socket made after the setting takes it. Around the
-// fastest UDP rate the bench reads each namespace's UDP receive-buffer drops,
-// so a loss shows where it happened (TestUDPRcvbufErrorsCounted drops
-// datagrams at a full buffer and finds them counted). The pure parts
+// fastest UDP rate the bench reads each namespace's UDP receive-buffer drops
+// (TestUDPRcvbufErrorsCounted drops datagrams at a full buffer and finds
+// them counted), and after tpgw's UDP runs the count of datagrams it dropped
+// itself, from its log at its stop (ParseUDPDropsLog): together they show
+// where a loss happened. The pure parts
 // (parsers, medians, report, SVG) are unit-tested; the run itself needs root
 // and is started by `make bench` (bench/cmd/tpgw-bench).
 package bench

@@ -66,6 +66,14 @@ func readProc(t *testing.T, path string) string {
 func TestUDPRcvbufErrorsCounted(t *testing.T) {
 	tp := testnet.New(t)
 	const sent = 200
+	count := func(ns *testnet.NS) int64 {
+		t.Helper()
+		n, err := udpRcvbufErrors(ns)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
 	for _, c := range []struct {
 		family int
 		addr   unix.Sockaddr
@@ -73,14 +81,7 @@ func TestUDPRcvbufErrorsCounted(t *testing.T) {
 		{unix.AF_INET, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}},
 		{unix.AF_INET6, &unix.SockaddrInet6{Addr: [16]byte{15: 1}}},
 	} {
-		before, err := udpRcvbufErrors(tp.Gateway)
-		if err != nil {
-			t.Fatal(err)
-		}
-		otherBefore, err := udpRcvbufErrors(tp.Upstream)
-		if err != nil {
-			t.Fatal(err)
-		}
+		before, otherBefore := count(tp.Gateway), count(tp.Upstream)
 		var kept int // datagrams the receiver's buffer took
 		if err := tp.Gateway.Do(func() error {
 			rx, err := unix.Socket(c.family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
@@ -120,14 +121,7 @@ func TestUDPRcvbufErrorsCounted(t *testing.T) {
 		}); err != nil {
 			t.Fatalf("family %d: %v", c.family, err)
 		}
-		after, err := udpRcvbufErrors(tp.Gateway)
-		if err != nil {
-			t.Fatal(err)
-		}
-		otherAfter, err := udpRcvbufErrors(tp.Upstream)
-		if err != nil {
-			t.Fatal(err)
-		}
+		after, otherAfter := count(tp.Gateway), count(tp.Upstream)
 		if kept == 0 || kept >= sent/2 {
 			t.Fatalf("family %d: the receive buffer took %d of %d datagrams; the test needs most dropped", c.family, kept, sent)
 		}

@@ -405,7 +405,7 @@ func (r *runner) measureUDP(g *gateway) {
 			drops = []*udpDrops{{key: "udp_drop_gateway", ns: r.tp.Gateway}, {key: "udp_drop_server", ns: r.tp.Upstream}}
 		}
 		for _, d := range drops {
-			if d.before, d.err = r.udpRcvbufErrors(d.ns); d.err != nil {
+			if d.before, d.err = udpRcvbufErrors(d.ns); d.err != nil {
 				r.fail(what, d.err)
 			}
 		}
@@ -422,7 +422,7 @@ func (r *runner) measureUDP(g *gateway) {
 			if d.err != nil {
 				continue
 			}
-			after, err := r.udpRcvbufErrors(d.ns)
+			after, err := udpRcvbufErrors(d.ns)
 			if err != nil {
 				r.fail(what, err)
 				continue
@@ -444,8 +444,6 @@ type udpDrops struct {
 	before int64
 	err    error
 }
-
-func (r *runner) udpRcvbufErrors(ns *testnet.NS) (int64, error) { return udpRcvbufErrors(ns) }
 
 // udpRcvbufErrors is ParseUDPRcvbufErrors of namespace ns's counters, read
 // by a thread in ns (/proc/thread-self/net is that thread's namespace's).

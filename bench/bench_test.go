@@ -177,6 +177,7 @@ func TestParseUDPDropsLog(t *testing.T) {
 	const start = "time=2026-12-02T14:00:00Z level=INFO msg=\"gateway running\" backend=nftables\n"
 	const stop = "time=2026-12-02T14:01:00Z level=INFO msg=stopping signal=terminated\n"
 	const removed = "time=2026-12-02T14:01:00Z level=INFO msg=\"kernel rules removed\"\n"
+	const held = "time=2026-12-02T14:01:00Z level=INFO msg=\"UDP datagrams held until their session's sender had room\" held=2210 gave_up=3\n"
 	line := func(dropped, total int) string {
 		return fmt.Sprintf("time=2026-12-02T14:00:30Z level=WARN msg=\"UDP datagrams dropped in the gateway since the last report\" dropped=%d queue_full=%d unsent=%d total=%d\n", dropped, dropped/4, dropped-dropped/4, total)
 	}
@@ -188,6 +189,7 @@ func TestParseUDPDropsLog(t *testing.T) {
 		{"none dropped", start + stop + removed, UDPDropsLog{Complete: true}},
 		{"the last line's total", start + line(700, 700) + stop + line(554, 1254) + removed, UDPDropsLog{Total: 1254, QueueFull: 175 + 138, Unsent: 525 + 416, Complete: true}},
 		{"killed before the end", start + line(700, 700) + stop, UDPDropsLog{Total: 700, QueueFull: 175, Unsent: 525}},
+		{"held", start + stop + held + line(3, 703) + removed, UDPDropsLog{Total: 703, Unsent: 3, Held: 2210, GaveUp: 3, Complete: true}},
 	} {
 		if got := ParseUDPDropsLog(c.out); got != c.want {
 			t.Errorf("%s: ParseUDPDropsLog = %+v, want %+v", c.name, got, c.want)

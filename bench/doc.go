@@ -25,8 +25,9 @@
 // fastest UDP rate the bench reads each namespace's UDP receive-buffer drops
 // (TestUDPRcvbufErrorsCounted drops datagrams at a full buffer and finds
 // them counted), and after tpgw's UDP runs the count of datagrams it dropped
-// itself, from its log at its stop (ParseUDPDropsLog): together they show
-// where a loss happened. The pure parts
+// itself, from its log at its stop (ParseUDPDropsLog, which also gives the
+// run's log how many datagrams tpgw held for their session's sender in
+// mihomo): together they show where a loss happened. The pure parts
 // (parsers, medians, report, SVG) are unit-tested; the run itself needs root
 // and is started by `make bench` (bench/cmd/tpgw-bench).
 package bench

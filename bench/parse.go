@@ -260,12 +260,19 @@ func ParseUDPRcvbufErrors(out string) (int64, error) {
 // (cmd/tpgw, logUDPDrops), whose total= is the count since it started.
 const udpDropsMsg = `msg="UDP datagrams dropped in the gateway since the last report"`
 
+// udpHeldMsg is the message of tpgw's line, at its stop, on the datagrams
+// its relay held until mihomo's sender of their session had room
+// (cmd/tpgw, logUDPHeld).
+const udpHeldMsg = `msg="UDP datagrams held until their session's sender had room"`
+
 // UDPDropsLog is what a stopped tpgw run logged about the datagrams it
 // dropped itself.
 type UDPDropsLog struct {
 	Total     int64 // since it started: the total= of its last drop line (0 without one)
 	QueueFull int64 // of those: mihomo's worker queue full (the lines' queue_full= summed)
 	Unsent    int64 // released by mihomo unsent (unsent= summed)
+	Held      int64 // held until their session's sender had room (held=)
+	GaveUp    int64 // of those: none within tpgw's wait (gave_up=)
 	// Complete: its stop was logged to the end ("kernel rules removed",
 	// which comes after the last drop line), so a missing line means none
 	// were dropped.
@@ -279,7 +286,8 @@ func ParseUDPDropsLog(out string) UDPDropsLog {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.Contains(line, udpDropsMsg) {
+		drops, held := strings.Contains(line, udpDropsMsg), strings.Contains(line, udpHeldMsg)
+		if !drops && !held {
 			continue
 		}
 		for _, f := range strings.Fields(line) {
@@ -291,13 +299,17 @@ func ParseUDPDropsLog(out string) UDPDropsLog {
 			if err != nil {
 				continue
 			}
-			switch k {
-			case "total":
+			switch {
+			case drops && k == "total":
 				d.Total = n
-			case "queue_full":
+			case drops && k == "queue_full":
 				d.QueueFull += n
-			case "unsent":
+			case drops && k == "unsent":
 				d.Unsent += n
+			case held && k == "held":
+				d.Held = n
+			case held && k == "gave_up":
+				d.GaveUp = n
 			}
 		}
 	}

@@ -271,8 +271,8 @@ func (r *runner) measureSetup(setup string) {
 		g.stop()
 		if d := ParseUDPDropsLog(g.output); d.Complete {
 			r.s.add("udp_drop_process", setup, float64(d.Total))
-			r.logf("  UDP: %d datagrams dropped inside tpgw over its UDP runs (its log at stop): %d with mihomo's worker queue full, %d released unsent",
-				d.Total, d.QueueFull, d.Unsent)
+			r.logf("  UDP: %d datagrams dropped inside tpgw over its UDP runs (its log at stop): %d with mihomo's worker queue full, %d released unsent; %d held until their session's sender had room, %d of them not within tpgw's wait",
+				d.Total, d.QueueFull, d.Unsent, d.Held, d.GaveUp)
 		} else {
 			r.fail(setup+" UDP drops", errors.New("tpgw did not log its stop to the end (no \"kernel rules removed\")"))
 			r.s.add("udp_drop_process", setup, math.NaN())

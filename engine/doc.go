@@ -78,7 +78,10 @@
 // write at a time. A dashboard's "flush fake-ip" empties each pool under
 // the pool's lock, which mihomo's flush does not take (controller.go). A
 // TPROXYed datagram whose mihomo worker queue is full waits for room, up to
-// 10 ms, instead of being dropped at once (udpqueue.go).
+// 10 ms, instead of being dropped at once (udpqueue.go), and so does one
+// whose session's sender queue in mihomo is full while that session is
+// being sent on, which tpgw tells from the datagrams mihomo reads and
+// releases (udpgate.go).
 //
 // Under the race detector three races remain, all mihomo's own and benign
 // in practice:

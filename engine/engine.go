@@ -66,6 +66,7 @@ type Engine struct {
 	// from (Reload keeps the server when it is unchanged).
 	controller string
 	udpDrops   udpDropCounters // datagrams dropped before they were sent on (udpqueue.go)
+	senders    []senderGate    // how full mihomo's per-session sender queues are (udpgate.go)
 }
 
 // started guards mihomo's process-wide state: one Engine per process.
@@ -111,7 +112,7 @@ func Start(raw []byte, opts Options) (*Engine, error) {
 		started.Unlock()
 		return nil, err
 	}
-	e := &Engine{log: log, parker: p}
+	e := &Engine{log: log, parker: p, senders: newSenderGates()}
 	e.logStop = forwardMihomoLog(log)
 	fail := func(err error) (*Engine, error) {
 		e.parker.close()

@@ -153,8 +153,8 @@ func (e *Engine) LookupFakeIP(ip netip.Addr) (string, bool) {
 }
 
 // HandleUDP hands one TPROXYed datagram to mihomo. It blocks only while
-// mihomo's queue for the datagram's source is full, up to udpQueueWait
-// (udpqueue.go): mihomo queues it per source, matches rules for a new
+// mihomo's queues for the datagram's source are full, up to udpQueueWait
+// for each (udpqueue.go, udpgate.go): mihomo queues it per source, matches rules for a new
 // session, and sends replies through reply. reply's from is the address
 // the reply must appear to come from; when it is invalid the reply comes
 // from the flow's original destination. release is called once mihomo no
@@ -175,10 +175,17 @@ type udpPacket struct {
 	unsent  *atomic.Uint64
 	read    atomic.Bool
 	dropped atomic.Bool
+	// gate counts the datagrams of the session's sender queue; this one is
+	// its seq-th (udpgate.go). nil: none.
+	gate *senderGate
+	seq  uint64
 }
 
 func (p *udpPacket) Data() []byte {
 	p.read.Store(true)
+	if p.gate != nil {
+		p.gate.noteRead(p.seq)
+	}
 	return p.data
 }
 
@@ -211,6 +218,9 @@ func (p *udpPacket) Drop() {
 	}
 	if p.unsent != nil && !p.read.Load() {
 		p.unsent.Add(1)
+	}
+	if p.gate != nil {
+		p.gate.noteReleased()
 	}
 	if p.release != nil {
 		p.release()

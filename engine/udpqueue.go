@@ -25,7 +25,9 @@ import (
 // each of 5 runs (0.28–1.54% lost in all, kernel forwarding 0–0.33% in the
 // same runs); with the wait, 10–18 found the queue full, none waited out
 // udpQueueWait, and 0.14–0.19% were lost (kernel forwarding 0.11–0.26%),
-// most of the rest at the receiving socket as with kernel forwarding.
+// most of the rest at the receiving socket as with kernel forwarding. Past
+// the worker, the queue of the datagram's session is the next place mihomo
+// drops; udpgate.go waits for room there too.
 //
 // The queues and their once-only set-up are mihomo's unexported variables,
 // reached by name as flow.go reaches its functions; TestUDPThroughMihomoQueues
@@ -47,13 +49,23 @@ var mihomoUDPQueues []chan C.PacketAdapter
 const udpQueueWait = 10 * time.Millisecond
 
 // queueUDP hands p, a datagram from src to dst, to mihomo's UDP worker for
-// its source, waiting for room up to udpQueueWait.
+// its source, waiting up to udpQueueWait for room in its session's sender
+// queue (udpgate.go) and up to udpQueueWait for room in the worker's.
 func (e *Engine) queueUDP(p *udpPacket, src, dst netip.AddrPort) {
 	mihomoUDPInit.Do(mihomoInitUDP)
 	pa := C.NewPacketAdapter(p, e.metadata(C.UDP, src, dst))
 	// The hash mihomo's own inbounds use, so that a source's datagrams from
 	// any inbound share a worker.
-	q := mihomoUDPQueues[utils.MapHash(pa.Key())%uint64(len(mihomoUDPQueues))]
+	h := utils.MapHash(pa.Key())
+	g := &e.senders[h%uint64(len(e.senders))]
+	p.gate, p.seq = g, g.handed.Add(1)
+	if waited, room := g.admit(p.seq, udpQueueWait); waited {
+		e.udpDrops.senderWaits.Add(1)
+		if !room {
+			e.udpDrops.senderWaitedOut.Add(1)
+		}
+	}
+	q := mihomoUDPQueues[h%uint64(len(mihomoUDPQueues))]
 	if !sendWithin(q, pa, udpQueueWait) {
 		p.unsent = nil
 		e.udpDrops.queueFull.Add(1)
@@ -66,6 +78,11 @@ func (e *Engine) queueUDP(p *udpPacket, src, dst netip.AddrPort) {
 type udpDropCounters struct {
 	queueFull atomic.Uint64
 	unsent    atomic.Uint64
+	// senderWaits counts the datagrams that waited for room in their
+	// session's sender queue (udpgate.go), senderWaitedOut those of them
+	// that found none within udpQueueWait.
+	senderWaits     atomic.Uint64
+	senderWaitedOut atomic.Uint64
 }
 
 // UDPDrops counts the TPROXYed datagrams the engine dropped before they
@@ -86,6 +103,19 @@ func (d UDPDrops) Total() uint64 { return d.QueueFull + d.Unsent }
 // UDPDrops returns the engine's counts of dropped datagrams.
 func (e *Engine) UDPDrops() UDPDrops {
 	return UDPDrops{QueueFull: e.udpDrops.queueFull.Load(), Unsent: e.udpDrops.unsent.Load()}
+}
+
+// UDPSenderWaits counts the TPROXYed datagrams the relay's reader held
+// until their session's sender queue in mihomo had room (udpgate.go), since
+// the engine started.
+type UDPSenderWaits struct {
+	Held   uint64 // held at all
+	GaveUp uint64 // of those: no room within udpQueueWait (mihomo may drop them then)
+}
+
+// UDPSenderWaits returns the engine's counts of held datagrams.
+func (e *Engine) UDPSenderWaits() UDPSenderWaits {
+	return UDPSenderWaits{Held: e.udpDrops.senderWaits.Load(), GaveUp: e.udpDrops.senderWaitedOut.Load()}
 }
 
 // sendWithin puts pa into q, waiting at most wait for room; false if there

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metacubex/mihomo/common/utils"
 	C "github.com/metacubex/mihomo/constant"
 )
 
@@ -75,6 +76,12 @@ func TestUDPThroughMihomoQueues(t *testing.T) {
 	}
 	if got := testEngine.UDPDrops(); got != drops {
 		t.Errorf("a datagram sent on changed the drop counts from %+v to %+v", drops, got)
+	}
+	// mihomo read and released it as the gate of its session expects
+	// (udpgate.go): the gate mihomo's key for the session picks.
+	g := &testEngine.senders[utils.MapHash(src.String())%senderGates]
+	if h, r, rel := g.handed.Load(), g.read.Load(), g.released.Load(); h == 0 || r != h || rel != h {
+		t.Errorf("the session's sender gate: %d handed, the last read numbered %d, %d released; want them equal and above 0", h, r, rel)
 	}
 }
 

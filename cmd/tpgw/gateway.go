@@ -378,6 +378,7 @@ func runGateway(o cmdOpts) (err error) {
 	drops := time.NewTicker(udpDropsEvery)
 	defer drops.Stop()
 	defer gw.logUDPDrops() // those since the last line
+	defer gw.logUDPHeld()
 	for {
 		select {
 		case <-verify.C:
@@ -433,6 +434,16 @@ func (gw *gateway) logUDPDrops() {
 		"queue_full", d.QueueFull-last.QueueFull,
 		"unsent", d.Unsent-last.Unsent,
 		"total", d.Total())
+}
+
+// logUDPHeld says, at stop, how many TPROXYed datagrams the relay held
+// until mihomo's sender queue of their session had room, rather than let
+// mihomo drop them (engine/udpgate.go): how often its cores were too busy
+// for a session's sender to keep up.
+func (gw *gateway) logUDPHeld() {
+	if w := gw.eng.UDPSenderWaits(); w.Held > 0 {
+		gw.log.Info("UDP datagrams held until their session's sender had room", "held", w.Held, "gave_up", w.GaveUp)
+	}
 }
 
 // verifyRules puts back kernel rules that something else removed, and says so.

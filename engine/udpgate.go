@@ -34,10 +34,12 @@ import (
 // datagrams are then dropped by mihomo as before.
 //
 // Sources share a gate by the hash mihomo picks their worker by (senderGates
-// of them). Datagrams of sources that share a gate count in one sequence,
-// whose read is the highest any of them reached, so sharing makes the gate
-// see less waiting than there is, never more: it never makes the reader
-// wait for a session that has room.
+// of them), and their datagrams count in one sequence. While each of them is
+// sent on, the highest number read is one of the last handed over, so a
+// shared gate sees no more waiting than there is; while one of them is
+// stuck, its datagrams can make the gate see a full queue for another whose
+// queue has room, and the reader then waits once, for udpQueueWait, as for
+// the stuck one.
 const (
 	senderQueueCap = 128
 	senderGates    = 4096

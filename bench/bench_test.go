@@ -313,6 +313,44 @@ func TestFiguresAndChecks(t *testing.T) {
 	}
 }
 
+// TestKnownNamesDNSBetterOf: the hijacked and direct DNS targets are checked
+// on the better of the one- and two-thread medians, and on the one measured
+// when the other is not.
+func TestKnownNamesDNSBetterOf(t *testing.T) {
+	for _, c := range []struct {
+		name       string
+		one, two   []float64
+		met        bool
+		wantActual string
+	}{
+		{"two threads better", []float64{88000, 90000}, []float64{120000, 130000}, true, "125000"},
+		{"one thread better", []float64{104000, 106000}, []float64{70000, 75000}, true, "105000"},
+		{"both short", []float64{80000, 82000}, []float64{90000, 92000}, false, "91000"},
+		{"two threads not measured", []float64{101000, 103000}, nil, true, "102000"},
+	} {
+		s := samples{}
+		for _, key := range []string{"dns_qps_hijack", "dns_qps_direct"} {
+			for _, v := range c.one {
+				s.add(key, SetupTPGW, v)
+			}
+			for _, v := range c.two {
+				s.add(key+"2", SetupTPGW, v)
+			}
+		}
+		rep := &Report{Reps: 2}
+		buildFigures(rep, s, 100, 2)
+		for _, key := range []string{"dns_qps_hijack", "dns_qps_direct"} {
+			ch := rep.Figure(key).Checks[0]
+			if ch.Met != c.met || ch.Actual != c.wantActual || !strings.Contains(ch.Target, "the better of one and two dnsperf threads") {
+				t.Errorf("%s, %s: check = %+v, want met %v at %s", c.name, key, ch, c.met, c.wantActual)
+			}
+			if len(rep.Figure(key+"2").Checks) != 0 {
+				t.Errorf("%s: the two-thread row of %s has a check of its own", c.name, key)
+			}
+		}
+	}
+}
+
 func TestMarkdown(t *testing.T) {
 	md := sampleReport().Markdown()
 	for _, want := range []string{

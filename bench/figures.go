@@ -32,7 +32,9 @@ var figureDefs = []struct{ key, name, unit string }{
 	{"udp_drop_process", "UDP, all three rates: datagrams the gateway process dropped itself (tpgw's log at its stop)", "datagrams"},
 	{"dns_qps_new", "Fake-ip DNS, 50000 new names once (hijacked)", "qps"},
 	{"dns_qps_hijack", "Fake-ip DNS, client → any server:53 (hijacked)", "qps"},
+	{"dns_qps_hijack2", "Fake-ip DNS, hijacked, two dnsperf threads", "qps"},
 	{"dns_qps_direct", "Fake-ip DNS, gateway → 127.0.0.1:1053", "qps"},
+	{"dns_qps_direct2", "Fake-ip DNS, gateway → 127.0.0.1:1053, two dnsperf threads", "qps"},
 	{"dns_lost_hijack", "Fake-ip DNS, hijacked: queries lost (no answer within dnsperf's 2 s)", "queries"},
 	{"dns_per_core", "Fake-ip DNS, hijacked: queries per CPU-second of the gateway process", "qps/core"},
 	{"dns_client_cores", "Fake-ip DNS, hijacked: cores dnsperf (the client) kept busy", "cores"},
@@ -123,12 +125,27 @@ func buildFigures(rep *Report, s samples, idleConns, reps int) {
 		key := fmt.Sprintf("udp_loss_%d", rate)
 		check(key, limitCheck("tpgw ≤ 1%", m(key, SetupTPGW), 1, false, "%.2f%%"))
 	}
-	for _, key := range []string{"dns_qps_new", "dns_qps_hijack", "dns_qps_direct"} {
-		check(key, limitCheck("≥ 100k qps", m(key, SetupTPGW), 100000, true, "%.0f"))
+	check("dns_qps_new", limitCheck("≥ 100k qps", m("dns_qps_new", SetupTPGW), 100000, true, "%.0f"))
+	// Known names: what the server answers when the client is not the
+	// limit, the better of one and two dnsperf threads (both rows shown).
+	for _, key := range []string{"dns_qps_hijack", "dns_qps_direct"} {
+		check(key, limitCheck("≥ 100k qps, the better of one and two dnsperf threads",
+			betterOf(m(key, SetupTPGW), m(key+"2", SetupTPGW)), 100000, true, "%.0f"))
 	}
 	check("idle_mem_per_conn", limitCheck("tpgw ≤ 16 KiB", m("idle_mem_per_conn", SetupTPGW), 16, false, "%.1f KiB"))
 	ratio("idle_bulk", "tpgw ≥ 0.8×K", SetupTPGW, SetupK, 0.8, true)
 	check("splice_calls", limitCheck("tpgw DIRECT splices", m("splice_calls", SetupTPGW), 1, true, "%.0f calls"))
+}
+
+// betterOf is the larger of a and b that was measured (NaN if neither).
+func betterOf(a, b float64) float64 {
+	switch {
+	case math.IsNaN(a):
+		return b
+	case math.IsNaN(b):
+		return a
+	}
+	return max(a, b)
 }
 
 // addedValue is v minus K's k: within each repetition, whose setups ran
@@ -222,7 +239,7 @@ func methodNotes(o Options) []string {
 		fmt.Sprintf("Idle connections: K, tpgw and mihomo-tproxy in turn, %d interleaved repetitions like the rest (medians); each time the gateway starts afresh and the upstream listens anew.", o.Reps),
 		"UDP: iperf3 -u -l 1400 at each rate, loss as the server counts it (sequence numbers). Around the fastest rate's run the bench reads the UDP RcvbufErrors of the gateway and upstream namespaces (/proc/net/snmp and snmp6, each namespace's own): datagrams the kernel dropped because a socket's receive buffer was full, at tpgw's listener or at iperf3's server. tpgw also counts the datagrams it dropped itself (mihomo's queues full, or released unsent) and logs the total when it stops, which the bench reads: over the three rates, nearly all at the fastest. What is left of a loss happened on the way (veths and qdiscs).",
 		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
-		"DNS: dnsperf with -c 4 -T 1 -q 500. First one pass (-n 1) over 50000 A names never asked before (each allocates a fake IP, which a persisted pool writes to the journal of cache.db before the answer leaves; passes after the first come round the pool's 65k addresses and reuse them), then -l 5 over 1000 other names, known after their first round (500 queries outstanding: with fewer, a loaded 2-core host measures round-trip latency, not the server; one dnsperf thread, so that on 2 cores client and server each get one instead of fighting over both): hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053). Cores kept busy: CPU seconds (dnsperf's from its rusage, the gateway's from /proc) over the run's wall time; on veths the kernel work of delivering a datagram runs in the sender's context, so dnsperf's share includes the gateway kernel's receive of each query, and the gateway's the client kernel's receive of each answer.",
+		"DNS: dnsperf with -c 4 -T 1 -q 500. First one pass (-n 1) over 50000 A names never asked before (each allocates a fake IP, which a persisted pool writes to the journal of cache.db before the answer leaves; passes after the first come round the pool's 65k addresses and reuse them), then -l 5 over 1000 other names, known after their first round (500 queries outstanding: with fewer, a loaded 2-core host measures round-trip latency, not the server; one dnsperf thread, so that on 2 cores client and server each get one instead of fighting over both): hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053). Each of those two runs once more with two dnsperf threads (-T 2): on some 2-core hosts one thread is the limit (the gateway then keeps well under a core busy) and two drive the server harder, its reads and writes of up to 32 datagrams each carrying more; on others two threads take the cores the gateway needs and get less. Their targets are checked on the better of the two medians; the cores rows are the one-thread hijacked run's. Cores kept busy: CPU seconds (dnsperf's from its rusage, the gateway's from /proc) over the run's wall time; on veths the kernel work of delivering a datagram runs in the sender's context, so dnsperf's share includes the gateway kernel's receive of each query, and the gateway's the client kernel's receive of each answer.",
 		"Target (measured): a ratio target gives the ratio of the two medians, which decides ✓ or ✗, then (reps a/b/c) the ratio within each repetition, whose setups ran side by side: a target met in some repetitions and missed in others is within the noise of this host; one missed in every repetition is not.",
 		"The 2 cores are shared by the client tools, the gateway, the servers and ss-server; other work on the host adds noise. The figures compare setups within this run, not across machines.",
 	}

@@ -118,7 +118,6 @@ func TestSenderGateBounded(t *testing.T) {
 	// Never read (its outbound being set up, or everything dropped): no hold.
 	g := &newSenderGates()[0]
 	s := &fakeSender{ch: make(chan *udpPacket, senderQueueCap)}
-	start := time.Now()
 	if held, _ := hand(g, s, 1000, true, wait); held != 0 {
 		t.Errorf("a session never read: %d datagrams held, want 0", held)
 	}
@@ -133,7 +132,7 @@ func TestSenderGateBounded(t *testing.T) {
 	go s.run(1000, 10, 0, done)
 	hand(g, s, 10, true, wait)
 	<-done
-	start = time.Now()
+	start := time.Now()
 	held, gaveUp := hand(g, s, 1000, true, wait)
 	took := time.Since(start)
 	if held != 1 || gaveUp != 1 {

@@ -74,7 +74,8 @@ func (e *Engine) queueUDP(p *udpPacket, src, dst netip.AddrPort) {
 }
 
 // udpDropCounters counts the datagrams the gateway process dropped before
-// they were sent on (UDPDrops).
+// they were sent on (UDPDrops), and those it held for their session's
+// sender (UDPSenderWaits).
 type udpDropCounters struct {
 	queueFull atomic.Uint64
 	unsent    atomic.Uint64

@@ -539,3 +539,45 @@ func TestBenchToolsInstalled(t *testing.T) {
 		}
 	}
 }
+
+// TestUDPRuns: every UDP run has its rows, the fastest rate runs with
+// iperf3's default buffers and with 4 MiB ones, and each loss row carries
+// the ≤ 1% target.
+func TestUDPRuns(t *testing.T) {
+	rows := map[string]bool{}
+	for _, d := range figureDefs {
+		rows[d.key] = true
+	}
+	s := samples{}
+	var fastest, windowed int
+	for _, u := range udpRuns {
+		for _, key := range append([]string{u.key}, u.drops[:]...) {
+			if key != "" && !rows[key] {
+				t.Errorf("UDP run %+v: no row %q", u, key)
+			}
+		}
+		if u.rate == udpRuns[len(udpRuns)-1].rate {
+			fastest++
+			if u.window != "" {
+				windowed++
+			}
+			if u.drops[0] == "" {
+				t.Errorf("UDP run %+v at the fastest rate counts no receive-buffer drops", u)
+			}
+		}
+		s.add(u.key, SetupTPGW, 0.5)
+		s.add(u.key, SetupTPGW, 1.5)
+		s.add(u.key, SetupTPGW, 3)
+	}
+	if fastest != 2 || windowed != 1 {
+		t.Errorf("the fastest rate runs %d times, %d with -w; want twice, once with -w", fastest, windowed)
+	}
+	rep := &Report{Reps: 3}
+	buildFigures(rep, s, 100, 3)
+	for _, u := range udpRuns {
+		f := rep.Figure(u.key)
+		if len(f.Checks) != 1 || f.Checks[0].Target != "tpgw ≤ 1%" || f.Checks[0].Met || f.Checks[0].Actual != "1.50%" {
+			t.Errorf("%s: checks = %+v, want one unmet tpgw ≤ 1%% at 1.50%%", u.key, f.Checks)
+		}
+	}
+}

@@ -86,7 +86,32 @@ var tcpCases = []struct {
 // TCPKeys are the throughput figures drawn in the SVG.
 var TCPKeys = []string{"tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down"}
 
-var udpRates = []int{50, 100, 300} // Mbit/s offered
+// udpRuns are the UDP figures: iperf3 -u at fixed rates. The fastest rate
+// runs twice, with iperf3's default socket buffers and with 4 MiB ones at
+// both of its ends (-w, which iperf3's server applies too; the kernel
+// allows it up to net.core.rmem_max, 4 MiB by default on most
+// distributions), each with the receive-buffer drops around it. On a
+// machine whose cores the receiver shares with the gateway, the default
+// buffer (about 90 datagrams of 1400 B) overflows whenever the server is not
+// run for a few milliseconds; with 4 MiB what is left of a loss is the
+// path's.
+var udpRuns = []udpRun{
+	{key: "udp_loss_50", rate: 50},
+	{key: "udp_loss_100", rate: 100},
+	{key: "udp_loss_300", rate: 300, drops: [2]string{"udp_drop_gateway", "udp_drop_server"}},
+	{key: "udp_loss_300_buf", rate: 300, window: "4M", drops: [2]string{"udp_drop_gateway_buf", "udp_drop_server_buf"}},
+}
+
+// udpRun is one iperf3 -u run: its figure, rate (Mbit/s offered), socket
+// buffer (-w; "" for iperf3's default) and, if counted, the figures of the
+// datagrams dropped at full receive buffers of the gateway namespace and
+// of iperf3's server during it.
+type udpRun struct {
+	key    string
+	rate   int
+	window string
+	drops  [2]string
+}
 
 // benchTools are the programs a run uses, each with the part that needs it
 // ("" for every run: the topology's servers start whatever the parts;
@@ -392,31 +417,34 @@ func (r *runner) measureHTTP(g *gateway) {
 }
 
 func (r *runner) measureUDP(g *gateway) {
-	fastest := udpRates[len(udpRates)-1]
-	for _, rate := range udpRates {
-		key := fmt.Sprintf("udp_loss_%d", rate)
-		what := fmt.Sprintf("%s UDP %d Mbit/s", g.setup, rate)
-		// Where the fastest rate's losses go: full receive buffers of the
-		// gateway's sockets (tpgw's listener; none with K, which forwards)
-		// and of iperf3's server. The counters are each namespace's, where
+	for _, u := range udpRuns {
+		what := fmt.Sprintf("%s UDP %d Mbit/s", g.setup, u.rate)
+		args := []string{"-u", "-b", fmt.Sprintf("%dM", u.rate), "-l", "1400"}
+		if u.window != "" {
+			what += " -w " + u.window
+			args = append(args, "-w", u.window)
+		}
+		// Where the losses go: full receive buffers of the gateway's
+		// sockets (tpgw's listener; none with K, which forwards) and of
+		// iperf3's server. The counters are each namespace's, where
 		// nothing else receives UDP meanwhile.
 		var drops []*udpDrops
-		if rate == fastest {
-			drops = []*udpDrops{{key: "udp_drop_gateway", ns: r.tp.Gateway}, {key: "udp_drop_server", ns: r.tp.Upstream}}
+		if u.drops[0] != "" {
+			drops = []*udpDrops{{key: u.drops[0], ns: r.tp.Gateway}, {key: u.drops[1], ns: r.tp.Upstream}}
 		}
 		for _, d := range drops {
 			if d.before, d.err = udpRcvbufErrors(d.ns); d.err != nil {
 				r.fail(what, d.err)
 			}
 		}
-		res, err := r.iperf("-u", "-b", fmt.Sprintf("%dM", rate), "-l", "1400")
+		res, err := r.iperf(args...)
 		if err != nil {
 			r.fail(what, err)
-			r.s.add(key, g.setup, math.NaN())
+			r.s.add(u.key, g.setup, math.NaN())
 			continue
 		}
-		r.s.add(key, g.setup, res.LostPercent)
-		r.logf("  UDP %d Mbit/s: %.2f%% lost of %d", rate, res.LostPercent, res.Packets)
+		r.s.add(u.key, g.setup, res.LostPercent)
+		r.logf("  %s: %.2f%% lost of %d", strings.TrimPrefix(what, g.setup+" "), res.LostPercent, res.Packets)
 		var counted []string
 		for _, d := range drops {
 			if d.err != nil {
@@ -431,7 +459,7 @@ func (r *runner) measureUDP(g *gateway) {
 			counted = append(counted, fmt.Sprintf("%s %d", d.key, after-d.before))
 		}
 		if len(counted) > 0 {
-			r.logf("  UDP %d Mbit/s: dropped at full receive buffers: %s", rate, strings.Join(counted, ", "))
+			r.logf("  %s: dropped at full receive buffers: %s", strings.TrimPrefix(what, g.setup+" "), strings.Join(counted, ", "))
 		}
 	}
 }

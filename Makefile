@@ -9,12 +9,18 @@ GOFILES := $(shell find . -name '*.go' -not -path './bin/*' 2>/dev/null)
 # Tests that touch the kernel run in namespaces and may take a while.
 TEST_TIMEOUT ?= 40m
 
-.PHONY: build test race fuzz demo bench lint deps rules clean
+.PHONY: build test race fuzz demo bench lint deps rules clean FORCE
 
-## build: compile bin/tpgw (rebuilt only when Go files change)
+## build: compile bin/tpgw (rebuilt when Go files change, relinked when the version stamp does)
 build: bin/tpgw
 
-bin/tpgw: $(GOFILES) go.mod go.sum
+# bin/tpgw carries VERSION and COMMIT (tpgw version, the bench's Machine line):
+# bin/.version changes with them, so a commit or an edit relinks it even when no
+# Go file changed (it used to keep the stamp of the tree it was built from).
+bin/.version: FORCE
+	@mkdir -p bin; v='$(VERSION) $(COMMIT)'; [ "$$(cat $@ 2>/dev/null)" = "$$v" ] || echo "$$v" > $@
+
+bin/tpgw: $(GOFILES) go.mod go.sum bin/.version
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $@ ./cmd/tpgw
 
 ## deps: install the Debian packages the tests and demo need (root)
@@ -78,3 +84,5 @@ router-e2e:
 
 clean:
 	rm -rf bin dist
+
+FORCE:

@@ -580,4 +580,13 @@ func TestUDPRuns(t *testing.T) {
 			t.Errorf("%s: checks = %+v, want one unmet tpgw ≤ 1%% at 1.50%%", u.key, f.Checks)
 		}
 	}
+	// The kernel caps -w at rmem_max: the note gives this host's value.
+	b, err := os.ReadFile("/proc/sys/net/core/rmem_max")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "net.core.rmem_max, a host-wide setting a namespace cannot raise: " + strings.TrimSpace(string(b)) + " bytes here"
+	if !slices.ContainsFunc(methodNotes(Options{}), func(n string) bool { return strings.Contains(n, want) }) {
+		t.Errorf("no method note says %q", want)
+	}
 }

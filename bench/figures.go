@@ -3,6 +3,7 @@ package bench
 import (
 	"fmt"
 	"math"
+	"os"
 	"strings"
 	"time"
 )
@@ -239,7 +240,7 @@ func methodNotes(o Options) []string {
 		"ss-server: utime+stime of the one ss-server process (/proc/PID/stat), per GB over the four TCP runs and in cores (CPU seconds over the iperf3 run's wall time) for the 4-stream download. It is one thread: at 1.0 core the ss rows measure ss-server, and its cost per byte depends on the gateway's side of the connection too (on veths its sends run the gateway kernel's receive of each segment in its own context, and how the sender's congestion control paces them moves that work between its thread and the timer's softirq).",
 		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
 		fmt.Sprintf("Idle connections: K, tpgw and mihomo-tproxy in turn, %d interleaved repetitions like the rest (medians); each time the gateway starts afresh and the upstream listens anew.", o.Reps),
-		"UDP: iperf3 -u -l 1400 at each rate, loss as the server counts it (sequence numbers). The fastest rate runs twice: with iperf3's default socket buffers (the server's holds about 90 such datagrams) and with 4 MiB ones at both ends (-w 4M, which iperf3's server applies as well). Around both of those runs the bench reads the UDP RcvbufErrors of the gateway and upstream namespaces (/proc/net/snmp and snmp6, each namespace's own): datagrams the kernel dropped because a socket's receive buffer was full, at tpgw's listener or at iperf3's server. tpgw also counts the datagrams it dropped itself (mihomo's queues full, or released unsent) and logs the total when it stops, which the bench reads: over the four runs, nearly all at the fastest rate. What is left of a loss happened on the way (veths and qdiscs).",
+		"UDP: iperf3 -u -l 1400 at each rate, loss as the server counts it (sequence numbers). The fastest rate runs twice: with iperf3's default socket buffers (the server's holds about 90 such datagrams) and with 4 MiB ones at both ends (-w 4M, which iperf3's server applies as well; the kernel caps a socket's buffer at net.core.rmem_max, a host-wide setting a namespace cannot raise: " + rmemMax() + " here). Around both of those runs the bench reads the UDP RcvbufErrors of the gateway and upstream namespaces (/proc/net/snmp and snmp6, each namespace's own): datagrams the kernel dropped because a socket's receive buffer was full, at tpgw's listener or at iperf3's server. tpgw also counts the datagrams it dropped itself (mihomo's queues full, or released unsent) and logs the total when it stops, which the bench reads: over the four runs, nearly all at the fastest rate. What is left of a loss happened on the way (veths and qdiscs).",
 		"Short connections: wrk -t2 -c32 -d5s with Connection: close, i.e. one TCP connection per request. Latency: wrk -t1 -c1 -d3s --latency on one keep-alive connection.",
 		"DNS: dnsperf with -c 4 -T 1 -q 500. First one pass (-n 1) over 50000 A names never asked before (each allocates a fake IP, which a persisted pool writes to the journal of cache.db before the answer leaves; passes after the first come round the pool's 65k addresses and reuse them), then -l 5 over 1000 other names, known after their first round (500 queries outstanding: with fewer, a loaded 2-core host measures round-trip latency, not the server): hijacked = from the client to the upstream's address port 53, answered by tpgw; direct = from inside the gateway ns to 127.0.0.1:1053 (netcfg's input guard keeps LAN clients off 1053). Each of those two runs once more with two dnsperf threads (-T 2): on some 2-core hosts one thread is the limit (the gateway then keeps well under a core busy) and two drive the server harder, its reads and writes of up to 32 datagrams each carrying more; on others two threads take the cores the gateway needs and get less. Their targets are checked on the better of the two medians; the cores rows are the one-thread hijacked run's. Cores kept busy: CPU seconds (dnsperf's from its rusage, the gateway's from /proc) over the run's wall time; on veths the kernel work of delivering a datagram runs in the sender's context, so dnsperf's share includes the gateway kernel's receive of each query, and the gateway's the client kernel's receive of each answer.",
 		"Target (measured): a ratio target gives the ratio of the two medians, which decides ✓ or ✗, then (reps a/b/c) the ratio within each repetition, whose setups ran side by side: a target met in some repetitions and missed in others is within the noise of this host; one missed in every repetition is not.",
@@ -270,4 +271,14 @@ func notMeasured() []string {
 		"IPv6 paths, UDP through the shadowsocks path, and ss-redir's UDP relay.",
 		"The kernel memory of socket buffers.",
 	}
+}
+
+// rmemMax returns net.core.rmem_max in bytes as the kernel gives it, which
+// caps iperf3's -w: below 4 MiB the -w run gets less than its name says.
+func rmemMax() string {
+	b, err := os.ReadFile("/proc/sys/net/core/rmem_max")
+	if err != nil {
+		return "unknown (" + err.Error() + ")"
+	}
+	return strings.TrimSpace(string(b)) + " bytes"
 }

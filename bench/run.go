@@ -88,9 +88,9 @@ var TCPKeys = []string{"tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down"}
 
 // udpRuns are the UDP figures: iperf3 -u at fixed rates. The fastest rate
 // runs twice, with iperf3's default socket buffers and with 4 MiB ones at
-// both of its ends (-w, which iperf3's server applies too; the kernel
-// allows it up to net.core.rmem_max, 4 MiB by default on most
-// distributions), each with the receive-buffer drops around it. On a
+// both of its ends (-w, which iperf3's server applies too; the kernel caps
+// it at net.core.rmem_max, which the method note gives), each with the
+// receive-buffer drops around it. On a
 // machine whose cores the receiver shares with the gateway, the default
 // buffer (about 90 datagrams of 1400 B) overflows whenever the server is not
 // run for a few milliseconds; with 4 MiB what is left of a loss is the
@@ -418,12 +418,13 @@ func (r *runner) measureHTTP(g *gateway) {
 
 func (r *runner) measureUDP(g *gateway) {
 	for _, u := range udpRuns {
-		what := fmt.Sprintf("%s UDP %d Mbit/s", g.setup, u.rate)
+		label := fmt.Sprintf("UDP %d Mbit/s", u.rate)
 		args := []string{"-u", "-b", fmt.Sprintf("%dM", u.rate), "-l", "1400"}
 		if u.window != "" {
-			what += " -w " + u.window
+			label += " -w " + u.window
 			args = append(args, "-w", u.window)
 		}
+		what := g.setup + " " + label
 		// Where the losses go: full receive buffers of the gateway's
 		// sockets (tpgw's listener; none with K, which forwards) and of
 		// iperf3's server. The counters are each namespace's, where
@@ -444,7 +445,7 @@ func (r *runner) measureUDP(g *gateway) {
 			continue
 		}
 		r.s.add(u.key, g.setup, res.LostPercent)
-		r.logf("  %s: %.2f%% lost of %d", strings.TrimPrefix(what, g.setup+" "), res.LostPercent, res.Packets)
+		r.logf("  %s: %.2f%% lost of %d", label, res.LostPercent, res.Packets)
 		var counted []string
 		for _, d := range drops {
 			if d.err != nil {
@@ -459,7 +460,7 @@ func (r *runner) measureUDP(g *gateway) {
 			counted = append(counted, fmt.Sprintf("%s %d", d.key, after-d.before))
 		}
 		if len(counted) > 0 {
-			r.logf("  %s: dropped at full receive buffers: %s", strings.TrimPrefix(what, g.setup+" "), strings.Join(counted, ", "))
+			r.logf("  %s: dropped at full receive buffers: %s", label, strings.Join(counted, ", "))
 		}
 	}
 }

@@ -69,7 +69,7 @@ const (
 )
 
 type replySocket struct {
-	conn     *net.UDPConn
+	conn     *tsock.ReplySocket
 	users    int // sends in progress; the socket is closed only at 0
 	lastUsed time.Time
 }
@@ -110,7 +110,7 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 	}
 	// Not cached yet: check whether from is local and make its socket, in one
 	// visit to the server's namespace.
-	var conn *net.UDPConn
+	var conn *tsock.ReplySocket
 	local := check.local
 	err := r.ns.Do(func() (err error) {
 		if !fresh {
@@ -167,23 +167,19 @@ func (r *replySockets) sendBatch(w *tsock.BatchWriter, from netip.AddrPort, pend
 		return errors.Join(errs...)
 	}
 	defer r.put(from, rs)
-	rc, err := rs.conn.SyscallConn()
-	if err != nil {
-		return err
-	}
 	for _, p := range pending {
 		if p.origDst == from {
-			w.Add(p.reply, p.client, nil, from.Addr().Is6())
+			w.Add(p.reply, p.client, nil, rs.conn.V6())
 		}
 	}
-	return w.Flush(rc)
+	return rs.conn.Flush(w)
 }
 
 // adopt caches conn as the socket for from and takes it for one send, or
 // takes the socket another sender cached meanwhile (closing conn). When the
 // cache is full of busy sockets conn is used uncached; put closes it. It
 // returns nil once closed.
-func (r *replySockets) adopt(from netip.AddrPort, conn *net.UDPConn) *replySocket {
+func (r *replySockets) adopt(from netip.AddrPort, conn *tsock.ReplySocket) *replySocket {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -348,8 +344,8 @@ func (r *replySockets) sendOnce(b []byte, client, from netip.AddrPort) error {
 // bind makes the socket in the calling thread's namespace: IP_TRANSPARENT to
 // bind a non-local address, SO_REUSEADDR to share it with other sockets bound
 // there (a one-off reply socket, a relay's UDP session, a local resolver).
-func (r *replySockets) bind(from netip.AddrPort) (*net.UDPConn, error) {
-	conn, err := tsock.ListenReply(from, tsock.ReplyOptions{Plain: !r.transparent})
+func (r *replySockets) bind(from netip.AddrPort) (*tsock.ReplySocket, error) {
+	conn, err := tsock.OpenReply(from, tsock.ReplyOptions{Plain: !r.transparent})
 	if err != nil {
 		return nil, fmt.Errorf("dns: reply socket: %w", err)
 	}

@@ -319,7 +319,7 @@ func (l *UDPListener) reply(client, dst netip.AddrPort, b []byte, from netip.Add
 }
 
 // openReplySocket opens a socket whose datagrams come from from, an address
-// of some remote host, in the listener's namespace (tsock.ListenReply):
+// of some remote host, in the listener's namespace (tsock.OpenReply):
 // IP_TRANSPARENT allows binding it (and sending from it); SO_REUSEADDR lets
 // every client's session bind the same from address.
 //
@@ -328,9 +328,9 @@ func (l *UDPListener) reply(client, dst netip.AddrPort, b []byte, from netip.Add
 // sockets matches for the client's next datagram to from, which would then
 // land in the reply socket instead of the listener.
 func (l *UDPListener) openReplySocket(from netip.AddrPort) (replySocket, error) {
-	var conn *net.UDPConn
+	var conn *tsock.ReplySocket
 	err := l.home.Do(func() (err error) {
-		conn, err = tsock.ListenReply(from, tsock.ReplyOptions{RcvBuf: replyBufferSize})
+		conn, err = tsock.OpenReply(from, tsock.ReplyOptions{RcvBuf: replyBufferSize})
 		return err
 	})
 	if err != nil {

@@ -7,7 +7,8 @@ import (
 	"time"
 )
 
-// replySocket is what a session needs from its socket; *net.UDPConn has it.
+// replySocket is what a session needs from its socket: *tsock.ReplySocket
+// (a fake in tests).
 type replySocket interface {
 	WriteToUDPAddrPort(b []byte, addr netip.AddrPort) (int, error)
 	Close() error

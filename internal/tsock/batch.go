@@ -193,26 +193,15 @@ func (w *BatchWriter) Add(b []byte, dst netip.AddrPort, oob []byte, v6 bool) boo
 		return false
 	}
 	i := w.n
-	sa := &w.names[i]
-	var namelen uint32
-	if v6 {
-		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: dst.Addr().As16(), Scope_id: ZoneID(dst.Addr())}
-		putPort(&sa.Port, dst.Port())
-		namelen = unix.SizeofSockaddrInet6
-	} else {
-		if !dst.Addr().Unmap().Is4() {
-			return false
-		}
-		sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
-		*sa4 = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: dst.Addr().Unmap().As4()}
-		putPort(&sa4.Port, dst.Port())
-		namelen = unix.SizeofSockaddrInet4
+	namelen, ok := putSockaddr(&w.names[i], dst, v6)
+	if !ok {
+		return false
 	}
 	w.iovs[i].Base = &b[0]
 	w.iovs[i].SetLen(len(b))
 	w.oobs[i] = append(w.oobs[i][:0], oob...)
 	h := &w.hdrs[i].hdr
-	*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(sa)), Namelen: namelen, Iov: &w.iovs[i]}
+	*h = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&w.names[i])), Namelen: namelen, Iov: &w.iovs[i]}
 	h.SetIovlen(1)
 	if len(oob) > 0 {
 		h.Control = &w.oobs[i][0]
@@ -220,6 +209,24 @@ func (w *BatchWriter) Add(b []byte, dst netip.AddrPort, oob []byte, v6 bool) boo
 	}
 	w.n++
 	return true
+}
+
+// putSockaddr writes dst into sa as a sockaddr_in6 (v6: the socket is
+// AF_INET6, where IPv4 destinations are written v4-mapped) or a sockaddr_in,
+// and returns its length; false when dst is IPv6 and the socket is not.
+func putSockaddr(sa *unix.RawSockaddrInet6, dst netip.AddrPort, v6 bool) (uint32, bool) {
+	if v6 {
+		*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: dst.Addr().As16(), Scope_id: ZoneID(dst.Addr())}
+		putPort(&sa.Port, dst.Port())
+		return unix.SizeofSockaddrInet6, true
+	}
+	if !dst.Addr().Unmap().Is4() {
+		return 0, false
+	}
+	sa4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(sa))
+	*sa4 = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: dst.Addr().Unmap().As4()}
+	putPort(&sa4.Port, dst.Port())
+	return unix.SizeofSockaddrInet4, true
 }
 
 // putPort writes a port in network byte order into a sockaddr's port field.
@@ -237,14 +244,19 @@ func (w *BatchWriter) Flush(rc syscall.RawConn) error {
 	}
 	w.off, w.err = 0, nil
 	err := rc.Write(w.write)
-	for i := range w.n {
-		w.iovs[i].Base = nil // do not keep the callers' buffers alive
-	}
-	w.n = 0
+	w.clear()
 	if err != nil {
 		return err
 	}
 	return w.err
+}
+
+// clear empties the batch, dropping its references to the callers' buffers.
+func (w *BatchWriter) clear() {
+	for i := range w.n {
+		w.iovs[i].Base = nil
+	}
+	w.n = 0
 }
 
 func (w *BatchWriter) sendmmsg(fd uintptr) bool {

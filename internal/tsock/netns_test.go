@@ -89,16 +89,16 @@ func TestNetnsOtherNamespace(t *testing.T) {
 
 	// Transparent reply socket bound to a remote address, in there.
 	from := netip.MustParseAddrPort("192.0.2.1:53")
-	var conn *net.UDPConn
+	var conn *ReplySocket
 	if err := r.home.Do(func() (err error) {
-		conn, err = ListenReply(from, ReplyOptions{RcvBuf: 4096})
+		conn, err = OpenReply(from, ReplyOptions{RcvBuf: 4096})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	if got := conn.LocalAddr().(*net.UDPAddr).AddrPort(); got != from {
-		t.Fatalf("reply socket bound to %v, want %v", got, from)
+	if got, err := conn.LocalAddr(); got != from {
+		t.Fatalf("reply socket bound to %v (%v), want %v", got, err, from)
 	}
 	if threadNetnsIno(t) != outside {
 		t.Fatal("the test's thread changed namespace")

@@ -541,17 +541,18 @@ func TestBenchToolsInstalled(t *testing.T) {
 }
 
 // TestUDPRuns: every UDP run has its rows, the fastest rate runs with
-// iperf3's default buffers and with 4 MiB ones, and each loss row carries
-// the ≤ 1% target.
+// iperf3's default buffers and with 4 MiB ones, uploading and once
+// downloading (with 4 MiB buffers and the gateway's CPU), and each loss row
+// carries the ≤ 1% target.
 func TestUDPRuns(t *testing.T) {
 	rows := map[string]bool{}
 	for _, d := range figureDefs {
 		rows[d.key] = true
 	}
 	s := samples{}
-	var fastest, windowed int
+	var fastest, windowed, reverse int
 	for _, u := range udpRuns {
-		for _, key := range append([]string{u.key}, u.drops[:]...) {
+		for _, key := range append([]string{u.key, u.cpu}, u.drops[:]...) {
 			if key != "" && !rows[key] {
 				t.Errorf("UDP run %+v: no row %q", u, key)
 			}
@@ -560,6 +561,15 @@ func TestUDPRuns(t *testing.T) {
 			fastest++
 			if u.window != "" {
 				windowed++
+				if u.cpu == "" {
+					t.Errorf("UDP run %+v with 4 MiB buffers measures no gateway CPU", u)
+				}
+			}
+			if u.reverse {
+				reverse++
+				if u.window == "" {
+					t.Errorf("the download %+v runs with iperf3's default buffers", u)
+				}
 			}
 			if u.drops[0] == "" {
 				t.Errorf("UDP run %+v at the fastest rate counts no receive-buffer drops", u)
@@ -569,8 +579,8 @@ func TestUDPRuns(t *testing.T) {
 		s.add(u.key, SetupTPGW, 1.5)
 		s.add(u.key, SetupTPGW, 3)
 	}
-	if fastest != 2 || windowed != 1 {
-		t.Errorf("the fastest rate runs %d times, %d with -w; want twice, once with -w", fastest, windowed)
+	if fastest != 3 || windowed != 2 || reverse != 1 {
+		t.Errorf("the fastest rate runs %d times, %d with -w, %d with -R; want 3, 2 and 1", fastest, windowed, reverse)
 	}
 	rep := &Report{Reps: 3}
 	buildFigures(rep, s, 100, 3)

@@ -21,9 +21,10 @@
 // control is pinned (Options.CC, reno by default in tpgw-bench) so that a
 // host whose default paces every sender (BBR) gives figures comparable with
 // one whose default does not; TestNamespacesTakeCC checks, in namespaces it
-// makes, that a TCP socket made after the setting takes it. Around both
-// runs of the fastest UDP rate (iperf3's default buffers, then -w 4M) the
-// bench reads each namespace's UDP receive-buffer drops
+// makes, that a TCP socket made after the setting takes it. Around the
+// runs of the fastest UDP rate (iperf3's default buffers, then -w 4M, then
+// -R -w 4M, the download) the bench reads each namespace's UDP
+// receive-buffer drops
 // (TestUDPRcvbufErrorsCounted drops datagrams at a full buffer and finds
 // them counted), and after tpgw's UDP runs the count of datagrams it dropped
 // itself, from its log at its stop (ParseUDPDropsLog, which also gives the

@@ -87,30 +87,39 @@ var tcpCases = []struct {
 var TCPKeys = []string{"tcp1_up", "tcp1_down", "tcp4_up", "tcp4_down"}
 
 // udpRuns are the UDP figures: iperf3 -u at fixed rates. The fastest rate
-// runs twice, with iperf3's default socket buffers and with 4 MiB ones at
-// both of its ends (-w, which iperf3's server applies too; the kernel caps
-// it at net.core.rmem_max, which the method note gives), each with the
-// receive-buffer drops around it. On a
-// machine whose cores the receiver shares with the gateway, the default
-// buffer (about 90 datagrams of 1400 B) overflows whenever the server is not
-// run for a few milliseconds; with 4 MiB what is left of a loss is the
-// path's.
+// runs three times: uploading with iperf3's default socket buffers, and
+// uploading and downloading (-R) with 4 MiB ones at both of its ends (-w,
+// which iperf3's server applies too; the kernel caps it at
+// net.core.rmem_max, which the method note gives), each with the
+// receive-buffer drops around it. On a machine whose cores the receiver
+// shares with the gateway, the default buffer (about 90 datagrams of 1400
+// B) overflows whenever the receiver is not run for a few milliseconds;
+// with 4 MiB what is left of a loss is the path's. The download's
+// datagrams leave tpgw through its reply sockets (the original
+// destination's address as their source), the upload's through mihomo's
+// outbound socket; the runs with 4 MiB buffers also give the gateway
+// process's CPU per GB of each direction.
 var udpRuns = []udpRun{
 	{key: "udp_loss_50", rate: 50},
 	{key: "udp_loss_100", rate: 100},
 	{key: "udp_loss_300", rate: 300, drops: [2]string{"udp_drop_gateway", "udp_drop_server"}},
-	{key: "udp_loss_300_buf", rate: 300, window: "4M", drops: [2]string{"udp_drop_gateway_buf", "udp_drop_server_buf"}},
+	{key: "udp_loss_300_buf", rate: 300, window: "4M", drops: [2]string{"udp_drop_gateway_buf", "udp_drop_server_buf"}, cpu: "udp_cpu_up"},
+	{key: "udp_loss_300_down", rate: 300, window: "4M", reverse: true, drops: [2]string{"udp_drop_gateway_down", "udp_drop_client_down"}, cpu: "udp_cpu_down"},
 }
 
 // udpRun is one iperf3 -u run: its figure, rate (Mbit/s offered), socket
-// buffer (-w; "" for iperf3's default) and, if counted, the figures of the
-// datagrams dropped at full receive buffers of the gateway namespace and
-// of iperf3's server during it.
+// buffer (-w; "" for iperf3's default), direction (reverse: -R, the
+// upstream sends), if counted the figures of the datagrams dropped at full
+// receive buffers of the gateway namespace and of iperf3's receiving end
+// during it, and if measured the figure of the gateway process's CPU per
+// GB.
 type udpRun struct {
-	key    string
-	rate   int
-	window string
-	drops  [2]string
+	key     string
+	rate    int
+	window  string
+	reverse bool
+	drops   [2]string
+	cpu     string
 }
 
 // benchTools are the programs a run uses, each with the part that needs it
@@ -420,32 +429,47 @@ func (r *runner) measureUDP(g *gateway) {
 	for _, u := range udpRuns {
 		label := fmt.Sprintf("UDP %d Mbit/s", u.rate)
 		args := []string{"-u", "-b", fmt.Sprintf("%dM", u.rate), "-l", "1400"}
+		receiver := r.tp.Upstream
+		if u.reverse {
+			label += " -R"
+			args = append(args, "-R")
+			receiver = r.tp.Client
+		}
 		if u.window != "" {
 			label += " -w " + u.window
 			args = append(args, "-w", u.window)
 		}
 		what := g.setup + " " + label
 		// Where the losses go: full receive buffers of the gateway's
-		// sockets (tpgw's listener; none with K, which forwards) and of
-		// iperf3's server. The counters are each namespace's, where
-		// nothing else receives UDP meanwhile.
+		// sockets (tpgw's listener or outbound sockets; none with K, which
+		// forwards) and of iperf3's receiving end. The counters are each
+		// namespace's, where nothing else receives UDP meanwhile.
 		var drops []*udpDrops
 		if u.drops[0] != "" {
-			drops = []*udpDrops{{key: u.drops[0], ns: r.tp.Gateway}, {key: u.drops[1], ns: r.tp.Upstream}}
+			drops = []*udpDrops{{key: u.drops[0], ns: r.tp.Gateway}, {key: u.drops[1], ns: receiver}}
 		}
 		for _, d := range drops {
 			if d.before, d.err = udpRcvbufErrors(d.ns); d.err != nil {
 				r.fail(what, d.err)
 			}
 		}
+		cpuBefore := g.cpu()
 		res, err := r.iperf(args...)
+		cpu := g.cpu() - cpuBefore
 		if err != nil {
 			r.fail(what, err)
 			r.s.add(u.key, g.setup, math.NaN())
 			continue
 		}
 		r.s.add(u.key, g.setup, res.LostPercent)
-		r.logf("  %s: %.2f%% lost of %d", label, res.LostPercent, res.Packets)
+		line := fmt.Sprintf("  %s: %.2f%% lost of %d", label, res.LostPercent, res.Packets)
+		if u.cpu != "" {
+			r.s.add(u.cpu, g.setup, CPUPerGB(cpu, res.Bytes))
+			if !math.IsNaN(cpu) {
+				line += fmt.Sprintf(", gateway cpu %.2fs", cpu)
+			}
+		}
+		r.logf("%s", line)
 		var counted []string
 		for _, d := range drops {
 			if d.err != nil {

@@ -259,14 +259,33 @@ func (w *BatchWriter) clear() {
 	w.n = 0
 }
 
-func (w *BatchWriter) sendmmsg(fd uintptr) bool {
+func (w *BatchWriter) sendmmsg(fd uintptr) bool { return w.send(fd, false) }
+
+// send sends what is left of the batch. Without wait it is a raw system
+// call with MSG_DONTWAIT (see doc.go, "Raw system calls") and returns false
+// while the socket's send buffer is full. With wait (ReplySocket, a blocking
+// socket) the call waits for room, accounted by the runtime as a system call
+// that may block, up to the socket's SO_SNDTIMEO; when that passes, the rest
+// is dropped with EAGAIN.
+func (w *BatchWriter) send(fd uintptr, wait bool) bool {
 	for w.off < w.n {
-		// A raw system call (see doc.go, "Raw system calls"): MSG_DONTWAIT.
-		n, _, errno := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off),
-			unix.MSG_DONTWAIT, 0, 0)
+		var n uintptr
+		var errno unix.Errno
+		if wait {
+			n, _, errno = unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off), 0, 0, 0)
+		} else {
+			n, _, errno = unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off),
+				unix.MSG_DONTWAIT, 0, 0)
+		}
 		switch {
 		case errno == unix.EAGAIN || errno == unix.EWOULDBLOCK:
-			return false // wait until writable
+			if !wait {
+				return false // wait until writable
+			}
+			if w.err == nil {
+				w.err = errno
+			}
+			return true
 		case errno == unix.EINTR:
 		case errno != 0:
 			// The datagram at off was refused (say, EPERM from a firewall

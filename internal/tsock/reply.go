@@ -168,35 +168,11 @@ func (s *ReplySocket) Flush(w *BatchWriter) error {
 		return net.ErrClosed
 	}
 	w.off, w.err = 0, nil
-	if !w.sendmmsg(uintptr(s.fd)) {
-		w.sendmmsgWait(s.fd)
+	if !w.send(uintptr(s.fd), false) {
+		w.send(uintptr(s.fd), true)
 	}
 	w.clear()
 	return w.err
-}
-
-// sendmmsgWait sends what is left of w with blocking sendmmsg calls, which
-// the runtime accounts as system calls that may block.
-func (w *BatchWriter) sendmmsgWait(fd int) {
-	for w.off < w.n {
-		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&w.hdrs[w.off])), uintptr(w.n-w.off), 0, 0, 0)
-		switch {
-		case errno == unix.EINTR:
-		case errno == unix.EAGAIN || errno == unix.EWOULDBLOCK:
-			// sendTimeout passed: drop the rest.
-			if w.err == nil {
-				w.err = errno
-			}
-			return
-		case errno != 0:
-			if w.err == nil {
-				w.err = errno
-			}
-			w.off++
-		default:
-			w.off += int(n)
-		}
-	}
 }
 
 // Close closes the socket, once the sends in progress are done; later ones

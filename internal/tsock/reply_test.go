@@ -58,12 +58,7 @@ func pollerFds(t *testing.T) map[int]bool {
 // wake the poller's thread for room in its send buffer after every
 // datagram, which nothing waits for (doc.go, "Sockets that only send").
 func TestReplySocket(t *testing.T) {
-	rcv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rcv.Close()
-	to := rcv.LocalAddr().(*net.UDPAddr).AddrPort()
+	rcv, to := loopbackReceiver(t)
 
 	rs, err := OpenReply(netip.MustParseAddrPort("127.0.0.1:0"), ReplyOptions{Plain: true, RcvBuf: 4096})
 	if err != nil {
@@ -133,12 +128,7 @@ func TestReplySocket(t *testing.T) {
 // under one (which could then write to a socket opened later with the same
 // number); sends that start after it fail cleanly.
 func TestReplySocketCloseDuringSends(t *testing.T) {
-	rcv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rcv.Close()
-	to := rcv.LocalAddr().(*net.UDPAddr).AddrPort()
+	_, to := loopbackReceiver(t)
 	rs, err := OpenReply(netip.MustParseAddrPort("127.0.0.1:0"), ReplyOptions{Plain: true})
 	if err != nil {
 		t.Fatal(err)
@@ -168,6 +158,18 @@ func TestReplySocketCloseDuringSends(t *testing.T) {
 	for err := range errs {
 		t.Errorf("send: %v", err)
 	}
+}
+
+// loopbackReceiver is a UDP socket on 127.0.0.1 that the test closes at its
+// end, and its address.
+func loopbackReceiver(t *testing.T) (*net.UDPConn, netip.AddrPort) {
+	t.Helper()
+	rcv, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rcv.Close() })
+	return rcv, rcv.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
 // netFD is the descriptor of a net.UDPConn.

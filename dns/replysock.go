@@ -304,38 +304,16 @@ func (r *replySockets) sendLocal(b []byte, client, from netip.AddrPort) error {
 }
 
 // sendOnce sends b to client from a socket bound to from for this one
-// datagram, in the calling thread's namespace. Plain syscalls: the runtime's
-// poller has no use for a socket that lives for one send, and skipping it
-// halves the cost.
+// datagram, in the calling thread's namespace. A reply socket stays out of
+// the runtime's poller (tsock.OpenReply), which a socket that lives for one
+// send has no use for.
 func (r *replySockets) sendOnce(b []byte, client, from netip.AddrPort) error {
-	var family int
-	var src, dst unix.Sockaddr
-	if from.Addr().Is4() {
-		family = unix.AF_INET
-		src = &unix.SockaddrInet4{Addr: from.Addr().As4(), Port: int(from.Port())}
-		dst = &unix.SockaddrInet4{Addr: client.Addr().Unmap().As4(), Port: int(client.Port())}
-	} else {
-		family = unix.AF_INET6
-		src = &unix.SockaddrInet6{Addr: from.Addr().As16(), Port: int(from.Port()), ZoneId: tsock.ZoneID(from.Addr())}
-		dst = &unix.SockaddrInet6{Addr: client.Addr().As16(), Port: int(client.Port()), ZoneId: tsock.ZoneID(client.Addr())}
-	}
-	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	conn, err := r.bind(from)
 	if err != nil {
-		return fmt.Errorf("dns: reply socket %v: %w", from, err)
+		return err
 	}
-	defer unix.Close(fd)
-	if r.transparent {
-		if err := tsock.SetTransparent(fd); err != nil {
-			return fmt.Errorf("dns: reply socket %v: %w", from, err)
-		}
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		return fmt.Errorf("dns: reply socket %v: set SO_REUSEADDR: %w", from, err)
-	}
-	if err := unix.Bind(fd, src); err != nil {
-		return fmt.Errorf("dns: reply socket: bind %v: %w", from, err)
-	}
-	if err := unix.Sendto(fd, b, 0, dst); err != nil {
+	defer conn.Close()
+	if _, err := conn.WriteToUDPAddrPort(b, client); err != nil {
 		return fmt.Errorf("dns: reply from %v to %v: %w", from, client, err)
 	}
 	return nil

@@ -193,13 +193,7 @@ func (s *ReplySocket) Close() error {
 // (or for any with net.ipv4.ip_nonlocal_bind=1); EADDRNOTAVAIL says a is not
 // one. Port 0 never conflicts with a bound socket.
 func TryBind(a netip.Addr) error {
-	var family int
-	var sa unix.Sockaddr
-	if a.Is4() {
-		family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: a.As4()}
-	} else {
-		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: a.As16(), ZoneId: ZoneID(a)}
-	}
+	family, sa := sockaddr(netip.AddrPortFrom(a, 0))
 	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err

@@ -600,3 +600,36 @@ func TestUDPRuns(t *testing.T) {
 		t.Errorf("no method note says %q", want)
 	}
 }
+
+// TestRepOrderKeepsPairsAdjacent: every setup runs once a repetition, the
+// setups a target compares run next to each other in every repetition, and
+// each of a pair runs first in one repetition and second in the next.
+func TestRepOrderKeepsPairsAdjacent(t *testing.T) {
+	if got, want := slices.Sorted(slices.Values(measureOrder)), slices.Sorted(slices.Values(Setups)); !slices.Equal(got, want) {
+		t.Fatalf("measureOrder %v is not a permutation of Setups %v", measureOrder, Setups)
+	}
+	check := func(order []string, pairs [][2]string) {
+		t.Helper()
+		for _, p := range pairs {
+			var firsts []string
+			for rep := range 4 {
+				o := repOrder(order, rep)
+				i, j := slices.Index(o, p[0]), slices.Index(o, p[1])
+				if i < 0 || j < 0 || (i-j != 1 && j-i != 1) {
+					t.Errorf("repetition %d: %s and %s not adjacent in %v", rep+1, p[0], p[1], o)
+					continue
+				}
+				firsts = append(firsts, o[min(i, j)])
+			}
+			if len(firsts) == 4 && (firsts[0] == firsts[1] || firsts[0] != firsts[2] || firsts[1] != firsts[3]) {
+				t.Errorf("%s and %s: the first of the two by repetition was %v, want them in turn", p[0], p[1], firsts)
+			}
+		}
+	}
+	check(measureOrder, comparedPairs)
+	check(idleOrder, [][2]string{{SetupTPGW, SetupK}, {SetupTPGW, SetupMihomo}})
+	// repOrder must not reverse its argument in place.
+	if o := repOrder(measureOrder, 1); o[0] != measureOrder[len(measureOrder)-1] || measureOrder[0] != SetupMihomo {
+		t.Errorf("repOrder(measureOrder, 1) = %v, measureOrder now %v", o, measureOrder)
+	}
+}

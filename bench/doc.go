@@ -14,8 +14,9 @@
 //	ss-redir       shadowsocks-libev ss-redir -T (TPROXY) to the same ss-server
 //	tpgw dns-bypass  bin/tpgw run with tpgw.dns-bypass: a DIRECT-by-domain flow the kernel forwards
 //
-// Each repetition starts every setup in turn (the order rotates between
-// repetitions), runs the figures that apply to it and stops it; the report
+// Each repetition starts every setup in turn (measureOrder, reversed in
+// every second repetition, so that the setups a target compares run next
+// to each other), runs the figures that apply to it and stops it; the report
 // gives the median of the repetitions. Gateway CPU is utime+stime of the
 // gateway process from /proc/PID/stat. Every namespace's TCP congestion
 // control is pinned (Options.CC, reno by default in tpgw-bench) so that a

@@ -207,6 +207,37 @@ func Run(opts Options) (*Report, error) {
 	return rep, err
 }
 
+// measureOrder is the order of the setups in a repetition. Each pair a
+// target compares (comparedPairs) runs next to each other: the host's speed
+// drifts over minutes (K moved from 45-50 to 40-45 Gbit/s between two
+// repetitions of one run), and with the order rotated, as before, K ran
+// first and dns-bypass last, four minutes later, in a repetition where
+// dns-bypass's ratios to K were then its lowest, in two runs in a row.
+var measureOrder = []string{SetupMihomo, SetupTPGW, SetupK, SetupBypass, SetupKCT, SetupSSRedir, SetupTPGWSS}
+
+// idleOrder is measureOrder for the idle-connection figures.
+var idleOrder = []string{SetupMihomo, SetupTPGW, SetupK}
+
+// comparedPairs are the setups the targets and notes compare within a
+// repetition (buildFigures' ratios, conntrackNote); measureOrder keeps each
+// pair adjacent (TestRepOrderKeepsPairsAdjacent).
+var comparedPairs = [][2]string{
+	{SetupTPGW, SetupK}, {SetupBypass, SetupK}, {SetupTPGWSS, SetupSSRedir},
+	{SetupTPGW, SetupMihomo}, {SetupBypass, SetupKCT},
+}
+
+// repOrder is order for repetition rep: as given in the even repetitions,
+// reversed in the odd ones, so that neighbours stay neighbours and each of
+// a pair runs first in turn (a rotation would part the pair that straddles
+// the list's end).
+func repOrder(order []string, rep int) []string {
+	o := slices.Clone(order)
+	if rep%2 == 1 {
+		slices.Reverse(o)
+	}
+	return o
+}
+
 func (r *runner) logf(format string, a ...any) {
 	fmt.Fprintf(r.log, "%s  "+format+"\n", append([]any{time.Now().Format("15:04:05")}, a...)...)
 }
@@ -227,20 +258,15 @@ func (r *runner) run() {
 	r.idle = r.startIdleServer()
 
 	for rep := 0; rep < r.opts.Reps && r.opts.perSetup(); rep++ {
-		// Rotate the order so that no setup always runs first or last.
-		n := len(Setups)
-		for i := range n {
-			setup := Setups[(i+rep)%n]
+		for _, setup := range repOrder(measureOrder, rep) {
 			r.logf("repetition %d/%d: %s", rep+1, r.opts.Reps, setup)
 			r.measureSetup(setup)
 		}
 	}
 	// The idle figures are interleaved too: K's bulk upload beside the idle
 	// connections moved by a third between runs when it was measured once.
-	idleSetups := []string{SetupK, SetupTPGW, SetupMihomo}
 	for rep := 0; rep < r.opts.Reps && r.opts.part("idle"); rep++ {
-		for i := range idleSetups {
-			setup := idleSetups[(i+rep)%len(idleSetups)]
+		for _, setup := range repOrder(idleOrder, rep) {
 			r.logf("%d idle connections, repetition %d/%d: %s", r.opts.IdleConns, rep+1, r.opts.Reps, setup)
 			r.measureIdle(setup)
 		}

@@ -208,7 +208,8 @@ func Run(opts Options) (*Report, error) {
 }
 
 // measureOrder is the order of the setups in a repetition. Each pair a
-// target compares (comparedPairs) runs next to each other: the host's speed
+// target or note compares (buildFigures' ratios, conntrackNote; listed in
+// TestRepOrderKeepsPairsAdjacent) runs next to each other: the host's speed
 // drifts over minutes (K moved from 45-50 to 40-45 Gbit/s between two
 // repetitions of one run), and with the order rotated, as before, K ran
 // first and dns-bypass last, four minutes later, in a repetition where
@@ -217,14 +218,6 @@ var measureOrder = []string{SetupMihomo, SetupTPGW, SetupK, SetupBypass, SetupKC
 
 // idleOrder is measureOrder for the idle-connection figures.
 var idleOrder = []string{SetupMihomo, SetupTPGW, SetupK}
-
-// comparedPairs are the setups the targets and notes compare within a
-// repetition (buildFigures' ratios, conntrackNote); measureOrder keeps each
-// pair adjacent (TestRepOrderKeepsPairsAdjacent).
-var comparedPairs = [][2]string{
-	{SetupTPGW, SetupK}, {SetupBypass, SetupK}, {SetupTPGWSS, SetupSSRedir},
-	{SetupTPGW, SetupMihomo}, {SetupBypass, SetupKCT},
-}
 
 // repOrder is order for repetition rep: as given in the even repetitions,
 // reversed in the odd ones, so that neighbours stay neighbours and each of

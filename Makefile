@@ -61,10 +61,12 @@ bench: build
 	$(GO) build -trimpath -o bin/mihomo-tproxy ./bench/cmd/mihomo-tproxy
 	$(GO) run ./bench/cmd/tpgw-bench -bin $(CURDIR)/bin/tpgw -helper $(CURDIR)/bin/mihomo-tproxy -out $(CURDIR)/docs
 
-## lint: gofmt and go vet
+## lint: gofmt, go vet and staticcheck (fetched through the Go module proxy at STATICCHECK's version)
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 lint:
 	@out=$$(gofmt -l $(GOFILES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
 
 ## rules: print the plan for config.example.yaml (no root needed)
 rules: build

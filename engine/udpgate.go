@@ -55,7 +55,7 @@ type senderGate struct {
 	stalled  atomic.Bool   // a wait timed out; no other until the next read
 	waiters  atomic.Int32
 	wake     chan struct{} // a read while waiters > 0
-	_padding [64]byte      // keeps two gates' counters off one cache line
+	_        [64]byte      // keeps two gates' counters off one cache line
 }
 
 func newSenderGates() []senderGate {

@@ -55,7 +55,7 @@ fuzz:
 demo: deps build
 	$(GO) run ./cmd/tpgw-demo -bin $(CURDIR)/bin/tpgw -c $(CURDIR)/config.example.yaml $(DEMO_FLAGS)
 
-## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~13 min); writes docs/bench.{md,json,svg}
+## bench: compare tpgw with kernel forwarding, mihomo's own tproxy and ss-redir in throwaway namespaces (root, ~15 min); writes docs/bench.{md,json,svg}
 bench: build
 	./scripts/install-deps.sh bench
 	$(GO) build -trimpath -o bin/mihomo-tproxy ./bench/cmd/mihomo-tproxy

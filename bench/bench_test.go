@@ -56,20 +56,35 @@ func TestParseStatCPU(t *testing.T) {
 	}
 }
 
-func TestParseHostBusy(t *testing.T) {
+func TestParseHostCPU(t *testing.T) {
 	// user nice system idle iowait irq softirq steal guest guest_nice
 	stat := "cpu  100 5 40 9000 30 2 8 700 0 0\ncpu0 50 0 20 4500 15 1 4 350 0 0\nintr 1 2 3\n"
-	got, err := parseHostBusy(stat)
-	if err != nil || got != 155 {
-		t.Fatalf("parseHostBusy = %d, %v; want 155 (idle, iowait and steal left out)", got, err)
+	busy, steal, err := parseHostCPU(stat)
+	if err != nil || busy != 155 || steal != 700 {
+		t.Fatalf("parseHostCPU = %d, %d, %v; want 155 (idle, iowait and steal left out), 700", busy, steal, err)
 	}
-	for _, bad := range []string{"cpu0 1 2 3 4 5 6 7\n", "cpu  1 2 3\n", "cpu  1 x 3 4 5 6 7\n"} {
-		if _, err := parseHostBusy(bad); err == nil {
-			t.Errorf("parseHostBusy(%q): want an error", bad)
+	// A kernel that does not count steal has 7 fields.
+	if busy, steal, err := parseHostCPU("cpu  100 5 40 9000 30 2 8\n"); err != nil || busy != 155 || steal != 0 {
+		t.Errorf("parseHostCPU without steal = %d, %d, %v; want 155, 0", busy, steal, err)
+	}
+	for _, bad := range []string{"cpu0 1 2 3 4 5 6 7\n", "cpu  1 2 3\n", "cpu  1 x 3 4 5 6 7\n", "cpu  1 2 3 4 5 6 7 x\n"} {
+		if _, _, err := parseHostCPU(bad); err == nil {
+			t.Errorf("parseHostCPU(%q): want an error", bad)
 		}
 	}
-	if v, err := HostBusySeconds(); err != nil || v <= 0 {
-		t.Errorf("HostBusySeconds() = %v, %v; want a positive time", v, err)
+	if busy, steal, err := HostCPUSeconds(); err != nil || busy <= 0 || steal < 0 {
+		t.Errorf("HostCPUSeconds() = %v, %v, %v; want a positive busy time", busy, steal, err)
+	}
+}
+
+func TestStealShare(t *testing.T) {
+	if got := stealShare(2, 10, 2); got != 10 {
+		t.Errorf("stealShare(2 s of 10 s on 2 cores) = %v, want 10 (%%)", got)
+	}
+	for _, c := range []struct{ steal, wall float64 }{{1, 0}, {math.NaN(), 10}} {
+		if got := stealShare(c.steal, c.wall, 2); !math.IsNaN(got) {
+			t.Errorf("stealShare(%v, %v, 2) = %v, want NaN", c.steal, c.wall, got)
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"runtime"
 	"strings"
 	"time"
 )
@@ -17,6 +18,7 @@ var figureDefs = []struct{ key, name, unit string }{
 	{"cpu_per_gb", "Gateway process CPU per GB (the 4 TCP runs)", "CPU s/GB"},
 	{"host_cpu_per_gb", "Whole-machine CPU per GB, same runs (iperf3 and servers included)", "CPU s/GB"},
 	{"host_cpu_added", "Whole-machine CPU per GB over K's", "CPU s/GB"},
+	{"host_steal", "Hypervisor steal, same runs: the share of the cores' time the host gave to other work while this guest's CPUs wanted to run", "%"},
 	{"ss_server_cpu_per_gb", "ss-server CPU per GB, same runs (the proxy server both ss setups share)", "CPU s/GB"},
 	{"ss_server_cores", "Cores ss-server kept busy in the 4-stream download", "cores"},
 	{"conn_rate", "Short connections (wrk -c32, Connection: close)", "req/s"},
@@ -242,6 +244,7 @@ func methodNotes(o Options) []string {
 		"tpgw dns-bypass runs tpgw with tpgw.dns-bypass and the rules DOMAIN-SUFFIX,bench.test,DIRECT and MATCH,ss. Before its runs the client resolves iperf.bench.test through the hijacked DNS (dnsmasq in the upstream ns answers 203.0.113.2) and gets the real address, which tpgw puts in its kernel set; iperf3 then connects to that address, and the kernel forwards the flow past the TPROXY rules (the tpgw process uses no CPU for it). Each packet still goes through conntrack (the label that keeps a bypassed connection in the kernel lives there) and the first rule of tpgw's prerouting chain, which K does not pay and K+ct pays but for the rule.",
 		"CPU per GB: utime+stime of the gateway process (/proc/PID/stat) over the four TCP runs divided by the payload moved (omitted seconds included). K's forwarding happens in softirq and is not attributable to a process (n/a).",
 		"Whole-machine CPU per GB: busy time of all CPUs (/proc/stat: user, nice, system, irq, softirq; not idle, iowait or steal) over the same runs, divided by the same payload. It counts what the process figure cannot: softirq work (K's forwarding, the TCP receive path that runs in the sender's context) and the client and server, which cost the same per GB in every setup; the row below subtracts K's, leaving what the gateway path costs beyond forwarding. Other work on the machine adds to both.",
+		"Hypervisor steal: the steal field of /proc/stat over the same runs, as a share of the time all " + fmt.Sprint(runtime.NumCPU()) + " cores had (wall time × cores). It is time this guest's CPUs had work to run and the host ran something else on them: a share of s% leaves the bench about (100-s)% of the cores it sees, and a share that moves between setups or repetitions moves their throughput with it. 0 where the kernel does not count steal (no hypervisor, or one that does not report it).",
 		"ss-server: utime+stime of the one ss-server process (/proc/PID/stat), per GB over the four TCP runs and in cores (CPU seconds over the iperf3 run's wall time) for the 4-stream download. It is one thread: at 1.0 core the ss rows measure ss-server, and its cost per byte depends on the gateway's side of the connection too (on veths its sends run the gateway kernel's receive of each segment in its own context, and how the sender's congestion control paces them moves that work between its thread and the timer's softirq).",
 		"Memory per idle connection follows issue 5: (VmRSS + estimated kernel memory of the process's pipes) / connections relayed. The idle connections wait in the upstream's accept queue (never accepted), so only the gateway holds descriptors for them; the gateway inherits RLIMIT_NOFILE " + fmt.Sprint(nofileLimit()) + " from the bench. Pipe memory is estimated from each pipe's capacity (F_GETPIPE_SZ: 40 B per slot) plus 1.5 KiB of inode/file structures; empty pipes hold no data pages. Socket buffers of the relayed sockets are not counted (K has them too).",
 		fmt.Sprintf("Idle connections: %s in turn (reversed in every second repetition), %d interleaved repetitions like the rest (medians); each time the gateway starts afresh and the upstream listens anew.", strings.Join(idleOrder, ", "), o.Reps),

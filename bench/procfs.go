@@ -52,25 +52,28 @@ func parseStatCPU(stat string) (utime, stime uint64, err error) {
 	return utime, stime, nil
 }
 
-// HostBusySeconds returns the CPU time all CPUs of the machine spent on
-// work since boot, from the "cpu" line of /proc/stat: user, nice, system,
-// irq and softirq. Idle, iowait and steal (time the hypervisor gave to other
-// guests) are left out; guest time is already part of user.
-func HostBusySeconds() (float64, error) {
+// HostCPUSeconds returns, from the "cpu" line of /proc/stat, the CPU time
+// all CPUs of the machine spent on work since boot (busy: user, nice,
+// system, irq and softirq; guest time is already part of user) and the
+// time the hypervisor ran something else while this guest's CPUs wanted to
+// run (steal, 0 where the kernel does not count it). Idle and iowait are in
+// neither.
+func HostCPUSeconds() (busy, steal float64, err error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return 0, fmt.Errorf("bench: host cpu: %w", err)
+		return 0, 0, fmt.Errorf("bench: host cpu: %w", err)
 	}
-	ticks, err := parseHostBusy(string(b))
+	bt, st, err := parseHostCPU(string(b))
 	if err != nil {
-		return 0, fmt.Errorf("bench: host cpu: %w", err)
+		return 0, 0, fmt.Errorf("bench: host cpu: %w", err)
 	}
-	return float64(ticks) / clockTicks, nil
+	return float64(bt) / clockTicks, float64(st) / clockTicks, nil
 }
 
-// parseHostBusy sums user, nice, system, irq and softirq (fields 1-3, 6 and
-// 7) of the aggregate "cpu " line of /proc/stat.
-func parseHostBusy(stat string) (uint64, error) {
+// parseHostCPU reads the aggregate "cpu " line of /proc/stat: busy is the
+// sum of user, nice, system, irq and softirq (fields 1-3, 6 and 7), steal
+// field 8.
+func parseHostCPU(stat string) (busy, steal uint64, err error) {
 	for line := range strings.Lines(stat) {
 		rest, ok := strings.CutPrefix(line, "cpu ")
 		if !ok {
@@ -78,19 +81,30 @@ func parseHostBusy(stat string) (uint64, error) {
 		}
 		f := strings.Fields(rest)
 		if len(f) < 7 {
-			return 0, fmt.Errorf("malformed cpu line: %d fields", len(f))
+			return 0, 0, fmt.Errorf("malformed cpu line: %d fields", len(f))
 		}
-		var sum uint64
-		for _, i := range []int{0, 1, 2, 5, 6} {
+		field := func(i int) (uint64, error) {
 			v, err := strconv.ParseUint(f[i], 10, 64)
 			if err != nil {
 				return 0, fmt.Errorf("malformed cpu field %d %q", i+1, f[i])
 			}
-			sum += v
+			return v, nil
 		}
-		return sum, nil
+		for _, i := range []int{0, 1, 2, 5, 6} {
+			v, err := field(i)
+			if err != nil {
+				return 0, 0, err
+			}
+			busy += v
+		}
+		if len(f) > 7 {
+			if steal, err = field(7); err != nil {
+				return 0, 0, err
+			}
+		}
+		return busy, steal, nil
 	}
-	return 0, errors.New("no aggregate cpu line")
+	return 0, 0, errors.New("no aggregate cpu line")
 }
 
 // ProcRSSKiB returns VmRSS of pid in KiB.

@@ -367,13 +367,15 @@ func pidCPU(pid int) float64 {
 }
 
 func (r *runner) measureTCP(g *gateway) {
-	var cpu, host, ssCPU float64
+	var cpu, host, steal, ssCPU, wallSum float64
 	var bytes int64
 	viaSS := g.setup == SetupTPGWSS || g.setup == SetupSSRedir
 	for _, c := range tcpCases {
-		before, hostBefore, ssBefore, start := g.cpu(), hostBusy(), r.ssServerCPU(), time.Now()
+		before, ssBefore, start := g.cpu(), r.ssServerCPU(), time.Now()
+		hostBefore, stealBefore := hostCPU()
 		res, err := r.iperf(append([]string{"-O", "1"}, c.args...)...)
-		after, hostAfter, ssAfter, wall := g.cpu(), hostBusy(), r.ssServerCPU(), time.Since(start)
+		after, ssAfter, wall := g.cpu(), r.ssServerCPU(), time.Since(start)
+		hostAfter, stealAfter := hostCPU()
 		if err != nil {
 			r.fail(fmt.Sprintf("%s %s", g.setup, c.name), err)
 			r.s.add(c.key, g.setup, math.NaN())
@@ -382,12 +384,14 @@ func (r *runner) measureTCP(g *gateway) {
 		r.s.add(c.key, g.setup, res.BitsPerSec/1e9)
 		cpu += after - before
 		host += hostAfter - hostBefore
+		steal += stealAfter - stealBefore
+		wallSum += wall.Seconds()
 		bytes += res.Bytes
 		ssCPU += ssAfter - ssBefore
 		if viaSS && c.key == "tcp4_down" {
 			r.s.add("ss_server_cores", g.setup, (ssAfter-ssBefore)/wall.Seconds())
 		}
-		line := fmt.Sprintf("  %-28s %6.2f Gbit/s  cpu %.2fs  host cpu %.2fs", c.name, res.BitsPerSec/1e9, after-before, hostAfter-hostBefore)
+		line := fmt.Sprintf("  %-28s %6.2f Gbit/s  cpu %.2fs  host cpu %.2fs  steal %.2fs", c.name, res.BitsPerSec/1e9, after-before, hostAfter-hostBefore, stealAfter-stealBefore)
 		if viaSS {
 			line += fmt.Sprintf("  ss-server cpu %.2fs", ssAfter-ssBefore)
 		}
@@ -399,15 +403,25 @@ func (r *runner) measureTCP(g *gateway) {
 	// K: NaN, shown as n/a (its forwarding runs in softirq, in no process).
 	r.s.add("cpu_per_gb", g.setup, CPUPerGB(cpu, bytes))
 	r.s.add("host_cpu_per_gb", g.setup, CPUPerGB(host, bytes))
+	r.s.add("host_steal", g.setup, stealShare(steal, wallSum, runtime.NumCPU()))
 }
 
-// hostBusy is HostBusySeconds, NaN (no figure) when /proc/stat cannot be read.
-func hostBusy() float64 {
-	v, err := HostBusySeconds()
-	if err != nil {
+// stealShare is steal seconds as a percentage of the CPU time cores CPUs
+// had over wall seconds; NaN without a wall time or a steal figure.
+func stealShare(steal, wall float64, cores int) float64 {
+	if wall <= 0 || cores <= 0 || math.IsNaN(steal) {
 		return math.NaN()
 	}
-	return v
+	return 100 * steal / (wall * float64(cores))
+}
+
+// hostCPU is HostCPUSeconds, NaN (no figure) when /proc/stat cannot be read.
+func hostCPU() (busy, steal float64) {
+	busy, steal, err := HostCPUSeconds()
+	if err != nil {
+		return math.NaN(), math.NaN()
+	}
+	return busy, steal
 }
 
 func (r *runner) measureHTTP(g *gateway) {

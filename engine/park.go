@@ -67,6 +67,10 @@ type flow struct {
 	done    atomic.Int32 // directions finished with EOF
 	closed  atomic.Bool
 	aborted atomic.Bool // closeAll: shutdown resets both ends
+	// setup is held while start fills in the fields above: the tracker is
+	// in mihomo's statistics before start runs, so the dashboard can end
+	// the flow (end) meanwhile, and end waits for it.
+	setup sync.Mutex
 }
 
 // direction is one way of a flow. Only its current pump goroutine touches
@@ -99,6 +103,12 @@ func (f *flow) wrapRemote(c C.Conn) C.Conn { return &flowRemote{Conn: c, f: f} }
 
 // start relays the flow; it returns at once.
 func (f *flow) start(tracker C.Conn) {
+	f.setup.Lock()
+	if f.closed.Load() {
+		// Ended already: end closed both sockets and has no more to do here.
+		f.setup.Unlock()
+		return
+	}
 	f.tracker = tracker
 	_, downCounters := N.UnwrapCountReader(tracker, nil)
 	_, upCounters := N.UnwrapCountWriter(tracker, nil)
@@ -114,7 +124,11 @@ func (f *flow) start(tracker C.Conn) {
 	up.dstRaw, down.dstRaw = down.raw, up.raw
 	armReset(f.client)
 	armReset(f.remote)
-	if err != nil || !f.p.add(f) {
+	// A flow ended before this point (closed from the dashboard) is not
+	// added: end found no id to remove.
+	ok := err == nil && !f.closed.Load() && f.p.add(f)
+	f.setup.Unlock()
+	if !ok {
 		f.cut()
 		return
 	}
@@ -307,6 +321,10 @@ func (f *flow) end(cut bool) {
 	if !f.closed.CompareAndSwap(false, true) {
 		return
 	}
+	// start has finished with the fields, or has not begun and will see
+	// closed.
+	f.setup.Lock()
+	defer f.setup.Unlock()
 	f.p.remove(f)
 	for i := range f.dirs {
 		if raw := f.dirs[i].raw; raw != nil && f.dirs[i].armed.Load() {

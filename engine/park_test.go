@@ -435,3 +435,35 @@ func TestIdleFromStartHoldsNoGoroutine(t *testing.T) {
 	f.say(t, "first words")
 	client.Close()
 }
+
+// TestFlowEndedBeforeStart: the tracker is in mihomo's statistics before
+// start runs, so the dashboard can end a flow first, or while start sets it
+// up. Such a flow must not stay in the parker (it would for the engine's
+// life), and end must not read what start is still writing (go test -race).
+func TestFlowEndedBeforeStart(t *testing.T) {
+	p, err := newParker()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.close()
+	for i := range 50 {
+		_, inbound := tcpPair(t)
+		remote, _ := tcpPair(t)
+		f := newFlow(p, inbound.(*net.TCPConn), remote.(*net.TCPConn))
+		done := make(chan struct{})
+		if i == 0 {
+			f.shutdown() // wholly before
+			close(done)
+		} else {
+			go func() { defer close(done); f.shutdown() }()
+		}
+		f.start(nil)
+		<-done
+	}
+	for deadline := time.Now().Add(5 * time.Second); p.count() != 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := p.count(); n != 0 {
+		t.Errorf("%d flows ended from the dashboard are left in the parker", n)
+	}
+}

@@ -143,18 +143,24 @@ func (w *nftFirewall) syncHostInput(p *Plan) error {
 			errs = append(errs, err)
 			continue
 		}
+		delete(w.opened, f)
+		// An opening that fails half-way is taken out at once: closeHostInput
+		// knows only the ones made whole.
+		failed := func(err error) {
+			errs = append(errs, err, cleanupIPTablesFamily(w.log, ipt, f))
+		}
 		fw := &iptFirewall{log: w.log, ipt: map[Family]*iptables.IPTables{f: ipt}}
 		if err := fw.build(f, chains); err != nil {
-			errs = append(errs, err)
+			failed(err)
 			continue
 		}
 		if err := fw.insertJumps(f, chains); err != nil {
-			errs = append(errs, err)
+			failed(err)
 			continue
 		}
 		lines, err := hostInputLines(f)
 		if err != nil {
-			errs = append(errs, err)
+			failed(err)
 			continue
 		}
 		if w.opened == nil {

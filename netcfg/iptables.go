@@ -460,12 +460,15 @@ func (w *iptFirewall) insertJumps(f Family, chains []iptChain) error {
 	return nil
 }
 
+// iptNewSuffix marks the chains update builds beside the old ones.
+const iptNewSuffix = "_NEW"
+
 // update replaces the chains: the new ones are built beside the old under a
 // _NEW suffix, the jumps are switched (new jump first, then the old one
 // deleted, so no packet passes unchecked), the old chains deleted and the new
 // ones renamed. Families the new plan drops are removed.
 func (w *iptFirewall) update(old, p *Plan) error {
-	const suffix = "_NEW"
+	const suffix = iptNewSuffix
 	chains, err := w.translate(p, suffix)
 	if err != nil {
 		return err
@@ -663,14 +666,29 @@ func cleanupIPTablesFamily(log *slog.Logger, ipt *iptables.IPTables, f Family) e
 	return errors.Join(jerr, cerr)
 }
 
-// cleanupIPTables removes our iptables and ip6tables leftovers. A missing
-// binary means there is nothing to remove, not an error.
-func cleanupIPTables(log *slog.Logger) error {
-	var errs []error
+// iptFamiliesHere are the families whose iptables may hold rules of ours: a
+// missing binary has none, and neither has IPv6 on a kernel without it
+// (ipv6.disable=1), where iptables-legacy's ip6tables fails on every table
+// ("Address family not supported by protocol").
+func iptFamiliesHere() []Family {
+	var out []Family
 	for _, f := range []Family{IPv4, IPv6} {
 		if _, err := exec.LookPath(iptCommand(f)); err != nil {
 			continue
 		}
+		if f == IPv6 && !kernelHasIPv6() {
+			continue
+		}
+		out = append(out, f)
+	}
+	return out
+}
+
+// cleanupIPTables removes our iptables and ip6tables leftovers. A missing
+// binary means there is nothing to remove, not an error.
+func cleanupIPTables(log *slog.Logger) error {
+	var errs []error
+	for _, f := range iptFamiliesHere() {
 		ipt, err := newIPT(f)
 		if err != nil {
 			errs = append(errs, err)
@@ -683,15 +701,15 @@ func cleanupIPTables(log *slog.Logger) error {
 
 // removeIPTablesDivert deletes the jumps into the divert chains, for both families.
 func removeIPTablesDivert(log *slog.Logger) (int, error) {
+	// A crash in the middle of update can leave the jumps to the new
+	// chains, which still carry their suffix.
 	divert := func(target string) bool {
+		target = strings.TrimSuffix(target, iptNewSuffix)
 		return target == iptChainName(ChainDivert) || target == iptChainName(ChainDivertOut)
 	}
 	n := 0
 	var errs []error
-	for _, f := range []Family{IPv4, IPv6} {
-		if _, err := exec.LookPath(iptCommand(f)); err != nil {
-			continue
-		}
+	for _, f := range iptFamiliesHere() {
 		ipt, err := newIPT(f)
 		if err != nil {
 			errs = append(errs, err)

@@ -674,6 +674,32 @@ func TestHostInputOpening(t *testing.T) {
 		cleanup(t, n, stateDir)
 		requireSameState(t, before, n.snapshot(t))
 	})
+	t.Run("opening fails", func(t *testing.T) {
+		// The IPv4 opening goes in, the IPv6 one fails half-way (its chain
+		// made, its rule refused): the start fails and leaves nothing, the
+		// nft table included.
+		n := newTestNS(t, true)
+		n.run(t, "iptables", "-P", "INPUT", "DROP")
+		n.run(t, "ip6tables", "-P", "INPUT", "DROP")
+		before := n.snapshot(t)
+		real, err := exec.LookPath("ip6tables")
+		if err != nil {
+			t.Fatal(err)
+		}
+		bin := t.TempDir()
+		script := "#!/bin/sh\ncase \" $* \" in *\" -A " + iptChainName(ChainInput) + " \"*) echo refused >&2; exit 1;; esac\nexec " + real + " \"$@\"\n"
+		if err := os.WriteFile(filepath.Join(bin, "ip6tables"), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		path := os.Getenv("PATH")
+		t.Setenv("PATH", bin+":"+path)
+		_, err = apply(t, n, NewNftables(testLogger(t)), mustPlan(t, DefaultOptions()), t.TempDir())
+		os.Setenv("PATH", path)
+		if err == nil {
+			t.Fatal("Apply succeeded with an ip6tables that refuses the opening's rule")
+		}
+		requireSameState(t, before, n.snapshot(t))
+	})
 	t.Run("iptables broken", func(t *testing.T) {
 		n := newTestNS(t, true)
 		bin := t.TempDir()
@@ -694,4 +720,102 @@ func TestHostInputOpening(t *testing.T) {
 		}
 		remove(t, n, inst)
 	})
+}
+
+// TestRemoveDivertMidUpdate: a crash in the middle of an iptables update
+// (the old chains deleted, the new ones not yet renamed) leaves jumps to
+// the chains that still carry their _NEW suffix; the watchdog's RemoveDivert
+// takes those out too.
+func TestRemoveDivertMidUpdate(t *testing.T) {
+	n := newTestNS(t, true)
+	b := newBackend(t, n, "iptables", "")
+	before := n.snapshot(t)
+	stateDir := t.TempDir()
+	if _, err := apply(t, n, b, mustPlan(t, DefaultOptions()), stateDir); err != nil {
+		t.Fatal(err)
+	}
+	// Renaming keeps the jumps pointing at the chains: the state update
+	// leaves just before its renames.
+	for _, ipt := range []string{"iptables", "ip6tables"} {
+		for _, table := range iptTables {
+			for line := range strings.Lines(n.run(t, ipt, "-t", table, "-S")) {
+				if f := strings.Fields(line); len(f) == 2 && f[0] == "-N" && strings.HasPrefix(f[1], iptPrefix) {
+					n.run(t, ipt, "-t", table, "-E", f[1], f[1]+iptNewSuffix)
+				}
+			}
+		}
+	}
+	divNew := iptChainName(ChainDivert) + iptNewSuffix
+	if !strings.Contains(n.run(t, "iptables", "-t", "mangle", "-S"), "-j "+divNew) {
+		t.Fatalf("no jump to %s to start from:\n%s", divNew, n.run(t, "iptables", "-t", "mangle", "-S"))
+	}
+	var err error
+	n.in(t, func() { err = RemoveDivert(testLogger(t)) })
+	if err != nil {
+		t.Fatalf("RemoveDivert: %v", err)
+	}
+	for _, ipt := range []string{"iptables", "ip6tables"} {
+		for line := range strings.Lines(n.run(t, ipt, "-t", "mangle", "-S")) {
+			if strings.Contains(ruleTarget(strings.TrimSpace(line)), "DIVERT") {
+				t.Errorf("%s: a jump into a divert chain is left: %s", ipt, strings.TrimSpace(line))
+			}
+		}
+	}
+	cleanup(t, n, stateDir)
+	requireSameState(t, before, n.snapshot(t))
+}
+
+// TestCleanupSysctlGone: a recorded sysctl whose key has gone since (its
+// module unloaded while tpgw was down) does not fail the next start's
+// Cleanup; the others are restored and the record is deleted.
+func TestCleanupSysctlGone(t *testing.T) {
+	n := newTestNS(t, true)
+	stateDir := t.TempDir()
+	n.run(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	const gone = "net.tpgw-test-gone.knob"
+	if err := saveSysctlState(stateDir, []sysctlChange{
+		{Key: "net.ipv4.ip_forward", Old: "0", New: "1"},
+		{Key: gone, Old: "1", New: "0"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cleanup(t, n, stateDir)
+	if got := strings.TrimSpace(n.run(t, "cat", "/proc/sys/net/ipv4/ip_forward")); got != "0" {
+		t.Errorf("ip_forward = %s after Cleanup, want the recorded 0", got)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, sysctlStateFile)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the sysctl record is still there after Cleanup (%v)", err)
+	}
+}
+
+// TestIPv6DisabledLegacyIP6Tables: on a kernel booted with ipv6.disable=1,
+// iptables-legacy's ip6tables runs but fails on every table. With IPv6 off
+// in the plan (as tpgw fits it to such a host), the start, the stop and the
+// watchdog's RemoveDivert leave ip6tables alone instead of failing on it.
+func TestIPv6DisabledLegacyIP6Tables(t *testing.T) {
+	n := newTestNS(t, true)
+	old := ipv6Conf
+	ipv6Conf = filepath.Join(t.TempDir(), "missing") // what ipv6.disable=1 shows
+	t.Cleanup(func() { ipv6Conf = old })
+	bin := t.TempDir()
+	script := "#!/bin/sh\nif [ \"$1\" = --version ]; then echo \"$0 v1.8.9 (legacy)\"; exit 0; fi\n" +
+		"echo \"$0 v1.8.9 (legacy): can't initialize ip6tables table \\`mangle': Address family not supported by protocol\" >&2\nexit 3\n"
+	if err := os.WriteFile(filepath.Join(bin, "ip6tables"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path := os.Getenv("PATH")
+	t.Setenv("PATH", bin+":"+path)
+	o := DefaultOptions()
+	o.IPv6 = false
+	for _, backend := range backendNames {
+		inst, err := apply(t, n, newBackend(t, n, backend, ""), mustPlan(t, o), t.TempDir())
+		if err != nil {
+			t.Fatalf("%s: Apply: %v", backend, err)
+		}
+		n.in(t, func() { err = RemoveDivert(testLogger(t)) })
+		if err != nil {
+			t.Errorf("%s: RemoveDivert: %v", backend, err)
+		}
+		remove(t, n, inst)
+	}
 }

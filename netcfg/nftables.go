@@ -383,7 +383,12 @@ func (w *nftFirewall) install(p *Plan) error {
 	if err := conn.Flush(); err != nil {
 		return fmt.Errorf("netcfg: add nft table inet %s: %w", p.Table, err)
 	}
-	return w.syncHostInput(p)
+	if err := w.syncHostInput(p); err != nil {
+		// install leaves nothing on error: the caller undoes only what
+		// installed.
+		return errors.Join(err, w.remove())
+	}
+	return nil
 }
 
 // update deletes the old table and adds the new one in one batch: the kernel

@@ -112,11 +112,14 @@ func loadSysctlState(dir string) ([]sysctlChange, error) {
 	return st.Changes, nil
 }
 
-// restoreSysctls writes back the old values, last change first.
+// restoreSysctls writes back the old values, last change first. A key that
+// is gone (br_netfilter unloaded since, say) has nothing left to restore: the
+// module brings its own default back when it loads again. Counting it as an
+// error would keep the record, and with it fail every later start.
 func restoreSysctls(changes []sysctlChange) error {
 	var errs []error
 	for i := len(changes) - 1; i >= 0; i-- {
-		if err := writeSysctl(changes[i].Key, changes[i].Old); err != nil {
+		if err := writeSysctl(changes[i].Key, changes[i].Old); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}

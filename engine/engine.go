@@ -243,6 +243,7 @@ func (e *Engine) Reload(raw []byte, routingMark uint32) error {
 	if err != nil {
 		return parseError(err)
 	}
+	placeAhead(e.pools, fakeIPPools(cfg))
 	built := positions(fakeIPPools(cfg))
 	if err := e.keepMappingsInMemory(cfg); err != nil {
 		return err

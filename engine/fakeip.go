@@ -140,6 +140,47 @@ func positions(pools []*fakeip.Pool) map[*fakeip.Pool]position {
 	return m
 }
 
+// placeAhead moves each pool of a reloaded config that covers the range of
+// a pool of the running one past the running one's position, before mihomo
+// switches over to it. mihomo switches DNS to the new pools in the middle of
+// ApplyConfig, which then goes on (listeners, provider loads over the
+// network) before handOver can run; a new pool left where it was built (the
+// start of its range when it is kept in memory, the position saved at
+// beforeReload when persisted) would meanwhile hand the addresses of names
+// the running pool answered to new names. The margin covers the new names
+// the running pool still answers before the switch; handOver then puts a
+// pool that handed out nothing right behind the running one.
+func placeAhead(running, fresh []*fakeip.Pool) {
+	for _, np := range fresh {
+		for _, op := range running {
+			if op == np || op.IPNet() != np.IPNet() {
+				continue
+			}
+			from := lockedPool{op}.position()
+			n := aheadMargin(np.IPNet())
+			lockedPool{np}.with(func(pos *position, first, last netip.Addr) {
+				*pos = from
+				// As mihomo's pool steps: past the end it starts again at
+				// first, recycling.
+				for range n {
+					pos.offset = pos.offset.Next()
+					if !pos.offset.Less(last) {
+						pos.cycle, pos.offset = true, first
+					}
+				}
+			})
+		}
+	}
+}
+
+// aheadMargin is how many addresses placeAhead skips: 4096 in a range of
+// 2^16 addresses or more (mihomo's default 198.18.0.1/16), a sixteenth of a
+// smaller one.
+func aheadMargin(r netip.Prefix) int {
+	host := min(r.Addr().BitLen()-r.Bits(), 16)
+	return 1 << max(host-4, 0)
+}
+
 // handOver moves each pool of a reloaded config that covers the range of a
 // pool of the running one to where the running one stands. A pool mihomo
 // builds starts where its store says: the position saved in cache.db

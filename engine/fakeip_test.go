@@ -152,6 +152,59 @@ func TestHandOver(t *testing.T) {
 	}
 }
 
+// TestPlaceAhead: between mihomo's switch to a reloaded config's pool and
+// handOver, new names get addresses no name of the running pool holds, and
+// after the hand-over the pool goes on from the running one's position or
+// from its own, whichever is further.
+func TestPlaceAhead(t *testing.T) {
+	running := memoryPool(t, "10.99.0.0/24")
+	held := map[netip.Addr]bool{}
+	for _, n := range []string{"a", "b", "c"} {
+		held[running.Lookup(n+".example")] = true
+	}
+	quiet, busy := memoryPool(t, "10.99.0.0/24"), memoryPool(t, "10.99.0.0/24")
+	for _, p := range []*fakeip.Pool{quiet, busy} {
+		p.CloneFrom(running) // what mihomo's switch copies: the mappings, not the position
+	}
+	placeAhead([]*fakeip.Pool{running}, []*fakeip.Pool{quiet, busy})
+	built := positions([]*fakeip.Pool{quiet, busy})
+	// The running pool answers until the switch, the new one after it.
+	held[running.Lookup("x.example")] = true
+	got := busy.Lookup("d.example")
+	if held[got] {
+		t.Fatalf("a new name got %v in the moment after the switch, an address of the running pool's names", got)
+	}
+	if name, ok := busy.LookBack(ip("10.99.0.4")); !ok || name != "a.example" {
+		t.Errorf("the first name's address maps to %q, %v; want a.example", name, ok)
+	}
+	handOver([]*fakeip.Pool{running}, built)
+	if next := quiet.Lookup("e.example"); next != ip("10.99.0.8") {
+		t.Errorf("a pool that handed out nothing goes on at %v, want 10.99.0.8, right after the running one", next)
+	}
+	if next := busy.Lookup("f.example"); next != got.Next() {
+		t.Errorf("a pool that handed out addresses goes on at %v, want %v, after its own", next, got.Next())
+	}
+	// Past the end of its range (.4 to .6 in a /29) the margin wraps round
+	// to the first address and marks the pool as cycled, as mihomo's does.
+	small := memoryPool(t, "10.97.0.0/29")
+	for _, n := range []string{"a", "b", "c"} {
+		small.Lookup(n + ".example")
+	}
+	fresh := memoryPool(t, "10.97.0.0/29")
+	placeAhead([]*fakeip.Pool{small}, []*fakeip.Pool{fresh})
+	if pos := (lockedPool{fresh}).position(); pos != (position{ip("10.97.0.4"), true}) {
+		t.Errorf("a /29 pool at .6 placed at %+v, want 10.97.0.4 cycled (a margin of 1)", pos)
+	}
+	for _, c := range []struct {
+		r    string
+		want int
+	}{{"198.18.0.1/16", 4096}, {"10.0.0.0/8", 4096}, {"10.99.0.0/24", 16}, {"10.97.0.0/29", 1}, {"fdfe:dcba:9876::1/64", 4096}} {
+		if got := aheadMargin(netip.MustParsePrefix(c.r)); got != c.want {
+			t.Errorf("aheadMargin(%s) = %d, want %d", c.r, got, c.want)
+		}
+	}
+}
+
 // TestFileBacking: the positions of pools kept in memory survive in the
 // state directory; lines that do not fit a pool are ignored.
 func TestFileBacking(t *testing.T) {

@@ -285,24 +285,35 @@ func startFakeIPKeeper(cfg *config.Config, stateDir string, log *slog.Logger) (*
 	return k, nil
 }
 
+// recoverGap is how far past the last mapped address recoverPosition looks
+// for more: the mappings of the addresses handed out last are not all written
+// when the process dies, nor written in the order handed out (a burst of new
+// names waits for the DNS server's settler, of at most 1024, while a name
+// asked over TCP is written at once), so the written ones can have gaps.
+const recoverGap = 2048
+
 // recoverPosition moves a pool's position past every address handed out
 // since its last save. Until a pool comes round its range, it hands out
 // addresses in order, so those are the mapped addresses that follow the
-// saved position. Once it has come round every address is mapped, and the
-// position moves crashSkip addresses on; so it does when mapped is nil (the
-// mappings died with the process).
+// saved position, with gaps of at most recoverGap. Once it has come round
+// every address is mapped, and the position moves crashSkip addresses on;
+// so it does when mapped is nil (the mappings died with the process).
 func recoverPosition(lp lockedPool, mapped func(netip.Addr) bool) (before, after position) {
 	lp.with(func(pos *position, first, last netip.Addr) {
 		before = *pos
 		if !pos.cycle && mapped != nil {
-			next := pos.offset.Next()
-			for next.Less(last) {
-				if !mapped(next) {
-					break
+			next, gap := pos.offset.Next(), 0
+			for next.Less(last) && gap < recoverGap {
+				if mapped(next) {
+					pos.offset, gap = next, 0
+				} else {
+					gap++
 				}
-				pos.offset, next = next, next.Next()
+				next = next.Next()
 			}
-			if next.Less(last) {
+			// Stopped at a long gap, or at the end of the range after
+			// addresses nothing mapped: the pool has not come round.
+			if next.Less(last) || gap > 0 {
 				after = *pos
 				return
 			}

@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"unsafe"
 
@@ -314,8 +313,6 @@ func (e *Engine) appendMappings(ms []mapping, q, r *D.Msg) []mapping {
 	if r == nil || len(q.Question) != 1 || len(r.Answer) == 0 {
 		return ms
 	}
-	// The name as mihomo's fake-ip handler keys it (fakeip.Pool.Lookup).
-	host := strings.ToLower(strings.TrimRight(q.Question[0].Name, "."))
 	for _, rr := range r.Answer {
 		var ip netip.Addr
 		switch a := rr.(type) {
@@ -326,10 +323,11 @@ func (e *Engine) appendMappings(ms []mapping, q, r *D.Msg) []mapping {
 		default:
 			continue
 		}
-		// Only an address the pool maps to this name (not a real answer
-		// that happens to fall in the fake-ip range).
-		if mapped, ok := e.LookupFakeIP(ip); ok && mapped == host {
-			ms = append(ms, mapping{host: host, ip: ip})
+		// An address the pool maps, to the name it maps it to: that may be
+		// another than the question's (a hosts entry that aliases the name
+		// to another domain answers with the fake IP of that one).
+		if mapped, ok := e.LookupFakeIP(ip); ok {
+			ms = append(ms, mapping{host: mapped, ip: ip})
 		}
 	}
 	return ms

@@ -538,3 +538,23 @@ func TestInstantServeWhileSettling(t *testing.T) {
 		}
 	}
 }
+
+// TestAppendMappingsAlias: mihomo answers a name that a hosts entry aliases
+// to another domain with a CNAME and the fake IP of that domain. The mapping
+// written is the pool's own, under the domain's name, not the question's:
+// left out, it was lost at the next restart.
+func TestAppendMappingsAlias(t *testing.T) {
+	fake := testEngine.pools[0].Lookup("alias-target.example")
+	q := new(D.Msg)
+	q.SetQuestion("alias.example.", D.TypeA)
+	r := new(D.Msg)
+	r.SetReply(q)
+	r.Answer = []D.RR{
+		&D.CNAME{Hdr: D.RR_Header{Name: "alias.example.", Rrtype: D.TypeCNAME, Class: D.ClassINET, Ttl: 1}, Target: "alias-target.example."},
+		&D.A{Hdr: D.RR_Header{Name: "alias-target.example.", Rrtype: D.TypeA, Class: D.ClassINET, Ttl: 1}, A: net.IP(fake.AsSlice())},
+	}
+	got := testEngine.appendMappings(nil, q, r)
+	if len(got) != 1 || got[0] != (mapping{host: "alias-target.example", ip: fake}) {
+		t.Errorf("mappings of the aliased answer: %+v, want alias-target.example → %v", got, fake)
+	}
+}

@@ -238,6 +238,9 @@ func Parse(raw []byte, file string) (*Config, error) {
 	if c.RoutingMark != 0 && c.RoutingMark == c.Gateway.Mark {
 		return nil, p.errf(nil, "routing-mark", "%d is the same as tpgw.mark: the engine's own traffic would be sent back into the relay", c.RoutingMark)
 	}
+	if c.DNS.Enable && c.DNS.Listen.Port() == c.TProxyPort {
+		return nil, p.errf(c.DNS.listenNode, "dns.listen", "port %d is also tproxy-port: the DNS listener and the TPROXY listener need a port each", c.TProxyPort)
+	}
 	if c.DNS.FakeIP() && c.DNS.Listen.Port() == 53 {
 		return nil, p.errf(c.DNS.listenNode, "dns.listen", "port 53: tpgw hands the LAN's DNS queries (port 53, to any server) to this listener, so it must listen on another port, such as 0.0.0.0:1053; clients still ask port 53")
 	}
@@ -346,6 +349,11 @@ func parseListen(s string) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, errors.New("want ADDRESS:PORT, e.g. 0.0.0.0:1053")
 	}
+	if ap.Port() == 0 {
+		// A port the kernel picks: the hijack would have no port to hand
+		// the LAN's queries to.
+		return netip.AddrPort{}, errors.New("port 0: want a fixed port, e.g. 0.0.0.0:1053")
+	}
 	return ap, nil
 }
 
@@ -380,8 +388,15 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 		case "interfaces":
 			if err = p.decode(v, key, &g.Interfaces); err == nil {
 				for _, name := range g.Interfaces {
-					if name == "" || len(name) > 15 || strings.ContainsAny(name, " /") {
+					if name == "" || len(name) > 15 || strings.ContainsAny(name, " \t\n/\"\\") {
 						err = p.errf(v, key, "%q is not an interface name", name)
+						break
+					}
+					// iptables reads eth+ as every eth interface, nftables
+					// eth* (and eth+ as a name): the same config would
+					// intercept different interfaces under each backend.
+					if strings.ContainsAny(name, "*+") {
+						err = p.errf(v, key, "%q: wildcards are not supported; list each interface by name", name)
 						break
 					}
 				}

@@ -115,7 +115,7 @@ func (o Options) validate() (Options, error) {
 	}
 	names := make([]string, 0, len(o.Interfaces))
 	for _, n := range o.Interfaces {
-		if n == "" || len(n) >= ifNameSize || strings.ContainsAny(n, "\"\\/ \t\n*") {
+		if n == "" || len(n) >= ifNameSize || strings.ContainsAny(n, "\"\\/ \t\n*+") {
 			bad("interface %q: not a valid interface name", n)
 			continue
 		}

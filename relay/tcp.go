@@ -90,7 +90,6 @@ func (l *TCPListener) Serve() error {
 			c.Close()
 			return nil
 		}
-		l.wg.Add(1)
 		go l.handle(c)
 	}
 }
@@ -102,6 +101,9 @@ func (l *TCPListener) track(c net.Conn) bool {
 		return false
 	}
 	l.conns[c] = struct{}{}
+	// Under mu, with the check of closed: a Close that follows waits for
+	// this connection's handler.
+	l.wg.Add(1)
 	return true
 }
 

@@ -505,9 +505,12 @@ func (gw *gateway) reload(path string) error {
 		return err
 	}
 	old := gw.cfg
-	if c.TProxyPort != old.TProxyPort || c.DNS.Listen != old.DNS.Listen || c.DNS.Enable != old.DNS.Enable || c.Gateway.DNSBypass != old.Gateway.DNSBypass {
-		gw.log.Warn("reload: tproxy-port, dns.listen/enable and tpgw.dns-bypass changes need a restart; keeping the running ones")
-		c.TProxyPort, c.DNS.Listen, c.DNS.Enable, c.Gateway.DNSBypass = old.TProxyPort, old.DNS.Listen, old.DNS.Enable, old.Gateway.DNSBypass
+	if err := refuseReload(old, c); err != nil {
+		return err
+	}
+	if c.TProxyPort != old.TProxyPort || c.DNS.Listen != old.DNS.Listen || c.Gateway.DNSBypass != old.Gateway.DNSBypass {
+		gw.log.Warn("reload: tproxy-port, dns.listen and tpgw.dns-bypass changes need a restart; keeping the running ones")
+		c.TProxyPort, c.DNS.Listen, c.Gateway.DNSBypass = old.TProxyPort, old.DNS.Listen, old.Gateway.DNSBypass
 	}
 	if c.Gateway.Backend != old.Gateway.Backend || c.Gateway.StateDir != old.Gateway.StateDir || c.Gateway.OnFailure != old.Gateway.OnFailure {
 		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
@@ -533,6 +536,23 @@ func (gw *gateway) reload(path string) error {
 	gw.ping.sync(plan.Options.FakeIPRange)
 	gw.cfg = c
 	gw.log.Info("reloaded", "config", path, "bypass", len(c.Gateway.Bypass), "rules_changed", true)
+	return nil
+}
+
+// refuseReload names the changes a reload cannot apply while the running
+// one's values are kept: mihomo's part goes to the engine as the file has it,
+// so the two would disagree. dns.enable turned off stops mihomo's DNS while
+// the hijack, kept, sends it every query; a new routing-mark (routing-mark,
+// or proxy-self, which brings one) exempts the new mark while the engine's
+// open sockets carry the old one, and their packets would be diverted into
+// the relay. A restart applies them.
+func refuseReload(old, c *config.Config) error {
+	switch {
+	case c.DNS.Enable != old.DNS.Enable:
+		return fmt.Errorf("reload: dns.enable changed to %v: that needs a restart", c.DNS.Enable)
+	case c.RoutingMark != old.RoutingMark:
+		return fmt.Errorf("reload: the routing-mark changed from %#x to %#x (routing-mark, or proxy-self, which sets one): that needs a restart", old.RoutingMark, c.RoutingMark)
+	}
 	return nil
 }
 
@@ -603,12 +623,30 @@ func cleanup(o cmdOpts, stdout io.Writer) error {
 			return err
 		}
 		base = c.Gateway.StateDir
+		if keep, why := keepAfterFailure(c.Gateway.OnFailure, os.Getenv("SERVICE_RESULT")); keep {
+			fmt.Fprintln(stdout, "cleanup skipped: "+why)
+			return nil
+		}
 	}
 	if err := netcfg.Cleanup(o.log, stateDir(base)); err != nil {
 		return err
 	}
 	fmt.Fprintln(stdout, "cleanup done")
 	return nil
+}
+
+// keepAfterFailure: systemd runs the unit's ExecStopPost (tpgw cleanup) after
+// a crash too, before it restarts the service, and tells it how the service
+// ended in SERVICE_RESULT ("success" for a stop). With on-failure: closed,
+// the rules a crashed tpgw left must stay until it is back: removing them
+// would let the LAN's traffic out unproxied meanwhile. The next start cleans
+// them up, and so does `tpgw cleanup` run by hand.
+func keepAfterFailure(policy, serviceResult string) (bool, string) {
+	if policy != config.FailClosed || serviceResult == "" || serviceResult == "success" {
+		return false, ""
+	}
+	return true, "on-failure: closed and the service failed (SERVICE_RESULT=" + serviceResult +
+		"): its rules stay, so intercepted LAN traffic is dropped until tpgw is back; run `tpgw cleanup` to remove them"
 }
 
 func printVersion(w io.Writer) {

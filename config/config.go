@@ -196,8 +196,9 @@ func Parse(raw []byte, file string) (*Config, error) {
 	c.DNS.FakeIPRange = netip.MustParsePrefix(DefaultFakeIPRange)
 
 	var tpgwNode *yaml.Node
-	for i := 0; i+1 < len(root.Content); i += 2 {
-		k, v := root.Content[i], root.Content[i+1]
+	top, _ := pairs(root)
+	for _, kv := range top {
+		k, v := kv[0], kv[1]
 		var err error
 		switch k.Value {
 		case "tpgw":
@@ -290,14 +291,15 @@ func (p parser) mark(n *yaml.Node, key string, v int64, zeroOK bool) (uint32, er
 }
 
 func (p parser) parseDNS(n *yaml.Node, d *DNS) error {
-	if n.Kind != yaml.MappingNode {
+	kvs, ok := pairs(n)
+	if !ok {
 		if n.Tag == "!!null" {
 			return nil
 		}
 		return p.errf(n, "dns", "must be a mapping")
 	}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
+	for _, kv := range kvs {
+		k, v := kv[0], kv[1]
 		key := "dns." + k.Value
 		var err error
 		switch k.Value {
@@ -363,13 +365,14 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 	if n.Tag == "!!null" {
 		return nil
 	}
-	if n.Kind != yaml.MappingNode {
+	kvs, ok := pairs(n)
+	if !ok {
 		return p.errf(n, "tpgw", "must be a mapping of keys")
 	}
 	seen := map[string]bool{}
 	var dnsBypassNode *yaml.Node
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		k, v := n.Content[i], n.Content[i+1]
+	for _, kv := range kvs {
+		k, v := kv[0], kv[1]
 		key := "tpgw." + k.Value
 		if seen[k.Value] {
 			return p.errf(k, key, "appears twice")

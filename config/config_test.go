@@ -218,3 +218,30 @@ func TestPortsApart(t *testing.T) {
 		}
 	}
 }
+
+// TestYAMLAnchors: the dns and tpgw sections read through YAML aliases and
+// merge keys as mihomo's decoder does (own keys win over merged ones);
+// before, a merged dns section was taken for no DNS at all.
+func TestYAMLAnchors(t *testing.T) {
+	const common = "x-dns: &dns\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:1054\n" +
+		"x-gw: &gw\n  mark: 0x300\n  on-failure: closed\n"
+	c, err := Parse([]byte(common+"dns:\n  <<: *dns\n  listen: 0.0.0.0:1055\ntpgw:\n  <<: *gw\n  mark: 0x301\n"), "cfg.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.DNS.FakeIP() || c.DNS.Listen.Port() != 1055 || c.Gateway.Mark != 0x301 || c.Gateway.OnFailure != FailClosed {
+		t.Errorf("merge keys: fake-ip %v, dns.listen %v, mark %#x, on-failure %s; want true, :1055, 0x301, closed",
+			c.DNS.FakeIP(), c.DNS.Listen, c.Gateway.Mark, c.Gateway.OnFailure)
+	}
+	c, err = Parse([]byte(common+"dns: *dns\ntpgw: *gw\n"), "cfg.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.DNS.FakeIP() || c.DNS.Listen.Port() != 1054 || c.Gateway.Mark != 0x300 {
+		t.Errorf("aliases: fake-ip %v, dns.listen %v, mark %#x; want true, :1054, 0x300", c.DNS.FakeIP(), c.DNS.Listen, c.Gateway.Mark)
+	}
+	// A key set twice in the section itself is still an error.
+	if _, err := Parse([]byte("tpgw:\n  <<: {mark: 5}\n  mark: 6\n  mark: 7\n"), "cfg.yaml"); err == nil || !strings.Contains(err.Error(), "appears twice") {
+		t.Errorf("a key twice beside a merge: %v", err)
+	}
+}

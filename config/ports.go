@@ -28,8 +28,9 @@ func inbounds(root *yaml.Node) []inbound {
 		bind     = netip.IPv6Unspecified()
 		top      []inbound
 	)
-	for i := 0; i+1 < len(root.Content); i += 2 {
-		k, v := root.Content[i], root.Content[i+1]
+	kvs, _ := pairs(root)
+	for _, kv := range kvs {
+		k, v := kv[0], kv[1]
 		switch k.Value {
 		case "port", "socks-port", "mixed-port", "redir-port":
 			if port, ok := portValue(v); ok {

@@ -70,9 +70,20 @@ func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
 		return nil, err
 	}
 	warnMissingInterfaces(c.Gateway.Interfaces, log)
+	warnIPv6Off(c, log)
 	warnNotIntercepted(opts, log)
 	warnDNSFamily(opts, log)
 	return netcfg.BuildPlan(opts)
+}
+
+// warnIPv6Off warns when mihomo's ipv6: false turns tpgw's IPv6
+// interception off with it (the engine would not dial IPv6 for the flows):
+// the LAN's IPv6 flows are then not intercepted, nor dropped with
+// on-failure: closed, and leave unproxied wherever the host routes IPv6.
+func warnIPv6Off(c *config.Config, log *slog.Logger) {
+	if c.Gateway.IPv6 && !c.IPv6 {
+		log.Warn("ipv6: false turns tpgw's IPv6 interception off: the LAN's IPv6 flows are not intercepted and leave unproxied where this host routes IPv6; set tpgw.ipv6: false to say it is meant", "key", "ipv6")
+	}
 }
 
 // warnNotIntercepted warns about the host's global IPv6 networks that a
@@ -516,6 +527,11 @@ func (gw *gateway) reload(path string) error {
 		gw.log.Warn("reload: backend, state-dir and on-failure changes need a restart; keeping the running ones")
 		c.Gateway.Backend, c.Gateway.StateDir, c.Gateway.OnFailure = old.Gateway.Backend, old.Gateway.StateDir, old.Gateway.OnFailure
 	}
+	if c.Gateway.UDPTimeout != old.Gateway.UDPTimeout || c.Gateway.UDPMaxSessions != old.Gateway.UDPMaxSessions {
+		// The UDP relay's session table is made once, at the start.
+		gw.log.Warn("reload: tpgw.udp-timeout and tpgw.udp-max-sessions changes need a restart; keeping the running ones")
+		c.Gateway.UDPTimeout, c.Gateway.UDPMaxSessions = old.Gateway.UDPTimeout, old.Gateway.UDPMaxSessions
+	}
 	plan, err := hostPlan(c, gw.log)
 	if err != nil {
 		return err
@@ -527,6 +543,12 @@ func (gw *gateway) reload(path string) error {
 		return err
 	}
 	if err := gw.installed.Update(plan); err != nil {
+		// The kernel keeps the running rules (or gets them back at the next
+		// check): the engine goes back to the running config too, or the two
+		// would disagree (a new fake-ip range, say) until the next reload.
+		if rerr := gw.eng.Reload(old.Raw, old.RoutingMark); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("engine back to the running config: %w", rerr))
+		}
 		return fmt.Errorf("reload: kernel rules: %w", err)
 	}
 	// The new rules may send some of the bypassed names elsewhere. The new

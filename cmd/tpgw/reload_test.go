@@ -1,6 +1,7 @@
 package main
 
 import (
+	"log/slog"
 	"strings"
 	"testing"
 
@@ -59,6 +60,30 @@ func TestKeepAfterFailure(t *testing.T) {
 		keep, why := keepAfterFailure(c.policy, c.result)
 		if keep != c.keep || keep != (why != "") {
 			t.Errorf("on-failure %s, SERVICE_RESULT %q: keep %v (%q), want %v", c.policy, c.result, keep, why, c.keep)
+		}
+	}
+}
+
+// TestWarnIPv6Off: mihomo's ipv6: false, which turns tpgw's IPv6
+// interception off with it, is said at start (and at check); tpgw.ipv6:
+// false, or IPv6 left on, says nothing.
+func TestWarnIPv6Off(t *testing.T) {
+	for _, c := range []struct {
+		yaml string
+		warn bool
+	}{
+		{"ipv6: false\n", true},
+		{"ipv6: false\ntpgw:\n  ipv6: false\n", false},
+		{"ipv6: true\n", false},
+	} {
+		cfg, err := config.Parse([]byte(c.yaml), "config.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b strings.Builder
+		warnIPv6Off(cfg, slog.New(slog.NewTextHandler(&b, nil)))
+		if got := strings.Contains(b.String(), "IPv6 interception off"); got != c.warn {
+			t.Errorf("%q: warned %v, want %v: %s", c.yaml, got, c.warn, b.String())
 		}
 	}
 }

@@ -342,6 +342,20 @@ func (p parser) parseDNS(n *yaml.Node, d *DNS) error {
 	return nil
 }
 
+// fakeRangeOverlapping is the fake-ip range of d that overlaps pr, if d
+// hands out fake IPs.
+func fakeRangeOverlapping(d DNS, pr netip.Prefix) netip.Prefix {
+	if !d.FakeIP() {
+		return netip.Prefix{}
+	}
+	for _, r := range []netip.Prefix{d.FakeIPRange, d.FakeIPRange6} {
+		if r.IsValid() && r.Masked().Overlaps(pr) {
+			return r.Masked()
+		}
+	}
+	return netip.Prefix{}
+}
+
 // parseListen accepts mihomo's forms: "0.0.0.0:1053", ":1053", "[::]:1053".
 func parseListen(s string) (netip.AddrPort, error) {
 	if strings.HasPrefix(s, ":") {
@@ -433,6 +447,16 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 							line = v.Content[j]
 						}
 						err = p.errf(line, key, "%q is not a CIDR or address", s)
+						break
+					}
+					// The fake-ip range is always intercepted, ahead of the
+					// bypass: an overlap would silently not be bypassed.
+					if fake := fakeRangeOverlapping(dns, pr); fake.IsValid() && k.Value == "bypass" {
+						line := v
+						if j < len(v.Content) {
+							line = v.Content[j]
+						}
+						err = p.errf(line, key, "%q overlaps dns's fake-ip range %s, whose addresses are always intercepted", s, fake)
 						break
 					}
 					out = append(out, pr)

@@ -146,6 +146,7 @@ func TestErrors(t *testing.T) {
 		{"interface wildcard +", "tpgw:\n  interfaces: [br-lan, eth+]\n", []string{"tpgw.interfaces", ":2", `"eth+"`, "wildcards"}},
 		{"interface wildcard *", "tpgw:\n  interfaces: [\"eth*\"]\n", []string{"tpgw.interfaces", `"eth*"`, "wildcards"}},
 		{"interface with a quote", "tpgw:\n  interfaces: ['a\"b']\n", []string{"tpgw.interfaces", "not an interface name"}},
+		{"bypass over the fake-ip range", fakeIPDNS + "tpgw:\n  bypass:\n    - 10.0.0.0/8\n    - 198.18.0.0/15\n", []string{"tpgw.bypass", ":7", `"198.18.0.0/15"`, "fake-ip range 198.18.0.0/16"}},
 		{"tpgw not a map", "tpgw: [1, 2]\n", []string{"tpgw", "mapping"}},
 		{"empty", "", []string{"empty"}},
 		{"bad udp timeout", "tpgw:\n  udp-timeout: soon\n", []string{"tpgw.udp-timeout", "soon"}},

@@ -407,6 +407,36 @@ service_stopped
 			t.Errorf("init script: no line %q in\n%s", want, out)
 		}
 	}
+	// service_stopped waits while the stopping tpgw still runs (cleanup
+	// refuses then), and gives up at once on any other error.
+	for _, c := range []struct {
+		name      string
+		busy      int    // cleanups that find tpgw still running
+		other     string // or another error, at once
+		wantCalls int
+		wantOK    bool
+	}{
+		{"stopped", 0, "", 1, true},
+		{"still stopping", 2, "", 3, true},
+		{"bad config", 0, "config.yaml:3: tpgw.mark: bad", 1, false},
+	} {
+		count := filepath.Join(t.TempDir(), "calls")
+		stub := filepath.Join(t.TempDir(), "tpgw-stub")
+		script := "#!/bin/sh\necho x >> " + count + "\nn=$(wc -l < " + count + ")\n"
+		if c.other != "" {
+			script += "echo '" + c.other + "' >&2; exit 1\n"
+		}
+		script += "if [ \"$n\" -le " + strconv.Itoa(c.busy) + " ]; then echo 'tpgw is running in this network namespace: stop it' >&2; exit 1; fi\necho 'cleanup done'\n"
+		if err := os.WriteFile(stub, []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command("sh", "-c", "sleep() { :; }\n. ./openwrt/tpgw/files/tpgw.init\nPROG="+stub+"\nservice_stopped").CombinedOutput()
+		b, _ := os.ReadFile(count)
+		calls := bytes.Count(b, []byte("\n"))
+		if (err == nil) != c.wantOK || calls != c.wantCalls {
+			t.Errorf("service_stopped, %s: %d cleanups, error %v, want %d and ok=%v\n%s", c.name, calls, err, c.wantCalls, c.wantOK, out)
+		}
+	}
 	for _, f := range []string{"openwrt/ipk/postinst", "openwrt/ipk/prerm"} {
 		b, _ := os.ReadFile(f)
 		fn := "default_" + strings.TrimPrefix(filepath.Base(f), "")

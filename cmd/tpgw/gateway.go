@@ -353,7 +353,11 @@ func runGateway(o cmdOpts) (err error) {
 		return err
 	}
 	defer func() {
-		wd.stop() // first: a clean exit must not look like a crash
+		// The watchdog stops last, after Remove, but before this process
+		// exits (a clean exit must not look like a crash): killed while it
+		// removes its rules (procd's term_timeout, an xtables lock wait),
+		// tpgw still leaves the LAN's traffic flowing directly.
+		defer wd.stop()
 		// The relayed TCP flows end with a reset while the rules still
 		// bring the clients' packets to their sockets: each client learns
 		// at once that its stream was cut, and no socket lingers (see

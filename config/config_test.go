@@ -136,6 +136,7 @@ func TestErrors(t *testing.T) {
 		{"bad dns listen", "dns:\n  listen: nowhere\n", []string{"dns.listen", "nowhere"}},
 		{"dns on 53", "dns:\n  enable: true\n  enhanced-mode: fake-ip\n  listen: 0.0.0.0:53\n", []string{"cfg.yaml:4", "dns.listen", "port 53", "0.0.0.0:1053"}},
 		{"mixed-port on tproxy-port", "mixed-port: 7893\n", []string{"cfg.yaml:1", "mixed-port", "7893", "tproxy-port"}},
+		{"mixed-port in hex on tproxy-port", "mixed-port: 0x1ed5\n", []string{"cfg.yaml:1", "mixed-port", "7893", "tproxy-port"}},
 		{"redir-port on a set tproxy-port", "redir-port: 7000\ntproxy-port: 7000\n", []string{":1", "redir-port", "tproxy-port"}},
 		{"listener on tproxy-port", "listeners:\n  - {name: in, type: socks, port: 7893}\n", []string{":2", "listeners[0].port", "tproxy-port"}},
 		{"controller on tproxy-port", "external-controller: 0.0.0.0:7893\n", []string{"external-controller", "tproxy-port"}},

@@ -92,11 +92,20 @@ func inbounds(root *yaml.Node) []inbound {
 // portValue is a port number node's value; ok is false for 0 (off) and for
 // what is not a port.
 func portValue(n *yaml.Node) (uint16, bool) {
+	n = resolveAlias(n)
 	if n.Kind != yaml.ScalarNode {
 		return 0, false
 	}
-	v, err := strconv.ParseUint(n.Value, 10, 16)
-	return uint16(v), err == nil && v != 0
+	// As YAML reads an integer (0x1ed5 and 0o17325 too), or a quoted one.
+	var v int64
+	if n.Decode(&v) != nil {
+		u, err := strconv.ParseUint(n.Value, 10, 16)
+		if err != nil {
+			return 0, false
+		}
+		v = int64(u)
+	}
+	return uint16(v), v > 0 && v <= 65535
 }
 
 // checkPorts fails when one of mihomo's inbound servers would take a port that

@@ -440,22 +440,18 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 			if err = p.decode(v, key, &list); err == nil {
 				var out []netip.Prefix
 				for j, s := range list {
+					line := v
+					if j < len(v.Content) {
+						line = v.Content[j]
+					}
 					pr, perr := parseCIDR(s)
 					if perr != nil {
-						line := v
-						if j < len(v.Content) {
-							line = v.Content[j]
-						}
 						err = p.errf(line, key, "%q is not a CIDR or address", s)
 						break
 					}
 					// The fake-ip range is always intercepted, ahead of the
 					// bypass: an overlap would silently not be bypassed.
 					if fake := fakeRangeOverlapping(dns, pr); fake.IsValid() && k.Value == "bypass" {
-						line := v
-						if j < len(v.Content) {
-							line = v.Content[j]
-						}
 						err = p.errf(line, key, "%q overlaps dns's fake-ip range %s, whose addresses are always intercepted", s, fake)
 						break
 					}

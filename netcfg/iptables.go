@@ -676,8 +676,10 @@ func iptFamiliesHere() []Family {
 		if _, err := exec.LookPath(iptCommand(f)); err != nil {
 			continue
 		}
-		if f == IPv6 && !kernelHasIPv6() {
-			continue
+		if f == IPv6 {
+			if h, err := ProbeIPv6(); err == nil && !h.Kernel {
+				continue
+			}
 		}
 		out = append(out, f)
 	}

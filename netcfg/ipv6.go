@@ -21,12 +21,6 @@ type IPv6Host struct {
 // reading process's network namespace).
 var ipv6Conf = "/proc/sys/net/ipv6/conf"
 
-// kernelHasIPv6 reports whether the kernel has IPv6 (ProbeIPv6's Kernel).
-func kernelHasIPv6() bool {
-	_, err := os.Stat(ipv6Conf)
-	return !errors.Is(err, fs.ErrNotExist)
-}
-
 // ProbeIPv6 reads the IPv6 state of this network namespace.
 func ProbeIPv6() (IPv6Host, error) {
 	entries, err := os.ReadDir(ipv6Conf)

@@ -53,26 +53,34 @@ func inbounds(root *yaml.Node) []inbound {
 				}
 			}
 		case "listeners":
-			for j, l := range v.Content {
-				if l.Kind != yaml.MappingNode {
+			// Aliases and merge keys as mihomo reads them: a listener
+			// may take its port from an anchored mapping (<<: *base).
+			for j, l := range resolveAlias(v).Content {
+				fields, ok := pairs(l)
+				if !ok {
 					continue
 				}
-				var fields struct {
-					Listen string `yaml:"listen"`
-				}
-				_ = l.Decode(&fields)
 				addr := netip.IPv4Unspecified()
-				if a, err := netip.ParseAddr(fields.Listen); err == nil {
-					addr = a
+				var port *yaml.Node
+				for _, kv := range fields {
+					switch kv[0].Value {
+					case "listen":
+						var s string
+						if kv[1].Decode(&s) == nil {
+							if a, err := netip.ParseAddr(s); err == nil {
+								addr = a
+							}
+						}
+					case "port":
+						port = kv[1]
+					}
 				}
-				for m := 0; m+1 < len(l.Content); m += 2 {
-					if l.Content[m].Value != "port" {
-						continue
-					}
-					if port, ok := portValue(l.Content[m+1]); ok {
-						found = append(found, inbound{key: fmt.Sprintf("listeners[%d].port", j), node: l.Content[m+1],
-							addr: netip.AddrPortFrom(addr, port)})
-					}
+				if port == nil {
+					continue
+				}
+				if p, ok := portValue(port); ok {
+					found = append(found, inbound{key: fmt.Sprintf("listeners[%d].port", j), node: resolveAlias(port),
+						addr: netip.AddrPortFrom(addr, p)})
 				}
 			}
 		}

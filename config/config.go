@@ -89,6 +89,8 @@ type Gateway struct {
 	DNSHijack  bool
 	Forward    bool
 	StateDir   string
+	// StateDirLine is the line of tpgw.state-dir, 0 when not in the file.
+	StateDirLine int
 	// UDPTimeout is the idle time after which a UDP session's reply socket is
 	// closed; UDPMaxSessions bounds the session table.
 	UDPTimeout     time.Duration
@@ -476,6 +478,7 @@ func (p parser) parseGateway(n *yaml.Node, g *Gateway, dns DNS) error {
 		case "forward":
 			err = p.decode(v, key, &g.Forward)
 		case "state-dir":
+			g.StateDirLine = v.Line
 			if err = p.decode(v, key, &g.StateDir); err == nil && !filepath.IsAbs(g.StateDir) {
 				err = p.errf(v, key, "%q must be an absolute path", g.StateDir)
 			}

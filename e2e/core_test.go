@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -270,6 +271,30 @@ func TestBadConfig(t *testing.T) {
 		})
 	}
 
+	// A state-dir on a read-only file system (one outside ReadWritePaths
+	// under the systemd unit's ProtectSystem=strict) is named before
+	// anything starts. The read-only mount is made inside ip netns exec's
+	// own mount namespace, so the host never sees it.
+	t.Run("state-dir read-only", func(t *testing.T) {
+		ro := t.TempDir()
+		cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "tpgw:\n  state-dir: "+ro+"/state\n"))
+		for _, cmd := range []string{"check", "run"} {
+			out, err := exec.Command("ip", "netns", "exec", tp.Gateway.Name, "sh", "-c",
+				`mount -t tmpfs -o ro tpgw-test-ro "$1" && exec timeout 20 "$2" "$3" -c "$4"`,
+				"sh", ro, tpgwBin, cmd, cfg).CombinedOutput()
+			if err == nil || !strings.Contains(string(out), "config.yaml:") || !strings.Contains(string(out), "tpgw.state-dir: "+ro+"/state cannot be written") ||
+				!strings.Contains(string(out), "read-only file system") || !strings.Contains(string(out), "ReadWritePaths") {
+				t.Errorf("tpgw %s with state-dir on a read-only mount: %v\n%s", cmd, err, out)
+			}
+		}
+		if after := testnet.Snapshot(t, tp.Gateway); after != before {
+			t.Fatalf("kernel state changed by a failed run\n%s", after)
+		}
+		if mi, err := os.ReadFile("/proc/self/mountinfo"); err != nil || strings.Contains(string(mi), " "+ro+" ") {
+			t.Errorf("the read-only mount shows on the host (%v)", err)
+		}
+	})
+
 	// A start that fails late (the TPROXY port is taken) installs nothing either.
 	t.Run("port taken", func(t *testing.T) {
 		var ln net.Listener
@@ -456,6 +481,34 @@ func TestIPv6Disabled(t *testing.T) {
 // not have (a typo, or one that appears later) is said at check and at start,
 // with the interfaces that are there: the LAN's flows otherwise passed
 // unproxied without a word.
+// TestFakeIPOverlap: a network of the gateway that lies in the fake-ip range
+// is named, by interface, by tpgw check and at a start: flows to its hosts
+// would be taken for fake IPs. A range clear of it gives no warning.
+func TestFakeIPOverlap(t *testing.T) {
+	requirePeers(t)
+	tp := testnet.New(t)
+	tp.Gateway.MustRun(t, "ip", "addr", "add", "198.18.44.1/24", "dev", "lan0")
+	want := []string{"dns.fake-ip-range overlaps a network of this host", "network=lan0:198.18.44.0/24"}
+	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig))
+	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
+	for _, w := range want {
+		if code != 0 || !strings.Contains(stderr, w) {
+			t.Errorf("tpgw check: exit %d, want success and a warning with %q:\n%s", code, w, stderr)
+		}
+	}
+	p := startTPGW(t, tp, cfg)
+	for _, w := range want {
+		if !strings.Contains(p.Output(), w) {
+			t.Errorf("run: no warning with %q:\n%s", w, p.Output())
+		}
+	}
+	stopTPGW(t, p, syscall.SIGTERM)
+	clear := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, strings.Replace(dnsConfig, "198.18.0.1/16", "198.19.0.1/16", 1)))
+	if code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", clear); code != 0 || strings.Contains(stderr, "fake-ip-range") {
+		t.Errorf("tpgw check with a range clear of the host's networks: exit %d\n%s", code, stderr)
+	}
+}
+
 func TestMissingInterface(t *testing.T) {
 	requirePeers(t)
 	tp := testnet.New(t)

@@ -548,6 +548,53 @@ func ruleTarget(rule string) string {
 	return ""
 }
 
+// afterIPTList, when set by a test, runs between a chain's -S and the
+// deletes that follow it.
+var afterIPTList func(table, chain string)
+
+// splitIPTRule splits a line of `iptables -S` into its arguments. iptables
+// quotes a value that holds anything but letters, digits, '-' and '_' in
+// double quotes, and escapes a double quote, a single quote or a backslash in it
+// with a backslash.
+func splitIPTRule(line string) ([]string, error) {
+	var args []string
+	var cur strings.Builder
+	inArg, quoted := false, false
+	for i := 0; i < len(line); i++ {
+		c := line[i]
+		switch {
+		case quoted && c == '\\':
+			if i+1 == len(line) {
+				return nil, errors.New("a backslash ends the line")
+			}
+			i++
+			cur.WriteByte(line[i])
+		case quoted && c == '"':
+			quoted = false
+		case quoted:
+			cur.WriteByte(c)
+		case c == '"':
+			quoted, inArg = true, true
+		case c == ' ' || c == '\t' || c == '\n':
+			if inArg {
+				args = append(args, cur.String())
+				cur.Reset()
+				inArg = false
+			}
+		default:
+			cur.WriteByte(c)
+			inArg = true
+		}
+	}
+	if quoted {
+		return nil, errors.New("a quote is not closed")
+	}
+	if inArg {
+		args = append(args, cur.String())
+	}
+	return args, nil
+}
+
 // ourChains lists the chains named TPGW* of a table. A table that does not
 // exist (iptables-legacy without its kernel module, say on a router that
 // uses nftables) holds none.
@@ -591,27 +638,38 @@ func deleteIPTJumps(log *slog.Logger, ipt *iptables.IPTables, f Family, which fu
 				errs = append(errs, fmt.Errorf("netcfg: %s -t %s -S %s: %w", iptCommand(f), table, chain, err))
 				continue
 			}
-			// Numbered from 1 over the -A lines; delete from the end so numbers stay valid.
-			var ids []int
-			id := 0
+			if afterIPTList != nil {
+				afterIPTList(table, chain)
+			}
+			// Deleted by their spec, not their number: another tool may
+			// insert or delete rules in a built-in chain between the -S
+			// and the -D, and a number would then name its rule.
+			deleted := 0
 			for _, r := range rules {
 				if !strings.HasPrefix(r, "-A ") {
 					continue
 				}
-				id++
-				if t := ruleTarget(r); strings.HasPrefix(t, iptPrefix) && which(t) {
-					ids = append(ids, id)
-				}
-			}
-			for k := len(ids) - 1; k >= 0; k-- {
-				if err := ipt.DeleteById(table, chain, ids[k]); err != nil {
-					errs = append(errs, fmt.Errorf("netcfg: %s -t %s -D %s %d: %w", iptCommand(f), table, chain, ids[k], err))
+				if t := ruleTarget(r); !strings.HasPrefix(t, iptPrefix) || !which(t) {
 					continue
 				}
-				n++
+				args, err := splitIPTRule(r)
+				if err != nil || len(args) < 2 {
+					errs = append(errs, fmt.Errorf("netcfg: %s -t %s -S %s: cannot read %q: %v", iptCommand(f), table, chain, r, err))
+					continue
+				}
+				err = ipt.Delete(table, chain, args[2:]...)
+				if notExist(err) {
+					continue // gone since the -S
+				}
+				if err != nil {
+					errs = append(errs, fmt.Errorf("netcfg: %s -t %s -D %s: %w", iptCommand(f), table, strings.TrimPrefix(r, "-A "), err))
+					continue
+				}
+				deleted++
 			}
-			if len(ids) > 0 {
-				log.Debug("netcfg: iptables jumps deleted", "cmd", iptCommand(f), "table", table, "chain", chain, "count", len(ids))
+			n += deleted
+			if deleted > 0 {
+				log.Debug("netcfg: iptables jumps deleted", "cmd", iptCommand(f), "table", table, "chain", chain, "count", deleted)
 			}
 		}
 	}

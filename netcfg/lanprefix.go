@@ -1,6 +1,7 @@
 package netcfg
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 
@@ -50,7 +51,7 @@ func NotIntercepted(o Options) ([]OutsideLAN, error) {
 	withAddrs := 0
 	for _, l := range links {
 		a := l.Attrs()
-		if a.Flags&unix.IFF_LOOPBACK != 0 || a.Flags&unix.IFF_UP == 0 {
+		if a.Flags&net.FlagLoopback != 0 || a.Flags&net.FlagUp == 0 {
 			continue
 		}
 		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
@@ -92,4 +93,48 @@ func isDefault(r netlink.Route) bool {
 	}
 	ones, _ := r.Dst.Mask.Size()
 	return ones == 0
+}
+
+// NetworksOverlapping lists the host's networks (its interfaces' addresses
+// with their prefix lengths; loopback left out) that overlap one of
+// ranges. It reads the network namespace of the calling thread.
+func NetworksOverlapping(ranges ...netip.Prefix) ([]OutsideLAN, error) {
+	var want []netip.Prefix
+	for _, r := range ranges {
+		if r.IsValid() {
+			want = append(want, r.Masked())
+		}
+	}
+	if len(want) == 0 {
+		return nil, nil
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var found []OutsideLAN
+	for _, l := range links {
+		a := l.Attrs()
+		if a.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return nil, err
+		}
+		for _, ad := range addrs {
+			ip, ok := netip.AddrFromSlice(ad.IP)
+			if !ok {
+				continue
+			}
+			ip = ip.Unmap()
+			ones, _ := ad.Mask.Size()
+			p := netip.PrefixFrom(ip, ones).Masked()
+			n := OutsideLAN{Iface: a.Name, Prefix: p}
+			if slices.ContainsFunc(want, p.Overlaps) && !slices.Contains(found, n) {
+				found = append(found, n)
+			}
+		}
+	}
+	return found, nil
 }

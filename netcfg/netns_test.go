@@ -5,11 +5,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 
@@ -817,5 +819,139 @@ func TestIPv6DisabledLegacyIP6Tables(t *testing.T) {
 			t.Errorf("%s: RemoveDivert: %v", backend, err)
 		}
 		remove(t, n, inst)
+	}
+}
+
+// TestIPTJumpsDeletedBySpec: Cleanup deletes our jumps by their spec, so a
+// rule another tool inserts at the top of a built-in chain between the -S
+// and the -D stays, and a jump whose comment iptables quotes is read back.
+func TestIPTJumpsDeletedBySpec(t *testing.T) {
+	testenv.RequireTools(t, "iptables")
+	n := newTestNS(t, true)
+	b := newBackend(t, n, "iptables", "")
+	before := n.snapshot(t)
+	stateDir := t.TempDir()
+	if _, err := apply(t, n, b, mustPlan(t, DefaultOptions()), stateDir); err != nil {
+		t.Fatal(err)
+	}
+	const quoted = `a "tpgw" jump\ that's quoted`
+	n.run(t, "iptables", "-t", "mangle", "-N", iptPrefix+"TEST")
+	n.run(t, "iptables", "-t", "mangle", "-A", "OUTPUT", "-m", "comment", "--comment", quoted, "-j", iptPrefix+"TEST")
+	if s := n.run(t, "iptables", "-t", "mangle", "-S", "OUTPUT"); !strings.Contains(s, `\"tpgw\"`) {
+		t.Fatalf("iptables -S does not quote the comment as expected:\n%s", s)
+	}
+	foreign := []string{"-s", "192.0.2.77/32", "-m", "comment", "--comment", "another tool", "-j", "ACCEPT"}
+	inserted := false
+	afterIPTList = func(table, chain string) {
+		if table == "mangle" && chain == "PREROUTING" && !inserted {
+			inserted = true
+			n.run(t, append([]string{"iptables", "-t", "mangle", "-I", "PREROUTING", "1"}, foreign...)...)
+		}
+	}
+	t.Cleanup(func() { afterIPTList = nil })
+	cleanup(t, n, stateDir)
+	afterIPTList = nil
+	if !inserted {
+		t.Fatal("Cleanup never listed mangle PREROUTING")
+	}
+	pre := n.run(t, "iptables", "-t", "mangle", "-S", "PREROUTING")
+	if !strings.Contains(pre, "192.0.2.77") {
+		t.Errorf("the rule another tool inserted is gone:\n%s", pre)
+	}
+	for _, table := range iptTables {
+		if s := n.run(t, "iptables", "-t", table, "-S"); strings.Contains(s, iptPrefix) {
+			t.Errorf("iptables -t %s still holds tpgw's rules:\n%s", table, s)
+		}
+	}
+	n.run(t, append([]string{"iptables", "-t", "mangle", "-D", "PREROUTING"}, foreign...)...)
+	requireSameState(t, before, n.snapshot(t))
+}
+
+func TestSplitIPTRule(t *testing.T) {
+	for _, c := range []struct {
+		line string
+		want []string
+	}{
+		{"-A PREROUTING -m comment --comment tpgw -j TPGW_PRE", []string{"-A", "PREROUTING", "-m", "comment", "--comment", "tpgw", "-j", "TPGW_PRE"}},
+		{`-A OUTPUT ! -s 10.0.0.0/8 -m comment --comment "two words" -j TPGW_OUT`, []string{"-A", "OUTPUT", "!", "-s", "10.0.0.0/8", "-m", "comment", "--comment", "two words", "-j", "TPGW_OUT"}},
+		{`-A X -m comment --comment "a \"q\" \\ b\'s" -j Y`, []string{"-A", "X", "-m", "comment", "--comment", `a "q" \ b's`, "-j", "Y"}},
+		{`-A X -m comment --comment "" -j Y`, []string{"-A", "X", "-m", "comment", "--comment", "", "-j", "Y"}},
+	} {
+		got, err := splitIPTRule(c.line)
+		if err != nil || !slices.Equal(got, c.want) {
+			t.Errorf("splitIPTRule(%s) = %q, %v; want %q", c.line, got, err, c.want)
+		}
+	}
+	for _, bad := range []string{`-A X --comment "open`, `-A X --comment "ends \`} {
+		if _, err := splitIPTRule(bad); err == nil {
+			t.Errorf("splitIPTRule(%s) took an unreadable line", bad)
+		}
+	}
+}
+
+// TestNetworksOverlapping: the host's networks that overlap the fake-ip
+// ranges are found, by interface, in both families; others and loopback
+// are not.
+func TestNetworksOverlapping(t *testing.T) {
+	n := newTestNS(t, true)
+	n.run(t, "ip", "link", "add", "lan9", "type", "veth", "peer", "name", "lan9p")
+	n.run(t, "ip", "link", "set", "lan9", "up")
+	n.run(t, "ip", "addr", "add", "198.18.5.1/24", "dev", "lan9")
+	n.run(t, "ip", "addr", "add", "10.1.2.3/24", "dev", "lan9")
+	n.run(t, "ip", "addr", "add", "198.0.0.1/7", "dev", "lan9")
+	n.run(t, "ip", "-6", "addr", "add", "fdfe:dcba:9876::5/64", "dev", "lan9", "nodad")
+	n.run(t, "ip", "addr", "add", "198.18.9.9/32", "dev", "lo")
+	var got []OutsideLAN
+	var err error
+	n.in(t, func() {
+		got, err = NetworksOverlapping(netip.MustParsePrefix("198.18.0.1/16"), netip.MustParsePrefix("fdfe:dcba:9876::/64"))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []OutsideLAN{
+		{"lan9", netip.MustParsePrefix("198.18.5.0/24")},
+		{"lan9", netip.MustParsePrefix("198.0.0.0/7")},
+		{"lan9", netip.MustParsePrefix("fdfe:dcba:9876::/64")},
+	}
+	for _, w := range want {
+		if !slices.Contains(got, w) {
+			t.Errorf("%v not found in %v", w, got)
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("found %v, want %v", got, want)
+	}
+	n.in(t, func() { got, err = NetworksOverlapping(netip.Prefix{}) })
+	if err != nil || len(got) != 0 {
+		t.Errorf("no range: %v, %v", got, err)
+	}
+}
+
+// TestNotInterceptedPointToPoint: a LAN on a point-to-point interface (a
+// tun, WireGuard or PPP device) numbered from a global IPv6 prefix is
+// reported like any other; the WAN, which holds the default route, is not.
+// Before, the link flags were read as the kernel's IFF_ bits, and
+// IFF_LOOPBACK's bit is Go's FlagPointToPoint, so such interfaces were left out.
+func TestNotInterceptedPointToPoint(t *testing.T) {
+	testenv.RequireTools(t, "ip")
+	n := newTestNS(t, true)
+	n.run(t, "ip", "tuntap", "add", "dev", "tun9", "mode", "tun")
+	n.run(t, "ip", "link", "set", "tun9", "up")
+	n.run(t, "ip", "-6", "addr", "add", "2001:db8:5::1/64", "dev", "tun9", "nodad")
+	n.run(t, "ip", "link", "add", "wan9", "type", "veth", "peer", "name", "wan9p")
+	n.run(t, "ip", "link", "set", "wan9", "up")
+	n.run(t, "ip", "link", "set", "wan9p", "up")
+	n.run(t, "ip", "-6", "addr", "add", "2001:db8:99::2/64", "dev", "wan9", "nodad")
+	n.run(t, "ip", "-6", "route", "add", "default", "via", "2001:db8:99::1", "dev", "wan9")
+	var got []OutsideLAN
+	var err error
+	n.in(t, func() { got, err = NotIntercepted(Options{IPv6: true}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []OutsideLAN{{"tun9", netip.MustParsePrefix("2001:db8:5::/64")}}
+	if !slices.Equal(got, want) {
+		t.Errorf("NotIntercepted = %v, want %v", got, want)
 	}
 }

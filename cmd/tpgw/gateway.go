@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -16,6 +17,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tpgw/tpgw/config"
 	"github.com/tpgw/tpgw/dns"
@@ -73,7 +76,28 @@ func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
 	warnIPv6Off(c, log)
 	warnNotIntercepted(opts, log)
 	warnDNSFamily(opts, log)
+	warnFakeIPOverlap(opts, log)
 	return netcfg.BuildPlan(opts)
+}
+
+// warnFakeIPOverlap warns when a network of this host lies in the fake-ip
+// range: tpgw intercepts that range ahead of every bypass, and mihomo takes
+// a destination in it for a fake IP, which maps to no name, so the flows of
+// the LAN to that network's hosts fail.
+func warnFakeIPOverlap(o netcfg.Options, log *slog.Logger) {
+	nets, err := netcfg.NetworksOverlapping(o.FakeIPRange, o.FakeIPRange6)
+	if err != nil {
+		log.Debug("cannot list the host's networks", "err", err)
+		return
+	}
+	for _, n := range nets {
+		key, fake := "dns.fake-ip-range", o.FakeIPRange
+		if n.Prefix.Addr().Is6() {
+			key, fake = "dns.fake-ip-range6", o.FakeIPRange6
+		}
+		log.Warn(key+" overlaps a network of this host: flows to its hosts are intercepted and taken for fake IPs, which map to no name, so they fail; "+
+			"pick a range that no network here uses", "key", key, "range", fake, "network", n.Iface+":"+n.Prefix.String())
+	}
 }
 
 // warnIPv6Off warns when mihomo's ipv6: false turns tpgw's IPv6
@@ -198,6 +222,46 @@ func stateDir(base string) string {
 	return filepath.Join(base, "netns-"+id)
 }
 
+// stateDirWritable tells, before anything starts, whether the state
+// directory can be written. A start that found out only when it wrote its
+// sysctl record had started the engine and the listeners already; and under
+// the systemd unit (ProtectSystem=strict) only /etc/tpgw and /run/tpgw can
+// be written.
+func stateDirWritable(c *config.Config) error {
+	dir := c.Gateway.StateDir
+	if dir == "" {
+		dir = config.DefaultStateDir
+	}
+	fail := func(format string, args ...any) error {
+		return &config.Error{File: c.Path, Line: c.Gateway.StateDirLine, Key: "tpgw.state-dir", Msg: fmt.Sprintf(format, args...)}
+	}
+	// The nearest directory that exists is where a start creates the rest.
+	probe := dir
+	for {
+		fi, err := os.Stat(probe)
+		if err == nil {
+			if !fi.IsDir() {
+				return fail("%s cannot be made a directory: %s is a file", dir, probe)
+			}
+			break
+		}
+		parent := filepath.Dir(probe)
+		if (!errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ENOTDIR)) || parent == probe {
+			return fail("%s: %v", dir, err)
+		}
+		probe = parent
+	}
+	err := unix.Access(probe, unix.W_OK)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EROFS):
+		return fail("%s cannot be written: %s is on a read-only file system (under the systemd unit, ProtectSystem=strict leaves only /etc/tpgw and /run/tpgw writable: use one of those, or add it to ReadWritePaths)", dir, probe)
+	default:
+		return fail("%s cannot be written: %s: %v", dir, probe, err)
+	}
+}
+
 // gateway is a running tpgw: the engine, the listeners and the kernel rules.
 type gateway struct {
 	cfg       *config.Config
@@ -228,6 +292,9 @@ func runGateway(o cmdOpts) (err error) {
 	if err := requirePrivileges(); err != nil {
 		return err
 	}
+	if err := stateDirWritable(c); err != nil {
+		return err
+	}
 	log := o.log
 	// Before anything that touches the kernel, even the backend probe.
 	lock, err := holdGateway(log)
@@ -242,12 +309,9 @@ func runGateway(o cmdOpts) (err error) {
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
-	backend, why, err := netcfg.ChooseBackend(c.Gateway.Backend, log)
+	backend, why, err := backendFor(c, log)
 	if err != nil {
 		return err
-	}
-	if c.Gateway.DNSBypass && backend.Name() != config.BackendNftables {
-		return fmt.Errorf("tpgw.dns-bypass needs the nftables backend, and %s (%s)", backend.Name(), why)
 	}
 	log.Info("starting", "config", o.configPath, "version", version, "backend", backend.Name(), "why", why,
 		"on_failure", c.Gateway.OnFailure, "on_failure_means", failureMeaning(c.Gateway.OnFailure),
@@ -582,6 +646,24 @@ func refuseReload(old, c *config.Config) error {
 	return nil
 }
 
+// chooseBackend is netcfg.ChooseBackend; a test stands in for a host whose
+// nftables cannot be used.
+var chooseBackend = netcfg.ChooseBackend
+
+// backendFor is the backend a start with c uses on this host. dns-bypass
+// needs nftables: the config refuses it with backend iptables, and here it is
+// refused when auto falls back to iptables.
+func backendFor(c *config.Config, log *slog.Logger) (netcfg.Backend, string, error) {
+	backend, why, err := chooseBackend(c.Gateway.Backend, log)
+	if err != nil {
+		return nil, "", err
+	}
+	if c.Gateway.DNSBypass && backend.Name() != config.BackendNftables {
+		return nil, "", fmt.Errorf("tpgw.dns-bypass needs the nftables backend, and %s (%s)", backend.Name(), why)
+	}
+	return backend, why, nil
+}
+
 func checkConfig(o cmdOpts, stdout io.Writer) error {
 	c, err := config.Load(o.configPath)
 	if err != nil {
@@ -595,8 +677,16 @@ func checkConfig(o cmdOpts, stdout io.Writer) error {
 	if err := engine.Check(c.Raw, c.Dir()); err != nil {
 		return err
 	}
-	// And what a start would say of the host's firewall (reading it needs root).
+	// And, as root, the backend a start would pick here (the config alone
+	// cannot tell what auto gives), and what it would say of the host's
+	// firewall.
 	if os.Geteuid() == 0 {
+		if err := stateDirWritable(c); err != nil {
+			return err
+		}
+		if _, _, err := backendFor(c, o.log); err != nil {
+			return err
+		}
 		netcfg.WarnHostFirewall(o.log, plan)
 	}
 	fmt.Fprintf(stdout, "%s: ok\n", o.configPath)

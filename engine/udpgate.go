@@ -33,6 +33,18 @@ import (
 // the reader once for udpQueueWait at most, not once per datagram; its
 // datagrams are then dropped by mihomo as before.
 //
+// A session that is sent on, but more slowly than its datagrams come (a
+// QUIC upload through an outbound that carries a quarter of it), reads
+// before each wait times out, so it never stalls: waiting for it at each
+// datagram would tie the reader, and every other source's datagrams, to its
+// pace. So a gate holds the reader for a part in senderHoldShare of the
+// time, and for at most the wait at once: each wait is charged at
+// senderHoldShare times its length (holdPaid), and a datagram waits only
+// for what is left of the wait after the charge not yet paid off. A sender
+// that catches up after a pause is waited for as before; one that does not
+// has its datagrams dropped by mihomo, and holds the reader briefly at
+// each of its reads.
+//
 // Sources share a gate by the hash mihomo picks their worker by (senderGates
 // of them), and their datagrams count in one sequence. While each of them is
 // sent on, the highest number read is one of the last handed over, so a
@@ -44,6 +56,9 @@ const (
 	senderQueueCap = 128
 	senderGates    = 4096
 	senderActive   = 2 * udpQueueWait
+	// senderHoldShare: a gate holds the reader for at most a part in this
+	// of the time, over longer than a wait.
+	senderHoldShare = 10
 )
 
 // senderGate is the count of one or more sessions' datagrams (see above).
@@ -53,6 +68,7 @@ type senderGate struct {
 	read     atomic.Uint64 // the highest number mihomo has read
 	readAt   atomic.Int64  // when, in UnixNano
 	stalled  atomic.Bool   // a wait timed out; no other until the next read
+	holdPaid atomic.Int64  // when the waits so far are paid off, in UnixNano
 	waiters  atomic.Int32
 	wake     chan struct{} // a read while waiters > 0
 	_        [64]byte      // keeps two gates' counters off one cache line
@@ -105,18 +121,27 @@ func (g *senderGate) room(seq uint64) bool {
 }
 
 // admit waits until the gate's seq-th datagram finds room in its sender's
-// queue, up to wait, and says whether it waited and whether it then had
-// room. It does not wait for a session that is not being sent on (see
-// above), and reports no wait then.
+// queue, up to wait less the gate's unpaid waits, and says whether it
+// waited and whether it then had room. It does not wait for a session that
+// is not being sent on, nor for one that has held the reader for its share
+// (see above), and reports no wait then.
 func (g *senderGate) admit(seq uint64, wait time.Duration) (waited, room bool) {
 	if g.read.Load() == 0 || g.room(seq) || g.stalled.Load() {
 		return false, true
 	}
-	if time.Since(time.Unix(0, g.readAt.Load())) > senderActive {
+	now := time.Now()
+	if now.Sub(time.Unix(0, g.readAt.Load())) > senderActive {
+		return false, true
+	}
+	if unpaid := time.Unix(0, g.holdPaid.Load()).Sub(now); unpaid > 0 {
+		wait -= unpaid / senderHoldShare
+	}
+	if wait <= 0 {
 		return false, true
 	}
 	g.waiters.Add(1)
 	defer g.waiters.Add(-1)
+	defer g.chargeHold(now)
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	for {
@@ -128,6 +153,18 @@ func (g *senderGate) admit(seq uint64, wait time.Duration) (waited, room bool) {
 		case <-t.C:
 			g.stalled.Store(true)
 			return true, false
+		}
+	}
+}
+
+// chargeHold charges the gate for a wait that began at start and ends now.
+func (g *senderGate) chargeHold(start time.Time) {
+	now := time.Now()
+	charge := senderHoldShare * now.Sub(start).Nanoseconds()
+	for {
+		paid := g.holdPaid.Load()
+		if g.holdPaid.CompareAndSwap(paid, max(paid, now.UnixNano())+charge) {
+			return
 		}
 	}
 }

@@ -181,3 +181,65 @@ func TestSenderGateBounded(t *testing.T) {
 		t.Error("a datagram numbered below the gate's last read was held")
 	}
 }
+
+// TestSenderGateSlowSenderDoesNotHoldTheReader: a sender that reads on, but
+// more slowly than its datagrams come (one every 2 ms, as a QUIC upload
+// through an outbound that carries a quarter of it), is not waited for at
+// every datagram: the reader, which also serves another sender, is held
+// for a small part of the time, and the other sender loses nothing.
+func TestSenderGateSlowSenderDoesNotHoldTheReader(t *testing.T) {
+	const n = 1000 // datagrams to each sender
+	gs := newSenderGates()
+	slowGate, fastGate := &gs[0], &gs[1]
+	slow := &fakeSender{ch: make(chan *udpPacket, senderQueueCap)}
+	fast := &fakeSender{ch: make(chan *udpPacket, senderQueueCap)}
+	slowDone, fastDone := make(chan struct{}), make(chan struct{})
+	go slow.run(1, 0, 2*time.Millisecond, slowDone)
+	go fast.run(n+1, 0, 0, fastDone)
+	// The first datagram read marks each session as sent on.
+	hand(slowGate, slow, 1, true, 0)
+	hand(fastGate, fast, 1, true, 0)
+	for deadline := time.Now().Add(5 * time.Second); slowGate.read.Load() == 0 || fastGate.read.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the senders read nothing within 5s")
+		}
+	}
+
+	var slowHeld, fastGaveUp int
+	start := time.Now()
+	for range n - 1 {
+		h, _ := hand(slowGate, slow, 1, true, udpQueueWait)
+		slowHeld += h
+		// 10 s rather than udpQueueWait for the sender that keeps up: a
+		// loaded test host must not turn a moment unscheduled into a drop.
+		_, gu := hand(fastGate, fast, 1, true, 10*time.Second)
+		fastGaveUp += gu
+	}
+	took := time.Since(start)
+	close(slow.ch)
+	close(fast.ch)
+	for _, done := range []chan struct{}{slowDone, fastDone} {
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Fatal("a sender did not read its queue within 30s")
+		}
+	}
+
+	// Waiting for the slow sender at each datagram past its queue's takes
+	// (n-senderQueueCap) * 2ms, over 1.7s.
+	t.Logf("%d datagrams to each sender in %v: the slow sender held %d and dropped %d", n, took, slowHeld, slow.dropped)
+	if took > 400*time.Millisecond {
+		t.Errorf("the slow sender held the reader for %v (%d datagrams held), want well under the %v of waiting for each",
+			took, slowHeld, time.Duration(n-senderQueueCap)*2*time.Millisecond)
+	}
+	if slowHeld == 0 {
+		t.Error("the slow sender was never waited for: the test shows nothing")
+	}
+	if fast.dropped != 0 || fastGaveUp != 0 {
+		t.Errorf("the sender that keeps up: %d dropped, %d found no room, want none", fast.dropped, fastGaveUp)
+	}
+	if got := fastGate.read.Load(); got != n {
+		t.Errorf("the sender that keeps up read %d, want %d", got, n)
+	}
+}

@@ -81,7 +81,8 @@ type udpDropCounters struct {
 	unsent    atomic.Uint64
 	// senderWaits counts the datagrams that waited for room in their
 	// session's sender queue (udpgate.go), senderWaitedOut those of them
-	// that found none within udpQueueWait.
+	// that found none within their wait (udpQueueWait, or what the gate's
+	// share of the reader's time left of it).
 	senderWaits     atomic.Uint64
 	senderWaitedOut atomic.Uint64
 }
@@ -111,7 +112,7 @@ func (e *Engine) UDPDrops() UDPDrops {
 // the engine started.
 type UDPSenderWaits struct {
 	Held   uint64 // held at all
-	GaveUp uint64 // of those: no room within udpQueueWait (mihomo may drop them then)
+	GaveUp uint64 // of those: no room within their wait, at most udpQueueWait (mihomo may drop them then)
 }
 
 // UDPSenderWaits returns the engine's counts of held datagrams.

@@ -41,6 +41,15 @@
 // one for an established socket and steals the client's next datagram from
 // the listener. See Documentation/networking/tproxy.rst in the kernel tree.
 //
+// SO_REUSEADDR shares an address only with sockets that set it too. A socket
+// of the gateway that holds the port on all addresses without it (tpgw's own
+// listeners, a WireGuard server on the router, mihomo's DIRECT sockets on
+// their ephemeral ports) makes the bind fail with EADDRINUSE, IP_TRANSPARENT
+// or not. Such a session sends its replies from a raw socket instead, which
+// writes the IP and UDP headers with the reply's source itself and binds
+// nothing (UDPStats.RawSessions counts them); the kernel does not fragment
+// its packets, so a reply larger than the LAN's MTU fails there.
+//
 // Reply sockets are opened in the network namespace the listener was opened
 // in, whichever goroutine asks for them (it matters only to tests, which
 // open listeners inside throwaway namespaces).

@@ -57,6 +57,7 @@ type UDPStats struct {
 	Evicted     uint64 // closed to make room (table full)
 	Expired     uint64 // closed after IdleTimeout
 	ReplyErrors uint64 // replies that could not be sent
+	RawSessions uint64 // reply sessions opened on a raw socket: another socket of the gateway held their source
 }
 
 // Buffer sizes. Serve reads up to udpBatch datagrams per system call
@@ -86,7 +87,7 @@ type UDPListener struct {
 
 	small, large sync.Pool // *datagram
 
-	datagrams, dropped, replyErrors atomic.Uint64
+	datagrams, dropped, replyErrors, rawSessions atomic.Uint64
 
 	mu      sync.Mutex
 	closed  bool
@@ -180,6 +181,7 @@ func (l *UDPListener) Stats() UDPStats {
 		Evicted:     c.evicted,
 		Expired:     c.expired,
 		ReplyErrors: l.replyErrors.Load(),
+		RawSessions: l.rawSessions.Load(),
 	}
 }
 
@@ -327,17 +329,67 @@ func (l *UDPListener) reply(client, dst netip.AddrPort, b []byte, from netip.Add
 // bound to (from) would also be what the TPROXY lookup of established
 // sockets matches for the client's next datagram to from, which would then
 // land in the reply socket instead of the listener.
+//
+// When another socket of the gateway holds from's port on all addresses (or
+// on from's) without SO_REUSEADDR, the bind fails with EADDRINUSE whatever
+// IP_TRANSPARENT says: tpgw's own listeners, a WireGuard server on the
+// router, mihomo's DIRECT sockets on their ephemeral ports. The session then
+// sends from a raw socket that writes the IP and UDP headers itself
+// (rawReplySocket).
 func (l *UDPListener) openReplySocket(from netip.AddrPort) (replySocket, error) {
-	var conn *tsock.ReplySocket
-	err := l.home.Do(func() (err error) {
-		conn, err = tsock.OpenReply(from, tsock.ReplyOptions{RcvBuf: replyBufferSize})
-		return err
+	var sock replySocket
+	err := l.home.Do(func() error {
+		conn, err := tsock.OpenReply(from, tsock.ReplyOptions{RcvBuf: replyBufferSize})
+		if err == nil {
+			sock = conn
+			return nil
+		}
+		if !errors.Is(err, unix.EADDRINUSE) {
+			return err
+		}
+		raw, rerr := tsock.OpenRawUDP(from.Addr().Unmap().Is4())
+		if rerr != nil {
+			return fmt.Errorf("%w; raw socket instead: %w", err, rerr)
+		}
+		sock = &rawReplySocket{raw: raw, from: from}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("relay: open udp reply socket from %s: %w", from, err)
 	}
-	return conn, nil
+	if _, ok := sock.(*rawReplySocket); ok {
+		l.rawSessions.Add(1)
+		if l.log.Enabled(context.Background(), slog.LevelDebug) {
+			l.log.Debug("udp reply source held by another socket of the gateway: the session replies from a raw socket", "from", from)
+		}
+	}
+	return sock, nil
 }
+
+// rawReplySocket is a session's reply socket for a source address and port
+// it cannot bind (openReplySocket): each reply is a whole IP packet with from
+// as its source, sent on a raw socket of the listener's namespace
+// (tsock.RawUDP). Nothing is bound, so the socket that holds the port keeps
+// receiving what is sent to it. Unlike a UDP socket's, a reply larger than
+// the MTU of the LAN interface is not fragmented: it fails with EMSGSIZE
+// and counts as a reply error.
+type rawReplySocket struct {
+	raw  *tsock.RawUDP
+	from netip.AddrPort
+}
+
+func (s *rawReplySocket) WriteToUDPAddrPort(b []byte, client netip.AddrPort) (int, error) {
+	if err := s.raw.Send(b, s.from, client); err != nil {
+		if errors.Is(err, tsock.ErrRawClosed) {
+			// Evicted meanwhile, as a closed ReplySocket: reply tries again.
+			return 0, net.ErrClosed
+		}
+		return 0, fmt.Errorf("relay: udp reply from %v to %v: %w", s.from, client, err)
+	}
+	return len(b), nil
+}
+
+func (s *rawReplySocket) Close() error { return s.raw.Close() }
 
 func (l *UDPListener) isClosed() bool {
 	l.mu.Lock()

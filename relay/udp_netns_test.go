@@ -2,6 +2,7 @@ package relay_test
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -461,5 +462,176 @@ func TestUDPFloodBounded(t *testing.T) {
 	}
 	if st := l.Stats(); st.Expired == 0 {
 		t.Errorf("stats %+v: no session expired", st)
+	}
+}
+
+// Ports of remote servers that sockets of the gateway itself also hold, on
+// every address and without SO_REUSEADDR: a kernel WireGuard server on the
+// router (51820) while a LAN client talks to a WireGuard server elsewhere,
+// or a peer whose port is one of mihomo's DIRECT sockets' ephemeral ports.
+const (
+	takenPort      = 51820 // the upstream's UDP echo, relayed DIRECT
+	takenSizedPort = 51821 // answered at once by sizedReply
+)
+
+// holdPort binds plain UDP sockets to 0.0.0.0:port and [::]:port (IPv6 only)
+// in the gateway namespace, as a WireGuard server does, for the test's
+// duration.
+func holdPort(t *testing.T, tp *testnet.Topology, port uint16) []*net.UDPConn {
+	t.Helper()
+	var conns []*net.UDPConn
+	err := tp.Gateway.Do(func() error {
+		for _, network := range []string{"udp4", "udp6"} {
+			// Go's net sets no SO_REUSEADDR on a unicast UDP socket, and "udp6" is IPV6_V6ONLY.
+			c, err := net.ListenUDP(network, &net.UDPAddr{Port: int(port)})
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+		}
+		return nil
+	})
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	if err != nil {
+		t.Fatalf("hold port %d in %s: %v", port, tp.Gateway.Name, err)
+	}
+	return conns
+}
+
+// sizedReply answers a datagram holding a decimal number n with n bytes from
+// the original destination, and passes on reply's error.
+type sizedReply struct{ errs chan error }
+
+func (h *sizedReply) HandleUDP(_, _ netip.AddrPort, data []byte, reply func([]byte, netip.AddrPort) (int, error), release func()) {
+	var n int
+	_, err := fmt.Sscan(string(data), &n)
+	release()
+	if err == nil {
+		_, err = reply(bytes.Repeat([]byte{'r'}, n), netip.AddrPort{})
+	}
+	h.errs <- err
+}
+
+// TestUDPReplyFromTakenPort relays UDP to remote servers on a port that
+// sockets of the gateway hold on 0.0.0.0 and [::] without SO_REUSEADDR, where
+// the kernel refuses to bind a reply socket to the original destination.
+// Replies still reach the client from the original destination, for IPv4 and
+// IPv6; the gateway's own sockets still get what is sent to them; a reply
+// that fills the LAN's MTU arrives whole, and one byte more fails as a reply
+// error (a raw socket's packet is not fragmented) instead of going out
+// malformed.
+func TestUDPReplyFromTakenPort(t *testing.T) {
+	tp := gateway(t)
+	tp.StartUDPEcho(t, takenPort)
+	holders := append(holdPort(t, tp, takenPort), holdPort(t, tp, takenSizedPort)...)
+	direct := newDirectHandler(t, tp.Gateway)
+	sized := &sizedReply{errs: make(chan error, 1)}
+	l := serveUDP(t, tp, portMux{takenPort: direct, takenSizedPort: sized}, relay.UDPOptions{})
+
+	var mtu int
+	if err := tp.Gateway.Do(func() error {
+		ifi, err := net.InterfaceByName(testnet.LANIface)
+		if err == nil {
+			mtu = ifi.MTU
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name, network string
+		up            netip.Addr
+		headers       int // IP and UDP
+	}{
+		{"ipv4", "udp4", tp.UpstreamIP, 20 + 8},
+		{"ipv6", "udp6", tp.UpstreamIP6, 40 + 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := clientSocket(t, tp, tc.network)
+			echo := netip.AddrPortFrom(tc.up, takenPort)
+			if got := pingPong(t, c, echo, echo, 20); got < 19 {
+				t.Fatalf("%d of 20 datagrams came back from %v, want ≥ 19", got, echo)
+			}
+
+			dst := netip.AddrPortFrom(tc.up, takenSizedPort)
+			fits := mtu - tc.headers
+			for _, size := range []int{fits, fits + 1} {
+				before := l.Stats().ReplyErrors
+				if _, err := c.WriteToUDPAddrPort(fmt.Append(nil, size), dst); err != nil {
+					t.Fatal(err)
+				}
+				var err error
+				select {
+				case err = <-sized.errs:
+				case <-time.After(3 * time.Second):
+					t.Fatalf("%d-byte reply: the handler was not called within 3s", size)
+				}
+				if size == fits {
+					if err != nil {
+						t.Fatalf("%d-byte reply (the LAN's MTU): %v", size, err)
+					}
+					buf := make([]byte, 64<<10)
+					c.SetReadDeadline(time.Now().Add(3 * time.Second))
+					n, from, rerr := c.ReadFromUDPAddrPort(buf)
+					from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
+					if rerr != nil || n != size || from != dst {
+						t.Fatalf("received %d bytes from %v (%v), want %d from %v", n, from, rerr, size, dst)
+					}
+					continue
+				}
+				if !errors.Is(err, unix.EMSGSIZE) {
+					t.Errorf("%d-byte reply, over the LAN's MTU %d: %v, want EMSGSIZE", size, mtu, err)
+				}
+				if after := l.Stats().ReplyErrors; after != before+1 {
+					t.Errorf("reply errors %d, then %d: want the refused reply counted", before, after)
+				}
+			}
+		})
+	}
+
+	// The sockets that hold the ports still get their own datagrams.
+	var probe []*net.UDPConn
+	if err := tp.Gateway.Do(func() error {
+		for _, network := range []string{"udp4", "udp6"} {
+			c, err := net.ListenUDP(network, nil)
+			if err != nil {
+				return err
+			}
+			probe = append(probe, c)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range probe {
+		defer c.Close()
+	}
+	for i, h := range holders {
+		to := netip.MustParseAddrPort("127.0.0.1:0")
+		c := probe[0]
+		if i%2 == 1 {
+			to, c = netip.MustParseAddrPort("[::1]:0"), probe[1]
+		}
+		to = netip.AddrPortFrom(to.Addr(), h.LocalAddr().(*net.UDPAddr).AddrPort().Port())
+		if _, err := c.WriteToUDPAddrPort([]byte("own"), to); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64)
+		h.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if n, _, err := h.ReadFromUDPAddrPort(buf); err != nil || string(buf[:n]) != "own" {
+			t.Errorf("the gateway's socket on %v got %q, %v; want its own datagram", to, buf[:n], err)
+		}
+	}
+
+	st := l.Stats()
+	t.Logf("stats: %+v", st)
+	// One session per family and port: the echo's and sizedReply's.
+	if st.ReplyErrors != 2 || st.RawSessions != 4 {
+		t.Errorf("stats %+v: want 2 reply errors (the replies over the MTU) and 4 raw sessions", st)
 	}
 }

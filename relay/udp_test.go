@@ -210,3 +210,16 @@ func TestListenUDPCloseStopsServe(t *testing.T) {
 		t.Fatalf("reply after Close: %v, want net.ErrClosed", err)
 	}
 }
+
+// A raw reply socket that was closed (an evicted session) reports
+// net.ErrClosed, as a closed ReplySocket does, so that reply tries again
+// with a new session.
+func TestRawReplySocketClosed(t *testing.T) {
+	s := &rawReplySocket{raw: tsock.NewRawUDP(), from: netip.MustParseAddrPort("203.0.113.2:51820")}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.WriteToUDPAddrPort([]byte("x"), netip.MustParseAddrPort("192.168.77.2:40000")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("send after Close: %v, want net.ErrClosed", err)
+	}
+}

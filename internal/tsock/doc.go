@@ -23,7 +23,10 @@
 // sent to, so replies leave from a socket bound there (ListenReply):
 // transparent to bind a remote address, SO_REUSEADDR so that many sockets
 // share it, and never connected, so that the tproxy lookup, which prefers an
-// established socket, never gives it the client's next datagram. TryBind
+// established socket, never gives it the client's next datagram. Where a
+// socket of the host holds the port without SO_REUSEADDR, the bind fails
+// with EADDRINUSE, and RawUDP sends the reply with the same source from a raw
+// socket instead. TryBind
 // tells the host's own addresses from remote ones. See
 // Documentation/networking/tproxy.rst in the kernel tree.
 //

@@ -19,18 +19,40 @@ import (
 // meanwhile (the lookup prefers the newest of equally bound sockets, and an
 // address-bound one to a wildcard), and they are lost.
 //
-// It needs CAP_NET_RAW. Its sockets are made on first use, in the calling
-// thread's network namespace.
+// The same goes for a reply whose source address and port a socket of the
+// host holds without SO_REUSEADDR, on that address or on all of them
+// (0.0.0.0:51820, a WireGuard server's): binding a reply socket there fails
+// with EADDRINUSE, IP_TRANSPARENT or not, and a raw socket binds nothing.
+//
+// The kernel does not fragment what a raw socket sends: a packet larger than
+// the MTU of the interface it leaves by fails with EMSGSIZE.
+//
+// It needs CAP_NET_RAW. NewRawUDP's sockets are made on first use, in the
+// calling thread's network namespace; OpenRawUDP's one socket at once.
 type RawUDP struct {
 	mu     sync.Mutex
 	fd4    int
 	fd6    int
+	fixed  bool // made by OpenRawUDP: Send makes no socket of its own
 	closed bool
 	buf    []byte
 }
 
 // NewRawUDP returns a RawUDP without sockets yet.
 func NewRawUDP() *RawUDP { return &RawUDP{fd4: -1, fd6: -1} }
+
+// OpenRawUDP returns a RawUDP with the socket of one family (IPv4 when v4)
+// made now, in the calling thread's network namespace. It sends that
+// family only, so Send may then run on any thread and never makes a socket
+// in another namespace.
+func OpenRawUDP(v4 bool) (*RawUDP, error) {
+	r := NewRawUDP()
+	if _, err := r.socket(v4); err != nil {
+		return nil, err
+	}
+	r.fixed = true
+	return r, nil
+}
 
 // ErrRawClosed is returned by Send after Close.
 var ErrRawClosed = errors.New("tsock: raw udp: closed")
@@ -56,7 +78,7 @@ func (r *RawUDP) Send(payload []byte, src, dst netip.AddrPort) error {
 		hl = ipv4HeaderLen
 	}
 	if len(payload) > 0xffff-hl-udpHeaderLen {
-		return fmt.Errorf("tsock: raw udp: %d bytes do not fit a datagram", len(payload))
+		return fmt.Errorf("tsock: raw udp: %d bytes do not fit a datagram: %w", len(payload), unix.EMSGSIZE)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -89,10 +111,19 @@ func (r *RawUDP) socket(v4 bool) (int, error) {
 	if *p >= 0 {
 		return *p, nil
 	}
-	// Blocking: a full send buffer waits rather than drops the reply.
+	if r.fixed {
+		return -1, fmt.Errorf("tsock: raw udp: no socket of this family: %w", unix.EAFNOSUPPORT)
+	}
+	// Blocking: a full send buffer waits rather than drops the reply, at
+	// most sendTimeout, as on a ReplySocket (Send holds mu meanwhile).
 	fd, err := unix.Socket(family, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
 		return -1, fmt.Errorf("tsock: raw udp socket: %w", err)
+	}
+	tv := sendTimeout
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("tsock: raw udp socket: set SO_SNDTIMEO: %w", err)
 	}
 	*p = fd
 	return fd, nil

@@ -3,12 +3,16 @@ package tsock
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tpgw/tpgw/internal/testenv"
+	"github.com/tpgw/tpgw/internal/testnet"
 )
 
 // TestAppendUDPPacket checks the headers and checksums of built packets, for
@@ -116,6 +120,69 @@ func TestRawUDPSend(t *testing.T) {
 	r.Close()
 	if err := r.Send([]byte("x"), netip.MustParseAddrPort("127.0.0.1:53"), netip.MustParseAddrPort("127.0.0.1:54")); err != ErrRawClosed {
 		t.Errorf("Send after Close: %v, want ErrRawClosed", err)
+	}
+}
+
+// TestOpenRawUDP opens a RawUDP per family in a gateway namespace and sends
+// from the test's own thread (another namespace), from a remote address and
+// a port that a plain socket of the gateway holds on every address, to a
+// client across the gateway's LAN: the datagrams arrive with that source.
+// A RawUDP of one family refuses the other instead of making a socket where
+// Send runs.
+func TestOpenRawUDP(t *testing.T) {
+	tp := testnet.New(t)
+	for _, c := range []struct {
+		network      string
+		from, client netip.Addr
+	}{
+		{"udp4", tp.UpstreamIP, tp.ClientIP},
+		{"udp6", tp.UpstreamIP6, tp.ClientIP6},
+	} {
+		v4 := c.network == "udp4"
+		var r *RawUDP
+		var holder *net.UDPConn
+		if err := tp.Gateway.Do(func() (err error) {
+			if holder, err = net.ListenUDP(c.network, nil); err != nil {
+				return err
+			}
+			r, err = OpenRawUDP(v4)
+			return err
+		}); err != nil {
+			t.Fatalf("%s: %v", c.network, err)
+		}
+		defer holder.Close()
+		defer r.Close()
+		var client *net.UDPConn
+		if err := tp.Client.Do(func() (err error) {
+			client, err = net.ListenUDP(c.network, &net.UDPAddr{IP: c.client.AsSlice()})
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer client.Close()
+		src := netip.AddrPortFrom(c.from, holder.LocalAddr().(*net.UDPAddr).AddrPort().Port())
+		dst := client.LocalAddr().(*net.UDPAddr).AddrPort()
+
+		if err := r.Send([]byte("reply"), src, dst); err != nil {
+			t.Fatalf("%s: Send: %v", c.network, err)
+		}
+		client.SetReadDeadline(time.Now().Add(2 * time.Second))
+		buf := make([]byte, 64)
+		n, from, err := client.ReadFromUDPAddrPort(buf)
+		if err != nil || string(buf[:n]) != "reply" || from != src {
+			t.Fatalf("%s: received %q from %v (%v); want \"reply\" from %v", c.network, buf[:n], from, err, src)
+		}
+		other := netip.MustParseAddrPort("[fd77::1]:53")
+		if !v4 {
+			other = netip.MustParseAddrPort("192.168.77.1:53")
+		}
+		if err := r.Send([]byte("x"), other, other); !errors.Is(err, unix.EAFNOSUPPORT) {
+			t.Errorf("%s: Send of the other family: %v, want EAFNOSUPPORT", c.network, err)
+		}
+		r.Close()
+		if err := r.Send([]byte("x"), src, dst); err != ErrRawClosed {
+			t.Errorf("%s: Send after Close: %v, want ErrRawClosed", c.network, err)
+		}
 	}
 }
 

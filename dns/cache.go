@@ -2,6 +2,7 @@ package dns
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	D "github.com/miekg/dns"
@@ -21,6 +22,9 @@ type replyCache struct {
 	mu      sync.RWMutex
 	entries map[cacheKey]cacheEntry
 	now     func() time.Time
+	// gen counts flushes: a reply made before a flush (under the rules
+	// the flush was for) is not stored after it.
+	gen atomic.Uint64
 }
 
 type cacheKey struct {
@@ -41,8 +45,12 @@ const (
 	// hundred bytes each. When full, expired entries go; if none had
 	// expired, everything goes.
 	maxCacheEntries = 4096
-	// maxCachedReply keeps unusually large replies out.
+	// maxCachedReply keeps unusually large replies out, and
+	// maxCachedQuery unusually large queries, which are the keys: over
+	// TCP a query may be 64 KiB (padding, junk additional records) and
+	// still get a small cacheable answer.
 	maxCachedReply = 1232
+	maxCachedQuery = 512
 )
 
 func newReplyCache() *replyCache {
@@ -71,9 +79,14 @@ func (c *replyCache) appendReply(dst, req []byte, udp bool) []byte {
 	return dst
 }
 
-// put remembers reply (the answer to req) for ttl, capped at maxCacheAge.
-func (c *replyCache) put(req, reply []byte, udp bool, ttl time.Duration) {
-	c.store(c.prepare(req, reply, udp, ttl))
+// generation is taken before a query goes to the engine, and given to put
+// or prepare with its reply.
+func (c *replyCache) generation() uint64 { return c.gen.Load() }
+
+// put remembers reply (the answer to req, made at generation gen) for ttl,
+// capped at maxCacheAge.
+func (c *replyCache) put(req, reply []byte, udp bool, ttl time.Duration, gen uint64) {
+	c.store(c.prepare(req, reply, udp, ttl, gen))
 }
 
 // cacheItem is a reply made ready for the cache (prepare), to be stored
@@ -81,20 +94,21 @@ func (c *replyCache) put(req, reply []byte, udp bool, ttl time.Duration) {
 type cacheItem struct {
 	key   cacheKey
 	entry cacheEntry
+	gen   uint64
 	ok    bool
 }
 
 // prepare copies what put stores, so that req and reply may be reused
 // before the item is stored.
-func (c *replyCache) prepare(req, reply []byte, udp bool, ttl time.Duration) cacheItem {
+func (c *replyCache) prepare(req, reply []byte, udp bool, ttl time.Duration, gen uint64) cacheItem {
 	ttl = min(ttl, maxCacheAge)
-	if ttl <= 0 || len(req) < headerLen || len(reply) < headerLen || len(reply) > maxCachedReply {
+	if ttl <= 0 || len(req) < headerLen || len(req) > maxCachedQuery || len(reply) < headerLen || len(reply) > maxCachedReply {
 		return cacheItem{}
 	}
 	stored := make([]byte, len(reply))
 	copy(stored, reply)
 	stored[0], stored[1] = 0, 0
-	return cacheItem{key: cacheKey{udp, string(req[2:])}, entry: cacheEntry{reply: stored, expires: c.now().Add(ttl)}, ok: true}
+	return cacheItem{key: cacheKey{udp, string(req[2:])}, entry: cacheEntry{reply: stored, expires: c.now().Add(ttl)}, gen: gen, ok: true}
 }
 
 // store stores an item of prepare.
@@ -104,6 +118,9 @@ func (c *replyCache) store(it cacheItem) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if it.gen != c.gen.Load() {
+		return // made before a flush
+	}
 	if len(c.entries) >= maxCacheEntries {
 		now := c.now() // only a full cache needs the time again
 		for k, e := range c.entries {
@@ -138,5 +155,6 @@ func cacheTTL(r *D.Msg) time.Duration {
 func (c *replyCache) flush() {
 	c.mu.Lock()
 	clear(c.entries)
+	c.gen.Add(1)
 	c.mu.Unlock()
 }

@@ -46,7 +46,7 @@ func TestReplyCache(t *testing.T) {
 	if c.get(req, true) != nil {
 		t.Fatal("hit in an empty cache")
 	}
-	c.put(req, reply, true, 10*time.Second) // capped at maxCacheAge
+	c.put(req, reply, true, 10*time.Second, c.generation()) // capped at maxCacheAge
 	q.Id = 0xbeef
 	req2 := packQuery(t, q)
 	got := c.get(req2, true)
@@ -78,19 +78,38 @@ func TestReplyCache(t *testing.T) {
 	if c.get(req2, true) != nil {
 		t.Error("hit after flush")
 	}
-	c.put(req, reply, true, time.Second)
+	c.put(req, reply, true, time.Second, c.generation())
 	now = now.Add(maxCacheAge)
 	if c.get(req2, true) != nil {
 		t.Error("hit after maxCacheAge")
 	}
-	c.put(req, reply, true, 0)
+	c.put(req, reply, true, 0, c.generation())
 	if c.get(req, true) != nil {
 		t.Error("a reply with TTL 0 was cached")
 	}
 
+	// A reply made before a flush (under the rules the flush was for) is
+	// not stored after it.
+	gen := c.generation()
+	c.flush()
+	c.put(req, reply, true, time.Second, gen)
+	if c.get(req, true) != nil {
+		t.Error("a reply made before a flush was stored after it")
+	}
+	// A query too large to be a key (64 KiB of padding over TCP) is not
+	// cached, however small its answer.
+	padded := query("foo.test", D.TypeA)
+	padded.SetEdns0(1232, false)
+	padded.IsEdns0().Option = append(padded.IsEdns0().Option, &D.EDNS0_PADDING{Padding: make([]byte, 60000)})
+	big := packQuery(t, padded)
+	c.put(big, reply, false, time.Second, c.generation())
+	if c.get(big, false) != nil {
+		t.Errorf("a %d-byte query was cached", len(big))
+	}
+
 	for i := range maxCacheEntries + 10 {
 		q := query("n"+string(rune('a'+i%26))+time.Duration(i).String()+".test", D.TypeA)
-		c.put(packQuery(t, q), reply, true, time.Second)
+		c.put(packQuery(t, q), reply, true, time.Second, c.generation())
 	}
 	if n := len(c.entries); n > maxCacheEntries {
 		t.Errorf("%d entries, bound %d", n, maxCacheEntries)
@@ -177,5 +196,58 @@ func TestBurstOfCachedQueries(t *testing.T) {
 	wantAnswers(t, c, s, 64, name)
 	if calls := eng.calls.Load(); calls != 1 {
 		t.Errorf("the engine was asked %d times, want 1 (the rest from the cache)", calls)
+	}
+}
+
+// blockingEngine answers as fakeEngine once release is closed, after saying
+// so on entered.
+type blockingEngine struct{ entered, release chan struct{} }
+
+func (e blockingEngine) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
+	e.entered <- struct{}{}
+	select {
+	case <-e.release:
+	case <-time.After(5 * time.Second):
+	}
+	return fakeEngine{}.ServeDNS(ctx, q)
+}
+
+// TestCacheFlushDuringQuery: FlushCache while the engine is answering (the
+// rules changed) keeps that answer out of the cache; without a flush it is
+// cached.
+func TestCacheFlushDuringQuery(t *testing.T) {
+	eng := blockingEngine{entered: make(chan struct{}, 1), release: make(chan struct{})}
+	s, err := Listen(netip.MustParseAddrPort("127.0.0.1:0"), eng, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	req := packQuery(t, query("flushed.test", D.TypeA))
+	done := make(chan []byte, 1)
+	go func() { done <- s.answer(req, true, netip.AddrPort{}) }()
+	select {
+	case <-eng.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the engine was never asked")
+	}
+	s.FlushCache()
+	close(eng.release)
+	if b := <-done; b == nil {
+		t.Fatal("no answer")
+	}
+	if s.cache.get(req, true) != nil {
+		t.Error("an answer made before FlushCache was cached after it")
+	}
+	go func() { done <- s.answer(req, true, netip.AddrPort{}) }()
+	select {
+	case <-done: // from the cache: the answer made before the flush was kept
+		t.Fatal("answered from the cache after FlushCache")
+	case <-eng.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no answer")
+	}
+	<-done // the engine answers at once now: release is closed
+	if s.cache.get(req, true) == nil {
+		t.Error("an answer with no flush meanwhile was not cached")
 	}
 }

@@ -106,18 +106,41 @@ const forwardTimeout = 3 * time.Second
 
 // localTarget returns where to forward a query for the local name, or an
 // invalid AddrPort when the engine answers it. origDst is the query's
-// original destination: a query the kernel diverted keeps port 53 (one sent
-// to the listener's own port is not forwarded, which would loop).
+// original destination: a query the kernel diverted keeps port 53. One sent
+// to this listener itself is not forwarded: that would send it back here
+// (the forward's mark exempts it from the hijack, not from the listener),
+// again and again, each hop holding a query slot for forwardTimeout. That
+// is the case of dns.listen on port 53 (allowed without fake-ip) asked at
+// one of the gateway's own addresses.
 func (s *Server) localTarget(name string, origDst netip.AddrPort) netip.AddrPort {
 	if !origDst.IsValid() || origDst.Port() != 53 || s.local.inHosts(strings.TrimSuffix(strings.ToLower(name), ".")) {
 		return netip.AddrPort{}
 	}
-	return netip.AddrPortFrom(origDst.Addr().Unmap(), origDst.Port())
+	dst := netip.AddrPortFrom(origDst.Addr().Unmap(), origDst.Port())
+	if dst.Port() == s.addr.Port() {
+		listen := s.addr.Addr().Unmap()
+		if dst.Addr() == listen || (listen.IsUnspecified() && s.isLocal(dst.Addr())) {
+			return netip.AddrPort{}
+		}
+	}
+	return dst
+}
+
+// isLocal reports whether a is an address of this host, as the reply
+// sockets last saw it.
+func (s *Server) isLocal(a netip.Addr) bool {
+	if s.replies == nil {
+		return isLocalAddr(a)
+	}
+	return s.replies.localAddr(a)
 }
 
 // forward sends req to server over UDP or TCP and returns its answer,
 // unchanged. A UDP answer with another ID or from elsewhere is ignored.
-func (s *Server) forward(ctx context.Context, req []byte, server netip.AddrPort, udp bool) ([]byte, error) {
+// size is the largest UDP answer the client takes (its EDNS0 buffer, at
+// least 512 bytes): a server answers within it, and a larger buffer would be
+// held for nothing while the server takes its time.
+func (s *Server) forward(ctx context.Context, req []byte, server netip.AddrPort, udp bool, size int) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, forwardTimeout)
 	defer cancel()
 	d := net.Dialer{}
@@ -167,7 +190,7 @@ func (s *Server) forward(ctx context.Context, req []byte, server netip.AddrPort,
 	if _, err := conn.Write(req); err != nil {
 		return nil, err
 	}
-	buf := make([]byte, maxTCPMsg)
+	buf := make([]byte, max(size, 512))
 	for {
 		n, err := conn.Read(buf) // a connected socket: only the server's datagrams
 		if err != nil {
@@ -199,7 +222,11 @@ func (s *Server) routeLocal(ctx context.Context, q *D.Msg, req []byte, udp bool,
 	if !server.IsValid() {
 		return nil, false, false
 	}
-	resp, err := s.forward(ctx, req, server, udp)
+	size := 512
+	if opt := q.IsEdns0(); opt != nil {
+		size = int(opt.UDPSize())
+	}
+	resp, err := s.forward(ctx, req, server, udp, size)
 	if err != nil {
 		s.log.Debug("local name: the server the client asked did not answer", "name", q.Question[0].Name, "server", server, "err", err)
 		return nil, true, false

@@ -1,6 +1,7 @@
 package dns
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -58,5 +59,32 @@ func TestIsLocalName(t *testing.T) {
 func BenchmarkIsLocalName(b *testing.B) {
 	for range b.N {
 		isLocalName("host123.bench.example.")
+	}
+}
+
+// TestLocalTargetNotItself: a local name asked of this listener itself is
+// answered by the engine, not forwarded: with dns.listen on port 53 the
+// forward would reach this listener again, and again (each hop holding a
+// query slot for forwardTimeout). Asked of another server, or of this host
+// on port 53 while the listener is on another port (a local dnsmasq), it is
+// forwarded.
+func TestLocalTargetNotItself(t *testing.T) {
+	for _, c := range []struct {
+		listen, origDst string
+		forward         bool
+	}{
+		{"[::]:53", "127.0.0.1:53", false}, // a wildcard listener on 53, asked at one of this host's addresses
+		{"0.0.0.0:53", "[::ffff:127.0.0.1]:53", false},
+		{"127.0.0.1:53", "127.0.0.1:53", false}, // the listener's own address
+		{"[::]:53", "192.0.2.53:53", true},      // a LAN server the kernel diverted
+		{"0.0.0.0:1053", "127.0.0.1:53", true},  // this host's own resolver on 53
+		{"127.0.0.2:53", "192.0.2.53:53", true}, // listener on one address, another server asked
+	} {
+		s := &Server{addr: netip.MustParseAddrPort(c.listen)}
+		s.ForwardLocalNames(0, nil)
+		got := s.localTarget("nas.lan.", netip.MustParseAddrPort(c.origDst))
+		if got.IsValid() != c.forward {
+			t.Errorf("listening on %s, asked at %s: forward to %v, want forwarded %v", c.listen, c.origDst, got, c.forward)
+		}
 	}
 }

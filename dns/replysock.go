@@ -276,6 +276,28 @@ func (r *replySockets) close() error {
 	return errors.Join(r.raw.Close(), r.ns.Close())
 }
 
+// localAddr reports whether a is an address of this host, in the server's
+// namespace, with the answer kept for localRecheck as send keeps it.
+func (r *replySockets) localAddr(a netip.Addr) bool {
+	r.mu.Lock()
+	check, seen := r.local[a]
+	r.mu.Unlock()
+	if seen && time.Since(check.at) <= localRecheck {
+		return check.local
+	}
+	local := false
+	if err := r.ns.Do(func() error { local = r.isLocal(a); return nil }); err != nil {
+		return false
+	}
+	r.mu.Lock()
+	if len(r.local) >= maxLocalCheck {
+		clear(r.local)
+	}
+	r.local[a] = localCheck{local: local, at: time.Now()}
+	r.mu.Unlock()
+	return local
+}
+
 // isLocalAddr reports whether a is an address of this host, in the calling
 // thread's namespace: binding it without IP_TRANSPARENT succeeds only then
 // (or everywhere with net.ipv4.ip_nonlocal_bind=1, which just sends every

@@ -296,9 +296,10 @@ func (s *Server) answer(req []byte, udp bool, origDst netip.AddrPort) []byte {
 			return s.routeLocal(ctx, q, req, udp, origDst)
 		}
 	}
+	gen := s.cache.generation()
 	b, v, ttl := handle(s.ctx, s.eng, req, udp, rt)
 	if v == answered {
-		s.cache.put(req, b, udp, ttl)
+		s.cache.put(req, b, udp, ttl, gen)
 	}
 	s.count(v)
 	return b

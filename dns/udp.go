@@ -244,6 +244,7 @@ func (s *Server) answerNow(req []byte, rd *udpReader) (reply []byte, item cacheI
 	if s.local != nil && isLocalName(q.Question[0].Name) || rd.settler.full() {
 		return nil, item, false, false
 	}
+	gen := s.cache.generation()
 	r, ok, unsettled := rd.serveNow(q)
 	if !ok {
 		return nil, item, false, false
@@ -252,12 +253,12 @@ func (s *Server) answerNow(req []byte, rd *udpReader) (reply []byte, item cacheI
 	s.count(v)
 	if !unsettled {
 		if v == answered {
-			s.cache.put(req, reply, true, ttl)
+			s.cache.put(req, reply, true, ttl, gen)
 		}
 		return reply, item, false, true
 	}
 	if v == answered {
-		item = s.cache.prepare(req, reply, true, ttl)
+		item = s.cache.prepare(req, reply, true, ttl, gen)
 	}
 	return reply, item, true, true
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -87,6 +88,10 @@ func (b *Bypass) ServeDNS(ctx context.Context, q *D.Msg) (*D.Msg, error) {
 		b.log.Debug("fake-ip answer", "name", qq.Name, "type", D.TypeToString[qq.Qtype], "why", why)
 		return b.eng.ServeDNS(ctx, q)
 	}
+	// Only what the answer holds goes into the set: an IPv4 address
+	// (unmapped from an AAAA record of ::ffff:a.b.c.d) has no place in
+	// an AAAA answer.
+	addrs = slices.DeleteFunc(slices.Clone(addrs), func(a netip.Addr) bool { return a.Is4() != (qq.Qtype == D.TypeA) })
 	if err := b.add(gen, addrs, ttl); err != nil {
 		b.log.Warn("bypass set not updated; fake-ip answer", "name", qq.Name, "addrs", addrs, "err", err)
 		return b.eng.ServeDNS(ctx, q)

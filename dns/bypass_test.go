@@ -31,6 +31,10 @@ func (f *fakeDirect) ResolveDirect(ctx context.Context, name string, qtype uint1
 		if qtype == D.TypeAAAA {
 			return nil, 0, true, ""
 		}
+	case "mapped.test.":
+		if qtype == D.TypeAAAA { // an AAAA record of ::ffff:203.0.113.9, unmapped, beside a real one
+			return []netip.Addr{netip.MustParseAddr("203.0.113.9"), netip.MustParseAddr("2001:db8:1::9")}, ttl, true, ""
+		}
 	case "direct.test.", "direct.now.test.":
 	default:
 		return nil, 0, false, "rule MATCH → ss"
@@ -110,9 +114,10 @@ func TestBypassAnswers(t *testing.T) {
 	}{
 		{"direct.test.", D.TypeA, "203.0.113.2/300", "203.0.113.2 10m0s", false},
 		{"direct.test.", D.TypeAAAA, "2001:db8:1::2/300", "2001:db8:1::2 10m0s", false},
-		{"short.test.", D.TypeA, "203.0.113.2/5", "203.0.113.2 6m0s", false},     // at least a minute, plus grace
-		{"long.test.", D.TypeA, "203.0.113.2/3600", "203.0.113.2 1h5m0s", false}, // at most an hour, plus grace
-		{"nov6.test.", D.TypeAAAA, "", "", false},                                // the real empty answer
+		{"short.test.", D.TypeA, "203.0.113.2/5", "203.0.113.2 6m0s", false},            // at least a minute, plus grace
+		{"long.test.", D.TypeA, "203.0.113.2/3600", "203.0.113.2 1h5m0s", false},        // at most an hour, plus grace
+		{"nov6.test.", D.TypeAAAA, "", "", false},                                       // the real empty answer
+		{"mapped.test.", D.TypeAAAA, "2001:db8:1::9/300", "2001:db8:1::9 10m0s", false}, // an IPv4 address is neither answered nor added
 		{"proxied.test.", D.TypeA, fakeIP("proxied.test.").String() + "/1", "", false},
 		{"direct.test.", D.TypeMX, "", "", false},                                   // other types go to the engine (NXDOMAIN there)
 		{"direct.test.", D.TypeA, fakeIP("direct.test.").String() + "/1", "", true}, // no set, no real answer

@@ -114,8 +114,10 @@
 //
 // "For certain" is conservative (engine/bypass.go): rule mode only (global
 // and direct can be switched in the dashboard); the sniffer off (it may
-// replace a flow's name); the name neither in hosts nor in fake-ip-filter
-// (whose names keep their usual real answers and go through tpgw). The rules
+// replace a flow's name); the name neither in hosts (any entry, one that
+// names another name too: mihomo decides its flows as that name) nor in
+// fake-ip-filter (whose names keep their usual real answers and go through
+// tpgw). The rules
 // are walked in order, first with the name alone, so a name whose rule is a
 // proxy is never resolved (fake-ip keeps proxied names away from the local
 // resolver); then for each address twice: as mihomo sees a flow to the fake
@@ -128,7 +130,10 @@
 // selects DIRECT now may be switched at any time, and REJECT must keep
 // rejecting. A literal PASS goes on to the next rule, as in mihomo. Every
 // address of the answer must pass, or the answer is a fake IP; a name that
-// has no address of the type gets the real empty answer.
+// has no address of the type gets the real empty answer. When an address
+// rule comes first, an AAAA answer must also pass with the name's IPv4
+// addresses: mihomo resolves a flow to a fake IP to an IPv4 address when
+// the name has one, whichever family the client asked.
 //
 // Trade-offs, accepted by turning it on:
 //
@@ -146,12 +151,17 @@
 //   - While an address is in the set, every LAN flow to it is forwarded by
 //     the kernel, whatever the client meant: an IP-literal connection that
 //     mihomo would send to a proxy (e.g. by MATCH) goes direct too.
-//   - Changes made while an address is in the set (rules or mode through the
-//     API, rule-set updates, sniffer) take effect when it expires. SIGHUP
-//     empties the sets. Connections that started while their address was in
-//     the set stay in the kernel until they end (conntrack label, see
-//     netcfg), like established flows through tpgw keep their outbound
-//     across a reload.
+//   - What may change the decisions empties the sets: SIGHUP (a reload that
+//     fails too), a change of mode or sniffing or a rule toggle through the
+//     API, a geodata update through the API, and, within about 4 s, new
+//     contents of a rule provider or new geodata files (an update by
+//     interval, a file provider edited, geo-auto-update). Clients keep the
+//     real addresses they were given for up to their TTL (at most an hour):
+//     until they ask again, their new connections go through tpgw as
+//     IP-only flows, decided by IP rules (maybe a proxy, or REJECT).
+//     Connections that started while their address was in the set stay in
+//     the kernel until they end (conntrack label, see netcfg), like
+//     established flows through tpgw keep their outbound across a reload.
 //   - A client that keeps using a real address after its TTL and the grace
 //     (some ignore TTLs) opens new connections through tpgw as IP-only
 //     flows, decided by IP rules (maybe a proxy): they work, by another path.

@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -311,4 +313,82 @@ func TestDNSBypassProxySelfOpenConnection(t *testing.T) {
 	c.Close()
 	stopTPGW(t, p, syscall.SIGTERM)
 	sameKernelState(t, tp, before, "after SIGTERM")
+}
+
+// TestDNSBypassDecidesAsMihomo: names are answered with real addresses only
+// when mihomo would send their flows to DIRECT, in two cases where the name
+// alone misleads: an AAAA query for a name whose IPv4 address (the one
+// mihomo's rules see for a flow to its fake IP) is proxied, and a name that
+// mihomo's hosts map to another name (its flows are decided as that one).
+func TestDNSBypassDecidesAsMihomo(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartDNSMasq(t, map[string]string{
+		"dual.test":       "203.0.113.3,2001:db8:1::3",
+		"v6ok.test":       "203.0.113.2,2001:db8:1::2",
+		"cdn.direct.test": "203.0.113.2",
+		"edge.other.test": "203.0.113.3",
+	})
+	cfg := writeConfig(t, baseConfig(t, []string{"DOMAIN-SUFFIX,direct.test,DIRECT", "IP-CIDR,203.0.113.3/32,ss", "MATCH,DIRECT"},
+		bypassDNSConfig+"hosts:\n  cdn.direct.test: edge.other.test\n"+fmt.Sprintf("tpgw:\n  state-dir: %s\n  dns-bypass: true\n", t.TempDir())))
+	p := startTPGW(t, tp, cfg)
+	defer stopTPGW(t, p, syscall.SIGTERM)
+
+	// The control: both addresses DIRECT, so both answers are real.
+	if a := digOne(t, tp, "v6ok.test", "AAAA"); a != netip.MustParseAddr("2001:db8:1::2") {
+		t.Fatalf("dig v6ok.test AAAA = %s, want the real 2001:db8:1::2", a)
+	}
+	if a := digOne(t, tp, "dual.test", "A"); !fakeRange.Contains(a) {
+		t.Errorf("dig dual.test A = %s, want a fake IP (203.0.113.3 is proxied)", a)
+	}
+	if lines, err := dig(t, tp, "dual.test", "AAAA"); err != nil || strings.Contains(strings.Join(lines, " "), "2001:db8:1::3") {
+		t.Errorf("dig dual.test AAAA = %q (%v): the real IPv6 address of a name mihomo proxies", lines, err)
+	}
+	if a := digOne(t, tp, "cdn.direct.test", "A"); !fakeRange.Contains(a) {
+		t.Errorf("dig cdn.direct.test A = %s, want a fake IP (hosts map it to edge.other.test, which is proxied)", a)
+	}
+	sets := tp.Gateway.MustRun(t, "nft", "list", "set", "inet", "tpgw", "dns_bypass6") +
+		tp.Gateway.MustRun(t, "nft", "list", "set", "inet", "tpgw", "dns_bypass4")
+	if strings.Contains(sets, "2001:db8:1::3") || strings.Contains(sets, "203.0.113.3") || !strings.Contains(sets, "2001:db8:1::2") {
+		t.Errorf("bypass sets:\n%s", sets)
+	}
+}
+
+// TestDNSBypassProviderUpdate: when a rule provider's contents change while
+// tpgw runs (a file provider edited; an http one re-downloaded), the names
+// it made DIRECT leave the bypass set, and are decided again.
+func TestDNSBypassProviderUpdate(t *testing.T) {
+	requireDNSPeers(t)
+	tp := testnet.New(t)
+	tp.StartDNSMasq(t, map[string]string{"direct.test": "203.0.113.2"})
+	cfg := writeConfig(t, baseConfig(t, []string{"RULE-SET,names,DIRECT", "MATCH,ss"},
+		bypassDNSConfig+"rule-providers:\n  names: {type: file, path: ./names.yaml, behavior: domain}\n"+
+			fmt.Sprintf("tpgw:\n  state-dir: %s\n  dns-bypass: true\n", t.TempDir())))
+	names := filepath.Join(filepath.Dir(cfg), "names.yaml")
+	if err := os.WriteFile(names, []byte("payload:\n  - '+.direct.test'\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := startTPGW(t, tp, cfg)
+	defer stopTPGW(t, p, syscall.SIGTERM)
+	if a := digOne(t, tp, "direct.test", "A"); a != netip.MustParseAddr("203.0.113.2") {
+		t.Fatalf("dig direct.test A = %s, want the real address (RULE-SET names → DIRECT)", a)
+	}
+	inSet := func() bool {
+		return strings.Contains(tp.Gateway.MustRun(t, "nft", "list", "set", "inet", "tpgw", "dns_bypass4"), "203.0.113.2")
+	}
+	if !inSet() {
+		t.Fatal("203.0.113.2 is not in the bypass set")
+	}
+	if err := os.WriteFile(names, []byte("payload:\n  - '+.other.test'\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if waitFor(t, 15*time.Second, func() (string, bool) { return "emptied", !inSet() }) == "" {
+		t.Fatalf("203.0.113.2 stayed in the bypass set after the provider dropped direct.test:\n%s", p.Output())
+	}
+	if a := digOne(t, tp, "direct.test", "A"); !fakeRange.Contains(a) {
+		t.Errorf("dig direct.test A = %s after the provider dropped it, want a fake IP", a)
+	}
+	if !strings.Contains(p.Output(), "rule providers or geodata updated") {
+		t.Errorf("no log line for the emptied sets:\n%s", p.Output())
+	}
 }

@@ -4,8 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
+	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	D "github.com/miekg/dns"
 
@@ -52,24 +57,48 @@ func (e *Engine) keepDNSView(cfg *config.Config) {
 // ok with no addresses is an empty answer (the name has none of qtype).
 func (e *Engine) ResolveDirect(ctx context.Context, name string, qtype uint16) (addrs []netip.Addr, ttl uint32, ok bool, why string) {
 	host := strings.ToLower(strings.TrimSuffix(name, "."))
-	rules, r, why := e.directCandidate(host, qtype)
+	rules, r, byAddr, why := e.directCandidate(host, qtype)
 	if why != "" {
 		return nil, 0, false, why
 	}
+	addrs, ttl, why = exchange(ctx, r, host, qtype)
+	if why != "" {
+		return nil, 0, false, why
+	}
+	if ok, why := rules.addrsDirect(host, addrs); !ok {
+		return nil, 0, false, why
+	}
+	if qtype == D.TypeAAAA && byAddr {
+		// mihomo decides a flow to the name's fake IP with the address
+		// it resolves the name to, an IPv4 one when the name has any
+		// (resolver.ResolveIP), whichever family the client asked: the
+		// IPv6 answer is DIRECT for certain only if those are too.
+		addrs4, _, why := exchange(ctx, r, host, D.TypeA)
+		if why != "" {
+			return nil, 0, false, "IPv4 addresses, which mihomo's rules see for the name: " + why
+		}
+		for _, a := range addrs4 {
+			if d, why := rules.walk(host, a, asTunnel); d != direct {
+				return nil, 0, false, fmt.Sprintf("%s, the IPv4 address mihomo's rules see for the name: %s", a, why)
+			}
+		}
+	}
+	return addrs, ttl, true, ""
+}
+
+// exchange asks r for host's addresses of type qtype; why says what failed.
+func exchange(ctx context.Context, r resolver.Resolver, host string, qtype uint16) (addrs []netip.Addr, ttl uint32, why string) {
 	q := new(D.Msg)
 	q.SetQuestion(D.Fqdn(host), qtype)
 	resp, err := r.ExchangeContext(ctx, q)
 	if err != nil {
-		return nil, 0, false, "resolve: " + err.Error()
+		return nil, 0, "resolve: " + err.Error()
 	}
 	if resp.Rcode != D.RcodeSuccess {
-		return nil, 0, false, "resolve: " + D.RcodeToString[resp.Rcode]
+		return nil, 0, "resolve: " + D.RcodeToString[resp.Rcode]
 	}
 	addrs, ttl = answerAddrs(resp, qtype)
-	if ok, why := rules.addrsDirect(host, addrs); !ok {
-		return nil, 0, false, why
-	}
-	return addrs, ttl, true, ""
+	return addrs, ttl, ""
 }
 
 // MayBypass reports whether ResolveDirect could answer name with real
@@ -77,47 +106,52 @@ func (e *Engine) ResolveDirect(ctx context.Context, name string, qtype uint16) (
 // it would not, and the name gets a fake IP. The DNS server asks this
 // before answering a fake IP at once (dns.Bypass's NewInstant).
 func (e *Engine) MayBypass(name string, qtype uint16) bool {
-	_, _, why := e.directCandidate(strings.ToLower(strings.TrimSuffix(name, ".")), qtype)
+	_, _, _, why := e.directCandidate(strings.ToLower(strings.TrimSuffix(name, ".")), qtype)
 	return why == ""
 }
 
 // directCandidate is what ResolveDirect checks before it asks a
-// nameserver: the rules and the resolver to ask with, or why not.
-func (e *Engine) directCandidate(host string, qtype uint16) (rules ruleView, r resolver.Resolver, why string) {
+// nameserver: the rules and the resolver to ask with, and whether an
+// address rule comes first (byAddr: the name alone does not decide), or why
+// not.
+func (e *Engine) directCandidate(host string, qtype uint16) (rules ruleView, r resolver.Resolver, byAddr bool, why string) {
 	if qtype != D.TypeA && qtype != D.TypeAAAA {
-		return ruleView{}, nil, "not an A or AAAA query"
+		return ruleView{}, nil, false, "not an A or AAAA query"
 	}
 	v := e.dnsView.Load()
 	if v == nil || !v.fakeIP {
-		return ruleView{}, nil, "dns is not in fake-ip mode"
+		return ruleView{}, nil, false, "dns is not in fake-ip mode"
 	}
 	if v.skipper != nil && v.skipper.ShouldSkipped(host) {
-		return ruleView{}, nil, "in fake-ip-filter (answered as usual)"
+		return ruleView{}, nil, false, "in fake-ip-filter (answered as usual)"
 	}
 	if why := globalBlocker(tunnel.Mode(), tunnel.IsSniffing()); why != "" {
-		return ruleView{}, nil, why
+		return ruleView{}, nil, false, why
 	}
-	if _, inHosts := resolver.DefaultHosts.Search(host, false); inHosts {
-		return ruleView{}, nil, "in hosts"
+	// Any entry: one that maps the name to another name makes mihomo's
+	// DNS answer, and its flows be decided, as that other name.
+	if hv, _ := resolver.DefaultHosts.Search(host, false); hv != nil {
+		return ruleView{}, nil, false, "in hosts"
 	}
 	rules = liveRules()
 	d, why := rules.nameDecision(host)
 	if d == no {
-		return ruleView{}, nil, why
+		return ruleView{}, nil, false, why
 	}
-	if d == needAddr && !directUsesDefaultResolver() {
+	byAddr = d == needAddr
+	if byAddr && !directUsesDefaultResolver() {
 		// Rules that resolve use the default resolver; the addresses
 		// checked here would come from direct-nameserver.
-		return ruleView{}, nil, "an address rule comes first and direct-nameserver differs from nameserver"
+		return ruleView{}, nil, false, "an address rule comes first and direct-nameserver differs from nameserver"
 	}
 	r = resolver.DirectHostResolver
 	if r == nil || !r.Invalid() { // Invalid reports a usable resolver
-		return ruleView{}, nil, "no resolver for DIRECT"
+		return ruleView{}, nil, false, "no resolver for DIRECT"
 	}
 	if qtype == D.TypeAAAA && (resolver.DisableIPv6 || !v.ipv6) {
-		return ruleView{}, nil, "ipv6 or dns.ipv6 is off in the mihomo config"
+		return ruleView{}, nil, false, "ipv6 or dns.ipv6 is off in the mihomo config"
 	}
-	return rules, r, ""
+	return rules, r, byAddr, ""
 }
 
 // directUsesDefaultResolver reports whether DIRECT resolves with the
@@ -336,4 +370,57 @@ func ruleName(r C.Rule) string {
 		return r.RuleType().String()
 	}
 	return r.RuleType().String() + "," + r.Payload()
+}
+
+// DecisionInputs is a fingerprint of what mihomo's rules read besides the
+// config: the contents of the rule providers (the hash mihomo keeps of each)
+// and the geodata files' times. Both change while the engine runs (a
+// provider's interval, a file provider's watcher, a dashboard's update,
+// geo-auto-update), and decisions made before may not hold after.
+func (e *Engine) DecisionInputs() string {
+	var b strings.Builder
+	providers := tunnel.RuleProviders()
+	names := make([]string, 0, len(providers))
+	for name := range providers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		fmt.Fprintf(&b, "%s=%s;", name, providerState(providers[name]))
+	}
+	for _, f := range []string{C.Path.MMDB(), C.Path.ASN(), C.Path.GeoIP(), C.Path.GeoSite()} {
+		if fi, err := os.Stat(f); err == nil {
+			fmt.Fprintf(&b, "%s=%d;", filepath.Base(f), fi.ModTime().UnixNano())
+		}
+	}
+	return b.String()
+}
+
+// providerState is the hash of a rule provider's contents, which mihomo's
+// fetcher keeps (unexported); without one (another mihomo version, an
+// inline provider) its update time.
+func providerState(p P.RuleProvider) string {
+	v := reflect.ValueOf(p)
+	for v.Kind() == reflect.Pointer || v.Kind() == reflect.Interface {
+		if v.IsNil() {
+			return ""
+		}
+		v = v.Elem()
+	}
+	if v.Kind() == reflect.Struct {
+		if f, ok := v.Type().FieldByName("hash"); ok {
+			if h, err := v.FieldByIndexErr(f.Index); err == nil && h.Kind() == reflect.Struct && h.NumField() == 1 && h.Field(0).Kind() == reflect.Array {
+				sum := h.Field(0)
+				var b strings.Builder
+				for i := range sum.Len() {
+					fmt.Fprintf(&b, "%02x", sum.Index(i).Uint())
+				}
+				return b.String()
+			}
+		}
+	}
+	if u, ok := p.(interface{ UpdatedAt() time.Time }); ok {
+		return strconv.FormatInt(u.UpdatedAt().UnixNano(), 10)
+	}
+	return ""
 }

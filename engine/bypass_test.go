@@ -4,12 +4,18 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	D "github.com/miekg/dns"
 
 	"github.com/metacubex/mihomo/config"
+	C "github.com/metacubex/mihomo/constant"
+	R "github.com/metacubex/mihomo/rules"
+	RP "github.com/metacubex/mihomo/rules/provider"
 	"github.com/metacubex/mihomo/tunnel"
 )
 
@@ -205,5 +211,47 @@ func TestResolveDirectRefuses(t *testing.T) {
 	}
 	if testEngine.MayBypass("web.test.", D.TypeMX) {
 		t.Error("MayBypass: yes for an MX query")
+	}
+}
+
+// TestProviderState: a rule provider's state follows its contents, not its
+// update time: an update that finds the same file keeps it, one that finds
+// other names changes it (and so DecisionInputs, which the gateway watches
+// to empty the dns-bypass sets).
+func TestProviderState(t *testing.T) {
+	home := C.Path.HomeDir()
+	C.SetHomeDir(t.TempDir())
+	t.Cleanup(func() { C.SetHomeDir(home) })
+	path := filepath.Join(C.Path.HomeDir(), "names.yaml")
+	if err := os.WriteFile(path, []byte("payload:\n  - '+.one.test'\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := RP.ParseRuleProvider("names", map[string]any{"type": "file", "path": "./names.yaml", "behavior": "domain"}, R.ParseRule)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Initial(); err != nil {
+		t.Fatal(err)
+	}
+	defer p.(interface{ Close() error }).Close()
+	first := providerState(p)
+	if len(first) != 32 {
+		t.Fatalf("state %q: want the contents' MD5 (mihomo's fetcher layout changed?)", first)
+	}
+	time.Sleep(10 * time.Millisecond)
+	if err := p.Update(); err != nil {
+		t.Fatal(err)
+	}
+	if got := providerState(p); got != first {
+		t.Errorf("an update with the same contents changed the state: %q → %q", first, got)
+	}
+	if err := os.WriteFile(path, []byte("payload:\n  - '+.two.test'\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Update(); err != nil {
+		t.Fatal(err)
+	}
+	if got := providerState(p); got == first {
+		t.Errorf("an update with other names kept the state %q", got)
 	}
 }

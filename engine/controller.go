@@ -246,6 +246,7 @@ func updateGeo(w http.ResponseWriter, _ *http.Request) {
 		writeError(w, http.StatusInternalServerError, err.Error())
 		return
 	}
+	decisionsChanged() // GEOIP and GEOSITE rules read the new data now
 	w.WriteHeader(http.StatusNoContent)
 }
 

@@ -137,6 +137,9 @@ type Installed struct {
 	sysctls  []sysctlChange
 	removed  bool
 	dropSeen map[string]bool // host nftables chains warned about (warnInputDrop)
+	// bypassSets are the DNSBypassSets opened on it: Update tells them
+	// whether the new table has dns_bypass6.
+	bypassSets []*DNSBypassSet
 }
 
 // Backend returns the name of the backend that installed it.
@@ -282,6 +285,9 @@ func (i *Installed) Update(p *Plan) error {
 		return fmt.Errorf("netcfg: update %s rules: %w", i.fw.name(), err)
 	}
 	i.plan = p
+	for _, s := range i.bypassSets {
+		s.ipv6.Store(p.Options.IPv6)
+	}
 	var err error
 	if i.fwState, err = i.fw.state(); err != nil {
 		return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -17,7 +18,7 @@ import (
 type DNSBypassSet struct {
 	mu   sync.Mutex
 	conn *nftables.Conn // one netlink socket, opened in the gateway's namespace
-	ipv6 bool           // dns_bypass6 exists
+	ipv6 atomic.Bool    // dns_bypass6 exists: the installed plan's IPv6, which Update changes
 }
 
 // DNSBypassSet opens the dns-bypass sets of what i installed. It fails
@@ -37,7 +38,10 @@ func (i *Installed) DNSBypassSet() (*DNSBypassSet, error) {
 	if err != nil {
 		return nil, fmt.Errorf("netcfg: dns-bypass: open nftables netlink: %w", err)
 	}
-	return &DNSBypassSet{conn: conn, ipv6: i.plan.Options.IPv6}, nil
+	s := &DNSBypassSet{conn: conn}
+	s.ipv6.Store(i.plan.Options.IPv6)
+	i.bypassSets = append(i.bypassSets, s)
+	return s, nil
 }
 
 func (s *DNSBypassSet) set(f Family) *nftables.Set {
@@ -61,7 +65,7 @@ func (s *DNSBypassSet) Add(addrs []netip.Addr, timeout time.Duration) error {
 		switch {
 		case a.Is4():
 			v4 = append(v4, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout})
-		case a.Is6() && s.ipv6:
+		case a.Is6() && s.ipv6.Load():
 			v6 = append(v6, nftables.SetElement{Key: a.AsSlice(), Timeout: timeout})
 		}
 	}
@@ -92,7 +96,7 @@ func (s *DNSBypassSet) Flush() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.conn.FlushSet(s.set(IPv4))
-	if s.ipv6 {
+	if s.ipv6.Load() {
 		s.conn.FlushSet(s.set(IPv6))
 	}
 	if err := s.conn.Flush(); err != nil {

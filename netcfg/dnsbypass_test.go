@@ -88,3 +88,49 @@ func TestDNSBypassSetRefused(t *testing.T) {
 		t.Errorf("iptablesChains: %v", err)
 	}
 }
+
+// TestDNSBypassSetFollowsUpdate: a reload that turns IPv6 on gives the new
+// table a dns_bypass6, and the set opened before adds IPv6 addresses to
+// it; one that turns IPv6 off leaves no dns_bypass6, and Flush (which a
+// reload calls) still works. Before, the set kept the start's IPv6.
+func TestDNSBypassSetFollowsUpdate(t *testing.T) {
+	n := newTestNS(t, true)
+	o := DefaultOptions()
+	o.DNSBypass, o.IPv6 = true, false
+	before := n.snapshot(t)
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), mustPlan(t, o), t.TempDir())
+	if err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	var set *DNSBypassSet
+	n.in(t, func() { set, err = inst.DNSBypassSet() })
+	if err != nil {
+		t.Fatalf("DNSBypassSet: %v", err)
+	}
+	defer set.Close()
+	update := func(ipv6 bool) {
+		t.Helper()
+		o.IPv6 = ipv6
+		n.in(t, func() { err = inst.Update(mustPlan(t, o)) })
+		if err != nil {
+			t.Fatalf("Update (ipv6 %v): %v", ipv6, err)
+		}
+	}
+	update(true)
+	v6 := netip.MustParseAddr("2001:db8:1::2")
+	if err := set.Add([]netip.Addr{v6}, time.Minute); err != nil {
+		t.Fatalf("Add: %v", err)
+	}
+	if got := n.run(t, "nft", "list", "set", "inet", TableName, SetDNSBypass6); !strings.Contains(got, "2001:db8:1::2 timeout") {
+		t.Errorf("IPv6 turned on by a reload: the address is not in %s:\n%s", SetDNSBypass6, got)
+	}
+	update(false)
+	if err := set.Flush(); err != nil {
+		t.Errorf("Flush after IPv6 was turned off: %v", err)
+	}
+	if err := set.Add([]netip.Addr{netip.MustParseAddr("203.0.113.2"), v6}, time.Minute); err != nil {
+		t.Errorf("Add after IPv6 was turned off: %v", err)
+	}
+	remove(t, n, inst)
+	requireSameState(t, before, n.snapshot(t))
+}

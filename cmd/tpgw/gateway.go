@@ -271,8 +271,12 @@ type gateway struct {
 	dns       *dns.Server // nil unless the mihomo dns block is enabled
 	ping      *pinger     // answers pings to the IPv4 fake-ip range
 	log       *slog.Logger
-	verifyErr string          // the last error of verifyRules, logged once
-	udpDrops  engine.UDPDrops // the engine's drop counts when last logged
+	verifyErr string // the last error of verifyRules, logged once
+	// inputs is the engine's DecisionInputs as last seen, and inputsMoved
+	// says it changed then (watchDecisionInputs).
+	inputs      string
+	inputsMoved bool
+	udpDrops    engine.UDPDrops // the engine's drop counts when last logged
 }
 
 func runGateway(o cmdOpts) (err error) {
@@ -440,18 +444,21 @@ func runGateway(o cmdOpts) (err error) {
 			log.Info("kernel rules removed")
 		}
 	}()
+	inputs := ""
 	if bypass != nil {
 		set, err := installed.DNSBypassSet()
 		if err != nil {
 			return err
 		}
+		// What the first decisions are made with (watchDecisionInputs).
+		inputs = eng.DecisionInputs()
 		bypassSet.attach(set)
 		defer func() { bypassSet.attach(nil); set.Close() }()
 		log.Info("dns-bypass on: names DIRECT for certain get real answers, forwarded by the kernel", "sets", "inet tpgw "+netcfg.SetDNSBypass4+", "+netcfg.SetDNSBypass6)
 	}
 	log.Info("gateway running", "backend", backend.Name(), "tproxy", tcp.Addr().String())
 
-	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, ping: ping, log: log}
+	gw = &gateway{cfg: c, eng: eng, installed: installed, bypass: bypass, dns: dnsSrv, ping: ping, log: log, inputs: inputs}
 	verify := time.NewTicker(verifyEvery(backend.Name()))
 	defer verify.Stop()
 	drops := time.NewTicker(udpDropsEvery)
@@ -462,6 +469,7 @@ func runGateway(o cmdOpts) (err error) {
 		select {
 		case <-verify.C:
 			gw.verifyRules()
+			gw.watchDecisionInputs()
 		case <-drops.C:
 			gw.logUDPDrops()
 		case s := <-sigs:
@@ -552,6 +560,26 @@ func (gw *gateway) reloadLogged(path, by string) error {
 	return err
 }
 
+// watchDecisionInputs empties the dns-bypass sets once the rule providers'
+// contents or the geodata files have changed (an update by interval, a
+// file provider's watcher, geo-auto-update): names decided DIRECT with the
+// old ones may not be now. It waits for one check with no further change,
+// so that a geodata update that writes several files, then loads them, is
+// over before the sets are emptied.
+func (gw *gateway) watchDecisionInputs() {
+	if gw.bypass == nil {
+		return
+	}
+	in := gw.eng.DecisionInputs()
+	switch {
+	case in != gw.inputs:
+		gw.inputs, gw.inputsMoved = in, true
+	case gw.inputsMoved:
+		gw.inputsMoved = false
+		gw.decisionsChanged("rule providers or geodata updated")
+	}
+}
+
 // decisionsChanged drops what was decided under the old rules, mode or
 // sniffing: the dns-bypass sets (their flows would skip the new decision)
 // and the DNS reply cache.
@@ -617,6 +645,9 @@ func (gw *gateway) reload(path string) error {
 		if rerr := gw.eng.Reload(old.Raw, old.RoutingMark); rerr != nil {
 			err = errors.Join(err, fmt.Errorf("engine back to the running config: %w", rerr))
 		}
+		// Names may have been decided under the new rules meanwhile, and
+		// the sets may be the new table's, emptied.
+		gw.decisionsChanged("reload failed: back to the running config")
 		return fmt.Errorf("reload: kernel rules: %w", err)
 	}
 	// The new rules may send some of the bypassed names elsewhere. The new

@@ -74,14 +74,30 @@ func (s *DNSBypassSet) Add(addrs []netip.Addr, timeout time.Duration) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(v4) > 0 {
-		if err := s.conn.SetAddElements(s.set(IPv4), v4); err != nil {
-			return fmt.Errorf("netcfg: dns-bypass: add to %s: %w", SetDNSBypass4, err)
+	for _, f := range []struct {
+		set   *nftables.Set
+		elems []nftables.SetElement
+	}{{s.set(IPv4), v4}, {s.set(IPv6), v6}} {
+		if len(f.elems) == 0 {
+			continue
 		}
-	}
-	if len(v6) > 0 {
-		if err := s.conn.SetAddElements(s.set(IPv6), v6); err != nil {
-			return fmt.Errorf("netcfg: dns-bypass: add to %s: %w", SetDNSBypass6, err)
+		// Kernels before 6.10 keep an element's timeout when it is added
+		// again: the element is made anew (added, so that the delete
+		// finds it whether it was there or not, deleted, added), in the
+		// one transaction, so no packet sees the set without it.
+		keys := make([]nftables.SetElement, len(f.elems))
+		for i, e := range f.elems {
+			keys[i] = nftables.SetElement{Key: e.Key}
+		}
+		err := s.conn.SetAddElements(f.set, f.elems)
+		if err == nil {
+			err = s.conn.SetDeleteElements(f.set, keys)
+		}
+		if err == nil {
+			err = s.conn.SetAddElements(f.set, f.elems)
+		}
+		if err != nil {
+			return fmt.Errorf("netcfg: dns-bypass: add to %s: %w", f.set.Name, err)
 		}
 	}
 	if err := s.conn.Flush(); err != nil {

@@ -52,6 +52,14 @@ func TestDNSBypassSet(t *testing.T) {
 	if got := list(SetDNSBypass4); !strings.Contains(got, "203.0.113.2 timeout 10m") {
 		t.Errorf("timeout not refreshed:\n%s", got)
 	}
+	// A shorter one too (the element is made anew), beside a new element.
+	if err := set.Add([]netip.Addr{v4, netip.MustParseAddr("203.0.113.7")}, 2*time.Minute); err != nil {
+		t.Fatalf("Add a shorter timeout: %v", err)
+	}
+	if got := list(SetDNSBypass4); !regexp.MustCompile(`203\.0\.113\.2 timeout 2m expires (2m|1m5\d)`).MatchString(got) ||
+		!strings.Contains(got, "203.0.113.7 timeout 2m") || !strings.Contains(got, "203.0.113.9 timeout") {
+		t.Errorf("after adding again with 2m:\n%s", got)
+	}
 	if err := set.Flush(); err != nil {
 		t.Fatalf("Flush: %v", err)
 	}

@@ -282,6 +282,8 @@ func (w *walker) match(m Match, mark uint32) (ok, known bool) {
 		return false, true // a new flow's connection has no label yet
 	case MatchLocalDst:
 		return w.isLocal(w.f.Dst.Addr()), true
+	case MatchForeignSrc:
+		return !w.isLocal(w.f.Src.Addr()), true
 	}
 	return false, false
 }

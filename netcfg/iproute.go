@@ -116,3 +116,39 @@ func describeRoute(r *netlink.Route) string {
 func describeRule(r *netlink.Rule) string {
 	return fmt.Sprintf("%s fwmark %#x lookup %d priority %d", familyName(r.Family), r.Mark, r.Table, r.Priority)
 }
+
+// MarkRulesAhead lists the host's ip rules that come before tpgw's (a lower
+// priority number) and match packets carrying mark by fwmark, such as
+// mwan3's "fwmark 0x200/0x3f00" ones on an OpenWrt router with two WANs.
+// The packets tpgw diverts would be routed by such a rule's table instead
+// of tpgw's, and never reach the relay. It reads the calling thread's
+// network namespace.
+func MarkRulesAhead(mark uint32) ([]string, error) {
+	var out []string
+	for _, fam := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rules, err := retryDump(func() ([]netlink.Rule, error) { return netlink.RuleList(fam) })
+		if err != nil {
+			if fam == netlink.FAMILY_V6 && errors.Is(err, unix.EAFNOSUPPORT) {
+				continue
+			}
+			return nil, fmt.Errorf("netcfg: list ip %s rules: %w", familyName(fam), err)
+		}
+		for _, r := range rules {
+			if r.Priority >= RulePriority || (r.Mark == 0 && r.Mask == nil) {
+				continue // after tpgw's, or no fwmark match
+			}
+			mask := uint32(0xffffffff)
+			if r.Mask != nil {
+				mask = *r.Mask
+			}
+			if (mark&mask == r.Mark&mask) != r.Invert {
+				not := ""
+				if r.Invert {
+					not = "not "
+				}
+				out = append(out, fmt.Sprintf("ip %s rule %d: %sfwmark %#x/%#x lookup %d", familyName(fam), r.Priority, not, r.Mark, mask, r.Table))
+			}
+		}
+	}
+	return out, nil
+}

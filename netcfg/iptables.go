@@ -106,7 +106,11 @@ func iptablesChains(p *Plan, f Family, suffix string) ([]iptChain, error) {
 		}
 	}
 	out := make([]iptChain, 0, len(p.Chains))
+	guardOnly := f == IPv6 && !p.Options.IPv6 // see iptInstallFamilies
 	for _, c := range p.Chains {
+		if guardOnly && c.Hook != HookInput {
+			continue
+		}
 		t, ok := tableOf[c.Name]
 		if !ok {
 			return nil, fmt.Errorf("netcfg: iptables: chain %s is not reached from a base chain", c.Name)
@@ -246,6 +250,8 @@ func iptRuleSpecs(p *Plan, r Rule, f Family, chainName func(string) string) ([][
 			each("-m", "socket", "--transparent")
 		case MatchLocalDst:
 			each("-m", "addrtype", "--dst-type", "LOCAL")
+		case MatchForeignSrc:
+			each("-m", "addrtype", "!", "--src-type", "LOCAL")
 		default:
 			return nil, fmt.Errorf("match %T not supported by the iptables backend", m)
 		}
@@ -340,6 +346,29 @@ func iptFamilies(p *Plan) []Family {
 	return []Family{IPv4}
 }
 
+// iptInstallFamilies are the families the iptables backend installs p
+// for: those it intercepts (iptFamilies), and IPv6 for the input guard alone
+// when p does not intercept IPv6. tpgw's listeners take IPv6 too (a
+// wildcard listen is dual-stack), so without the guard any IPv6 host could
+// use the TPROXY and DNS ports (an open resolver), where nftables' inet
+// input chain guards both families. here leaves IPv6 out on a host whose
+// kernel or ip6tables lacks it.
+func iptInstallFamilies(p *Plan, here bool) []Family {
+	fs := iptFamilies(p)
+	if slices.Contains(fs, IPv6) {
+		return fs
+	}
+	if here {
+		if _, err := exec.LookPath(iptCommand(IPv6)); err != nil {
+			return fs
+		}
+		if h, err := ProbeIPv6(); err == nil && !h.Kernel {
+			return fs
+		}
+	}
+	return append(fs, IPv6)
+}
+
 func iptCommand(f Family) string {
 	if f == IPv6 {
 		return "ip6tables"
@@ -396,12 +425,12 @@ func (w *iptFirewall) install(p *Plan) (err error) {
 			}
 		}
 	}()
-	for _, f := range iptFamilies(p) {
+	for _, f := range iptInstallFamilies(p, true) {
 		if err := w.build(f, chains[f]); err != nil {
 			return err
 		}
 	}
-	for _, f := range iptFamilies(p) {
+	for _, f := range iptInstallFamilies(p, true) {
 		if err := w.insertJumps(f, chains[f]); err != nil {
 			return err
 		}
@@ -412,7 +441,7 @@ func (w *iptFirewall) install(p *Plan) (err error) {
 // translate computes the chains of every family, before anything changes.
 func (w *iptFirewall) translate(p *Plan, suffix string) (map[Family][]iptChain, error) {
 	out := map[Family][]iptChain{}
-	for _, f := range iptFamilies(p) {
+	for _, f := range iptInstallFamilies(p, true) {
 		if _, err := w.handle(f); err != nil {
 			return nil, err
 		}
@@ -476,7 +505,7 @@ func (w *iptFirewall) update(old, p *Plan) error {
 	for _, f := range []Family{IPv4, IPv6} {
 		cs, want := chains[f]
 		if !want {
-			if slices.Contains(iptFamilies(old), f) {
+			if slices.Contains(iptInstallFamilies(old, true), f) {
 				if err := cleanupIPTablesFamily(w.log, w.ipt[f], f); err != nil {
 					return err
 				}
@@ -819,9 +848,12 @@ func shellJoin(args []string) string {
 // IPTablesScript is the iptables part of the plan as shell commands, in the
 // order the iptables backend runs them: chains created and filled, then the
 // jumps from the built-in chains.
-func (p *Plan) IPTablesScript() string {
+func (p *Plan) IPTablesScript() string { return p.iptScript(iptInstallFamilies(p, false)) }
+
+// iptScript is IPTablesScript for the given families.
+func (p *Plan) iptScript(families []Family) string {
 	var b strings.Builder
-	for i, f := range iptFamilies(p) {
+	for i, f := range families {
 		if i > 0 {
 			b.WriteString("\n")
 		}

@@ -318,10 +318,13 @@ func requireInstalled(t *testing.T, n *testNS, p *Plan, backend string) {
 		for _, f := range []Family{IPv4, IPv6} {
 			save := n.run(t, iptCommand(f)+"-save")
 			if f == IPv6 && !p.Options.IPv6 {
-				if strings.Contains(save, "TPGW") {
-					t.Errorf("IPv6 off but ip6tables has our chains:\n%s", save)
+				// The input guard alone (iptInstallFamilies).
+				if mangle := n.run(t, "ip6tables", "-t", "mangle", "-S"); strings.Contains(mangle, "TPGW") {
+					t.Errorf("IPv6 off but ip6tables mangle has our chains:\n%s", mangle)
 				}
-				continue
+				if !strings.Contains(save, "-A INPUT -m comment --comment tpgw -j TPGW_IN") {
+					t.Errorf("IPv6 off and no IPv6 input guard:\n%s", save)
+				}
 			}
 			chains, err := iptablesChains(p, f, "")
 			if err != nil {
@@ -340,7 +343,7 @@ func requireInstalled(t *testing.T, n *testNS, p *Plan, backend string) {
 			if got := countOurRules(save) + countJumps(save); got != want {
 				t.Errorf("%s-save has %d rules of ours, want %d:\n%s", iptCommand(f), got, want, save)
 			}
-			if !strings.Contains(save, "-j TPROXY --on-port 7893") {
+			if (f == IPv4 || p.Options.IPv6) && !strings.Contains(save, "-j TPROXY --on-port 7893") {
 				t.Errorf("%s-save lacks the TPROXY rule:\n%s", iptCommand(f), save)
 			}
 		}
@@ -953,5 +956,93 @@ func TestNotInterceptedPointToPoint(t *testing.T) {
 	want := []OutsideLAN{{"tun9", netip.MustParsePrefix("2001:db8:5::/64")}}
 	if !slices.Equal(got, want) {
 		t.Errorf("NotIntercepted = %v, want %v", got, want)
+	}
+}
+
+// TestIPTablesIPv6OffGuard: with IPv6 not intercepted, the iptables backend
+// still guards the TPROXY and DNS ports over IPv6 (tpgw's listeners take
+// IPv6 too), as nftables' inet input chain does, and removes the guard.
+func TestIPTablesIPv6OffGuard(t *testing.T) {
+	testenv.RequireTools(t, "iptables", "ip6tables")
+	n := newTestNS(t, true)
+	b := newBackend(t, n, "iptables", "")
+	before := n.snapshot(t)
+	o := DefaultOptions()
+	o.IPv6 = false
+	o.DNSPort, o.DNSAddr = 1053, netip.IPv4Unspecified()
+	inst, err := apply(t, n, b, mustPlan(t, o), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	in6 := n.run(t, "ip6tables", "-t", "filter", "-S")
+	for _, want := range []string{"-A INPUT -m comment --comment tpgw -j TPGW_IN", "--dport 1053", "--dport 7893"} {
+		if !strings.Contains(in6, want) {
+			t.Errorf("ip6tables lacks %q:\n%s", want, in6)
+		}
+	}
+	if m := n.run(t, "ip6tables", "-t", "mangle", "-S"); strings.Contains(m, iptPrefix) {
+		t.Errorf("IPv6 not intercepted, yet ip6tables mangle holds tpgw's chains:\n%s", m)
+	}
+	remove(t, n, inst)
+	requireSameState(t, before, n.snapshot(t))
+}
+
+// TestForwardingKeepsRAs: turning IPv6 forwarding on sets accept_ra=2 where
+// it was 1 (the kernel would otherwise ignore Router Advertisements there,
+// and a default route learnt from them would expire), on names with a dot
+// too, and Remove puts 1 back; lo is left alone.
+func TestForwardingKeepsRAs(t *testing.T) {
+	n := newTestNS(t, true)
+	n.run(t, "ip", "link", "add", "wan7", "type", "veth", "peer", "name", "wan7.100")
+	n.run(t, "sysctl", "-qw", "net.ipv6.conf.wan7.accept_ra=1")
+	n.run(t, "sysctl", "-qw", "net.ipv6.conf.wan7/100.accept_ra=1")
+	n.run(t, "sysctl", "-qw", "net.ipv6.conf.lo.accept_ra=1")
+	o := DefaultOptions()
+	o.Forward, o.IPv6 = true, true
+	before := n.snapshot(t)
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), mustPlan(t, o), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra := func(iface string) string {
+		return strings.TrimSpace(n.run(t, "cat", "/proc/sys/net/ipv6/conf/"+iface+"/accept_ra"))
+	}
+	if got := ra("wan7"); got != "2" {
+		t.Errorf("wan7 accept_ra = %s with forwarding on, want 2", got)
+	}
+	if got := ra("wan7.100"); got != "2" {
+		t.Errorf("wan7.100 accept_ra = %s with forwarding on, want 2", got)
+	}
+	if got := ra("lo"); got != "1" {
+		t.Errorf("lo accept_ra = %s, want it left alone", got)
+	}
+	remove(t, n, inst)
+	for _, iface := range []string{"wan7", "wan7.100"} {
+		if got := ra(iface); got != "1" {
+			t.Errorf("%s accept_ra = %s after Remove, want 1 back", iface, got)
+		}
+	}
+	requireSameState(t, before, n.snapshot(t))
+}
+
+// TestMarkRulesAhead: an ip rule before tpgw's whose fwmark/mask matches
+// tpgw's mark (mwan3's, for its second WAN) is found; one whose mask does
+// not match, one after tpgw's and one without fwmark are not.
+func TestMarkRulesAhead(t *testing.T) {
+	n := newTestNS(t, true)
+	n.run(t, "ip", "rule", "add", "fwmark", "0x200/0x3f00", "lookup", "2", "pref", "2002")
+	n.run(t, "ip", "rule", "add", "fwmark", "0x100/0x3f00", "lookup", "1", "pref", "2001")
+	n.run(t, "ip", "rule", "add", "fwmark", "0x29a", "lookup", "5", "pref", "20000")
+	n.run(t, "ip", "rule", "add", "from", "10.9.0.0/16", "lookup", "6", "pref", "3000")
+	n.run(t, "ip", "-6", "rule", "add", "not", "fwmark", "0xca6c", "lookup", "7", "pref", "4000")
+	var got []string
+	var err error
+	n.in(t, func() { got, err = MarkRulesAhead(0x29a) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"ip -4 rule 2002: fwmark 0x200/0x3f00 lookup 2", "ip -6 rule 4000: not fwmark 0xca6c/0xffffffff lookup 7"}
+	if !slices.Equal(got, want) {
+		t.Errorf("MarkRulesAhead = %q, want %q", got, want)
 	}
 }

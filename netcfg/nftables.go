@@ -132,7 +132,8 @@ func intervalElements(rs []AddrRange) []nftables.SetElement {
 	return els
 }
 
-func cmpEq(data []byte) *expr.Cmp { return &expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: data} }
+func cmpEq(data []byte) *expr.Cmp  { return &expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: data} }
+func cmpNeq(data []byte) *expr.Cmp { return &expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: data} }
 
 func nfprotoOf(f Family) byte {
 	if f == IPv6 {
@@ -256,7 +257,15 @@ func ruleExprs(conn *nftables.Conn, table *nftables.Table, sets map[string]*nfta
 				&expr.Fib{Register: reg1, FlagDADDR: true, ResultADDRTYPE: true},
 				cmpEq(binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)))
 		case MatchSocketTransparent:
-			es = append(es, &expr.Socket{Key: expr.SocketKeyTransparent, Register: reg1}, cmpEq([]byte{1}))
+			// Not a wildcard-bound listener (tpgw's DNS server's TCP one is
+			// transparent on [::]:1053): only sockets of relayed
+			// connections, as iptables' --transparent without --nowildcard.
+			es = append(es, &expr.Socket{Key: expr.SocketKeyTransparent, Register: reg1}, cmpEq([]byte{1}),
+				&expr.Socket{Key: expr.SocketKeyWildcard, Register: reg1}, cmpEq([]byte{0}))
+		case MatchForeignSrc:
+			es = append(es,
+				&expr.Fib{Register: reg1, FlagSADDR: true, ResultADDRTYPE: true},
+				cmpNeq(binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)))
 		case MatchCTLabel:
 			es = append(es, ctBits(expr.CtKeyLABELS, ctLabelBit(m.Bit))...)
 		default:

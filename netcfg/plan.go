@@ -201,6 +201,11 @@ type MatchCTLabel struct{ Bit uint8 }
 // MatchLocalDst holds when the destination is an address of the gateway itself.
 type MatchLocalDst struct{}
 
+// MatchForeignSrc holds when the source is not an address of the gateway:
+// a packet the gateway sends from another address (tpgw's UDP replies, from
+// the flow's original destination).
+type MatchForeignSrc struct{}
+
 // MatchICMPType holds for ICMP (IPv4) or ICMPv6 messages of one type; the
 // rule also matches the family and protocol before it.
 type MatchICMPType struct {
@@ -229,6 +234,7 @@ func (MatchAddr) isMatch()              {}
 func (MatchAddrSet) isMatch()           {}
 func (MatchSocketTransparent) isMatch() {}
 func (MatchLocalDst) isMatch()          {}
+func (MatchForeignSrc) isMatch()        {}
 func (MatchCTLabel) isMatch()           {}
 func (MatchICMPType) isMatch()          {}
 
@@ -315,9 +321,10 @@ func (m MatchAddrSet) String() string {
 	return m.Family.nftFamily() + " " + dir(m.Src) + " @" + m.Set
 }
 
-func (MatchSocketTransparent) String() string { return "socket transparent 1" }
+func (MatchSocketTransparent) String() string { return "socket transparent 1 socket wildcard 0" }
 func (m MatchCTLabel) String() string         { return fmt.Sprintf("ct label %d", m.Bit) }
 func (MatchLocalDst) String() string          { return "fib daddr type local" }
+func (MatchForeignSrc) String() string        { return "fib saddr type != local" }
 
 // Verdict ends a rule.
 type Verdict uint8
@@ -425,7 +432,20 @@ type Sysctl struct {
 }
 
 // path is the file under /proc/sys; /proc/sys/net is per network namespace, of the calling thread.
-func (s Sysctl) path() string { return "/proc/sys/" + strings.ReplaceAll(s.Key, ".", "/") }
+// path is the key's file, as sysctl(8) reads a key: '.' separates, and a
+// '/' stands for a '.' in a name (net.ipv6.conf.eth0/100.accept_ra is
+// eth0.100's).
+func (s Sysctl) path() string {
+	return "/proc/sys/" + strings.Map(func(r rune) rune {
+		switch r {
+		case '.':
+			return '/'
+		case '/':
+			return '.'
+		}
+		return r
+	}, s.Key)
+}
 
 func (s Sysctl) String() string {
 	if s.IfPresent {
@@ -730,10 +750,17 @@ func BuildPlan(o Options) (*Plan, error) {
 		add(&out, "engine's own traffic (routing-mark)", ret, MatchMark{Mark: o.RoutingMark})
 		add(&out, "reply of a tracked connection", ret, MatchCTReply{})
 		add(&out, "to the gateway itself", ret, MatchLocalDst{}) // includes 127.0.0.0/8 and ::1
+		// tpgw's UDP replies leave from the flows' original destinations;
+		// one that is not a tracked reply (full-cone: another source than
+		// the client asked, or an expired entry) would be diverted back.
+		add(&out, "not from the gateway's own addresses (tpgw's replies)", ret, MatchForeignSrc{})
 		add(&out, "gateway's own traffic", jump(ChainDivertOut))
+		// divert_out marks only what divert then takes: a marked packet
+		// that divert returns keeps the local route it got here, and is
+		// lost.
 		divOut := Chain{Name: ChainDivertOut}
 		if o.DNSPort != 0 {
-			for _, f := range families {
+			for _, f := range dnsFamilies {
 				add(&divOut, "gateway's own DNS", markIt, MatchFamily{Family: f}, tcpUDP, MatchDstPort{Port: 53})
 			}
 		}
@@ -744,8 +771,11 @@ func BuildPlan(o Options) (*Plan, error) {
 			}
 		}
 		for _, s := range p.Sets {
-			if s.Name == setBypass4 || s.Name == setBypass6 {
+			switch s.Name {
+			case setBypass4, setBypass6:
 				add(&divOut, "bypassed destination", ret, MatchAddrSet{Family: s.Family, Set: s.Name})
+			case setBypassSrc4, setBypassSrc6:
+				add(&divOut, "bypassed source", ret, MatchAddrSet{Family: s.Family, Src: true, Set: s.Name})
 			}
 		}
 		dnsBypass(&divOut, true)
@@ -872,7 +902,7 @@ func (p *Plan) Render(backend string) string {
 		b.WriteString(p.NftRuleset())
 		b.WriteString("\n# only where the host's iptables filter INPUT chain filters (policy not ACCEPT, or rules:\n" +
 			"# ufw, firewalld's iptables backend), the packets tpgw diverts are accepted there first\n")
-		for l := range strings.Lines(hostInputPlan(p).IPTablesScript()) {
+		for l := range strings.Lines(hostInputPlan(p).iptScript(iptFamilies(p))) {
 			if !strings.HasPrefix(l, "#") && strings.TrimSpace(l) != "" {
 				b.WriteString(l)
 			}

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -204,5 +205,50 @@ func TestMergePrefixes(t *testing.T) {
 		if s := strings.Join(got, " "); s != c.want {
 			t.Errorf("mergePrefixes(%v) = %q, want %q", c.in, s, c.want)
 		}
+	}
+}
+
+// TestDivertOutMarksWhatDivertTakes: with proxy-self, the output chain marks
+// only packets the divert chain then takes; a marked packet that divert
+// returns keeps the local route it was given, and is lost. So the gateway's
+// own DNS is marked in the families whose DNS is hijacked only, and its own
+// traffic from a bypassed source is not marked. tpgw's own UDP replies
+// (from foreign addresses) are never marked.
+func TestDivertOutMarksWhatDivertTakes(t *testing.T) {
+	o := DefaultOptions()
+	o.ProxySelf, o.RoutingMark = true, 0xff
+	o.DNSPort, o.DNSAddr = 1053, netip.MustParseAddr("127.0.0.1") // IPv4 DNS only
+	o.BypassSrc = []netip.Prefix{netip.MustParsePrefix("192.168.1.0/28")}
+	p, err := BuildPlan(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, divOut []string
+	for _, c := range p.Chains {
+		for _, r := range c.Rules {
+			switch c.Name {
+			case ChainOutput:
+				out = append(out, r.String())
+			case ChainDivertOut:
+				divOut = append(divOut, r.String())
+			}
+		}
+	}
+	all := strings.Join(divOut, "\n")
+	if strings.Contains(all, "nfproto ipv6 meta l4proto { tcp, udp } th dport 53") {
+		t.Errorf("divert_out marks IPv6 DNS, which divert does not hijack here:\n%s", all)
+	}
+	if !strings.Contains(all, "nfproto ipv4 meta l4proto { tcp, udp } th dport 53") {
+		t.Errorf("divert_out does not mark IPv4 DNS:\n%s", all)
+	}
+	src, mark := slices.IndexFunc(divOut, func(r string) bool { return strings.Contains(r, "saddr @bypass_src4 return") }),
+		slices.IndexFunc(divOut, func(r string) bool { return strings.Contains(r, "proxy-self") })
+	if src < 0 || mark < 0 || src > mark {
+		t.Errorf("divert_out does not return for bypassed sources before marking the gateway's own traffic:\n%s", all)
+	}
+	foreign := slices.IndexFunc(out, func(r string) bool { return strings.Contains(r, "fib saddr type != local return") })
+	jump := slices.IndexFunc(out, func(r string) bool { return strings.Contains(r, "jump "+ChainDivertOut) })
+	if foreign < 0 || foreign > jump {
+		t.Errorf("the output chain does not return for foreign sources before divert_out:\n%s", strings.Join(out, "\n"))
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 )
 
@@ -129,6 +130,7 @@ func restoreSysctls(changes []sysctlChange) error {
 // applySysctls records then writes the plan's sysctls that differ from the
 // current value. It returns what it changed, also on error, for the undo.
 func applySysctls(dir string, want []Sysctl) ([]sysctlChange, error) {
+	want = keepRAs(want)
 	var changes []sysctlChange
 	for _, s := range want {
 		old, err := readSysctl(s.Key)
@@ -154,4 +156,37 @@ func applySysctls(dir string, want []Sysctl) ([]sysctlChange, error) {
 		}
 	}
 	return changes, nil
+}
+
+// keepRAs adds accept_ra=2 for the interfaces that take Router
+// Advertisements (accept_ra 1, the default) when want turns IPv6 forwarding
+// on: the kernel then ignores RAs where accept_ra is 1, so a host that takes
+// its IPv6 default route from them (the kernel's SLAAC, as ifupdown's
+// "inet6 auto") would lose it when its lifetime runs out, and IPv6 with it,
+// for itself and the LAN. 2 takes them while forwarding. They are restored
+// with the rest.
+func keepRAs(want []Sysctl) []Sysctl {
+	const fwd = "net.ipv6.conf.all.forwarding"
+	if !slices.ContainsFunc(want, func(s Sysctl) bool { return s.Key == fwd && s.Value == "1" }) {
+		return want
+	}
+	if cur, err := readSysctl(fwd); err != nil || cur == "1" {
+		return want // already forwarding: RAs are as the host has them
+	}
+	entries, err := os.ReadDir("/proc/sys/net/ipv6/conf")
+	if err != nil {
+		return want
+	}
+	out := slices.Clone(want)
+	for _, e := range entries {
+		name := e.Name()
+		if name == "all" || name == "default" || name == "lo" {
+			continue
+		}
+		key := "net.ipv6.conf." + strings.ReplaceAll(name, ".", "/") + ".accept_ra"
+		if v, err := readSysctl(key); err == nil && v == "1" {
+			out = append(out, Sysctl{Key: key, Value: "2", IfPresent: true})
+		}
+	}
+	return out
 }

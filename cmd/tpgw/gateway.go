@@ -77,7 +77,23 @@ func hostPlan(c *config.Config, log *slog.Logger) (*netcfg.Plan, error) {
 	warnNotIntercepted(opts, log)
 	warnDNSFamily(opts, log)
 	warnFakeIPOverlap(opts, log)
+	warnMarkRulesAhead(opts, log)
 	return netcfg.BuildPlan(opts)
+}
+
+// warnMarkRulesAhead warns about ip rules of the host that route the packets
+// tpgw marks before its own rule does (mwan3 on OpenWrt with two WANs marks
+// with 0x3f00): the diverted packets would never reach the relay.
+func warnMarkRulesAhead(o netcfg.Options, log *slog.Logger) {
+	rules, err := netcfg.MarkRulesAhead(o.Mark)
+	if err != nil {
+		log.Debug("cannot list the host's ip rules", "err", err)
+		return
+	}
+	if len(rules) > 0 {
+		log.Warn(fmt.Sprintf("ip rules before tpgw's (priority %d) match its mark %#x: the packets it diverts would follow them, not reach tpgw; pick a tpgw.mark they do not match", netcfg.RulePriority, o.Mark),
+			"key", "tpgw.mark", "rules", strings.Join(rules, "; "))
+	}
 }
 
 // warnFakeIPOverlap warns when a network of this host lies in the fake-ip

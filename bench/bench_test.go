@@ -148,6 +148,18 @@ func TestParseDNSPerf(t *testing.T) {
 	if err != nil || r.QPS != 1297.557672 || r.LostPercent != 0.31 || r.Completed != 3881 || r.Lost != 12 {
 		t.Fatalf("ParseDNSPerf = %+v, %v", r, err)
 	}
+	// The response codes, as dnsperf 2.11 prints them.
+	for line, want := range map[string]int64{
+		"  Response codes:       NOERROR 3881 (100.00%)\n":                 3881,
+		"  Response codes:       NOERROR 2 (50.00%), REFUSED 2 (50.00%)\n": 2,
+		"  Response codes:       REFUSED 2 (50.00%), NOERROR 7 (50.00%)\n": 7,
+		"  Response codes:       REFUSED 3881 (100.00%)\n":                 0,
+	} {
+		r, err := ParseDNSPerf(out + line)
+		if err != nil || r.NoError != want {
+			t.Errorf("ParseDNSPerf(%q).NoError = %d, %v; want %d", line, r.NoError, err, want)
+		}
+	}
 }
 
 func TestParseUDPRcvbufErrors(t *testing.T) {
@@ -652,5 +664,15 @@ func TestRepOrderKeepsPairsAdjacent(t *testing.T) {
 	// repOrder must not reverse its argument in place.
 	if o := repOrder(measureOrder, 1); o[0] != measureOrder[len(measureOrder)-1] || measureOrder[0] != SetupMihomo {
 		t.Errorf("repOrder(measureOrder, 1) = %v, measureOrder now %v", o, measureOrder)
+	}
+}
+
+// TestKmallocBytes: a pipe ring's allocation as the kernel rounds it: the
+// default 16 slots in a 1 KiB slab, a 1 MiB pipe's 256 in 16 KiB of pages.
+func TestKmallocBytes(t *testing.T) {
+	for n, want := range map[int64]int64{16 * pipeSlotBytes: 1024, 256 * pipeSlotBytes: 16384, 1: 8, 90: 96, 100: 128, 8192: 8192, 8193: 16384, 2 * pipeSlotBytes: 96} {
+		if got := kmallocBytes(n); got != want {
+			t.Errorf("kmallocBytes(%d) = %d, want %d", n, got, want)
+		}
 	}
 }

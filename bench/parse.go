@@ -146,6 +146,7 @@ type DNSPerfResult struct {
 	LostPercent float64
 	Completed   int64 // queries answered
 	Lost        int64 // queries not answered within dnsperf's timeout
+	NoError     int64 // answers with rcode NOERROR
 }
 
 // ParseDNSPerf reads dnsperf's statistics.
@@ -166,6 +167,16 @@ func ParseDNSPerf(out string) (DNSPerfResult, error) {
 		if v, ok := strings.CutPrefix(line, "Queries completed:"); ok {
 			if f := strings.Fields(v); len(f) > 0 {
 				r.Completed, _ = strconv.ParseInt(f[0], 10, 64)
+			}
+		}
+		// Response codes:       NOERROR 3881 (100.00%), NXDOMAIN 3 (0.01%)
+		if v, ok := strings.CutPrefix(line, "Response codes:"); ok {
+			if f := strings.Fields(v); len(f) > 1 && f[0] == "NOERROR" {
+				r.NoError, _ = strconv.ParseInt(f[1], 10, 64)
+			} else if i := strings.Index(v, "NOERROR "); i >= 0 {
+				if f := strings.Fields(v[i+len("NOERROR "):]); len(f) > 0 {
+					r.NoError, _ = strconv.ParseInt(f[0], 10, 64)
+				}
 			}
 		}
 		// Queries lost:         12 (0.01%)

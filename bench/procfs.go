@@ -140,7 +140,7 @@ type FDs struct {
 	Pipes int // distinct pipes among them (each pipe has a read and a write end)
 	// PipeKernelBytes estimates the kernel memory of those pipes when empty:
 	// the pipe_buffer ring (40 bytes per slot; a slot is a page of capacity,
-	// so a 1 MiB pipe has 256 slots) plus pipePerPipeBytes of inode, dentry,
+	// so a 1 MiB pipe has 256 slots; rounded as kmalloc does) plus pipePerPipeBytes of inode, dentry,
 	// two struct files and pipe_inode_info. Pages with data are not counted:
 	// the pipes of idle relays are empty.
 	PipeKernelBytes int64
@@ -177,7 +177,36 @@ func ProcFDs(pid int) (FDs, error) {
 			}
 			unix.Close(fd)
 		}
-		r.PipeKernelBytes += int64(size/4096)*pipeSlotBytes + pipePerPipeBytes
+		r.PipeKernelBytes += kmallocBytes(int64(size/4096)*pipeSlotBytes) + pipePerPipeBytes
 	}
 	return r, nil
+}
+
+// kmallocBytes is what the kernel takes for an allocation of n bytes
+// (kcalloc of the pipe ring): up to 8 KiB, the next kmalloc size class
+// (powers of two, and 96 and 192); beyond, whole pages from the page
+// allocator, a power of two of them (a 1 MiB pipe's 10,240-byte ring takes
+// 16 KiB).
+func kmallocBytes(n int64) int64 {
+	switch {
+	case n <= 0:
+		return 0
+	case n <= 8:
+		return 8
+	case n > 8192:
+		pages := int64(1)
+		for pages*4096 < n {
+			pages *= 2
+		}
+		return pages * 4096
+	case n > 64 && n <= 96:
+		return 96
+	case n > 128 && n <= 192:
+		return 192
+	}
+	c := int64(8)
+	for c < n {
+		c *= 2
+	}
+	return c
 }

@@ -748,6 +748,10 @@ func BuildPlan(o Options) (*Plan, error) {
 	if o.ProxySelf {
 		out := Chain{Name: ChainOutput, Hook: HookOutput, Type: "route", Priority: "mangle"}
 		add(&out, "engine's own traffic (routing-mark)", ret, MatchMark{Mark: o.RoutingMark})
+		// Another tool's marked sockets route by their mark (wg-quick's
+		// tunnel packets, tailscale's): re-marked and relayed, they would
+		// be dialed again through the routes they avoid (a loop into wg0).
+		add(&out, "marked by another program (its own routing)", ret, MatchMark{Mark: 0, Negate: true})
 		add(&out, "reply of a tracked connection", ret, MatchCTReply{})
 		add(&out, "to the gateway itself", ret, MatchLocalDst{}) // includes 127.0.0.0/8 and ::1
 		// tpgw's UDP replies leave from the flows' original destinations;

@@ -252,3 +252,29 @@ func TestDivertOutMarksWhatDivertTakes(t *testing.T) {
 		t.Errorf("the output chain does not return for foreign sources before divert_out:\n%s", strings.Join(out, "\n"))
 	}
 }
+
+// TestOutputLeavesMarkedSockets: with proxy-self, packets another program
+// marked (wg-quick's tunnel packets, on a socket with its fwmark) are left
+// to that program's routing, like the engine's own.
+func TestOutputLeavesMarkedSockets(t *testing.T) {
+	o := DefaultOptions()
+	o.ProxySelf, o.RoutingMark = true, 0xff
+	p, err := BuildPlan(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range p.Chains {
+		if c.Name != ChainOutput {
+			continue
+		}
+		for _, r := range c.Rules {
+			if strings.Contains(r.String(), "meta mark != 0x0 return") {
+				return
+			}
+			if r.Action.Verdict == VerdictJump {
+				t.Fatalf("the output chain jumps to %s before leaving marked packets alone:\n%s", r.Action.Chain, r)
+			}
+		}
+	}
+	t.Fatal("no output chain rule leaves marked packets alone")
+}

@@ -171,10 +171,8 @@ func ParseDNSPerf(out string) (DNSPerfResult, error) {
 		}
 		// Response codes:       NOERROR 3881 (100.00%), NXDOMAIN 3 (0.01%)
 		if v, ok := strings.CutPrefix(line, "Response codes:"); ok {
-			if f := strings.Fields(v); len(f) > 1 && f[0] == "NOERROR" {
-				r.NoError, _ = strconv.ParseInt(f[1], 10, 64)
-			} else if i := strings.Index(v, "NOERROR "); i >= 0 {
-				if f := strings.Fields(v[i+len("NOERROR "):]); len(f) > 0 {
+			if _, after, ok := strings.Cut(v, "NOERROR "); ok {
+				if f := strings.Fields(after); len(f) > 0 {
 					r.NoError, _ = strconv.ParseInt(f[0], 10, 64)
 				}
 			}

@@ -123,12 +123,7 @@ func (r *replySockets) send(b []byte, client, from netip.AddrPort) error {
 		return err
 	})
 	if !fresh {
-		r.mu.Lock()
-		if len(r.local) >= maxLocalCheck {
-			clear(r.local)
-		}
-		r.local[from.Addr()] = localCheck{local: local, at: time.Now()}
-		r.mu.Unlock()
+		r.rememberLocal(from.Addr(), local)
 	}
 	if err != nil || local {
 		return err
@@ -289,13 +284,18 @@ func (r *replySockets) localAddr(a netip.Addr) bool {
 	if err := r.ns.Do(func() error { local = r.isLocal(a); return nil }); err != nil {
 		return false
 	}
+	r.rememberLocal(a, local)
+	return local
+}
+
+// rememberLocal keeps isLocal's answer for a, for localRecheck.
+func (r *replySockets) rememberLocal(a netip.Addr, local bool) {
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	if len(r.local) >= maxLocalCheck {
 		clear(r.local)
 	}
 	r.local[a] = localCheck{local: local, at: time.Now()}
-	r.mu.Unlock()
-	return local
 }
 
 // isLocalAddr reports whether a is an address of this host, in the calling

@@ -488,21 +488,8 @@ func TestFakeIPOverlap(t *testing.T) {
 	requirePeers(t)
 	tp := testnet.New(t)
 	tp.Gateway.MustRun(t, "ip", "addr", "add", "198.18.44.1/24", "dev", "lan0")
-	want := []string{"dns.fake-ip-range overlaps a network of this host", "network=lan0:198.18.44.0/24"}
-	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig))
-	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
-	for _, w := range want {
-		if code != 0 || !strings.Contains(stderr, w) {
-			t.Errorf("tpgw check: exit %d, want success and a warning with %q:\n%s", code, w, stderr)
-		}
-	}
-	p := startTPGW(t, tp, cfg)
-	for _, w := range want {
-		if !strings.Contains(p.Output(), w) {
-			t.Errorf("run: no warning with %q:\n%s", w, p.Output())
-		}
-	}
-	stopTPGW(t, p, syscall.SIGTERM)
+	wantWarned(t, tp, writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, dnsConfig)),
+		"dns.fake-ip-range overlaps a network of this host", "network=lan0:198.18.44.0/24")
 	clear := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, strings.Replace(dnsConfig, "198.18.0.1/16", "198.19.0.1/16", 1)))
 	if code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", clear); code != 0 || strings.Contains(stderr, "fake-ip-range") {
 		t.Errorf("tpgw check with a range clear of the host's networks: exit %d\n%s", code, stderr)
@@ -513,7 +500,13 @@ func TestMissingInterface(t *testing.T) {
 	requirePeers(t)
 	tp := testnet.New(t)
 	cfg := writeConfig(t, baseConfig(t, []string{"MATCH,DIRECT"}, "tpgw:\n  interfaces: [lan1, lan0]\n  state-dir: "+t.TempDir()+"\n"))
-	want := []string{"tpgw.interfaces: not on this host", "missing=lan1 ", "interfaces_here=lan0,wan0"}
+	wantWarned(t, tp, cfg, "tpgw.interfaces: not on this host", "missing=lan1 ", "interfaces_here=lan0,wan0")
+}
+
+// wantWarned checks that tpgw check succeeds with cfg and warns with each
+// of want, and that a start says the same.
+func wantWarned(t *testing.T, tp *testnet.Topology, cfg string, want ...string) {
+	t.Helper()
 	code, _, stderr := tpgwCmd(t, tp.Gateway, "check", "-c", cfg)
 	for _, w := range want {
 		if code != 0 || !strings.Contains(stderr, w) {

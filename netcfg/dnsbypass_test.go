@@ -16,18 +16,8 @@ func TestDNSBypassSet(t *testing.T) {
 	n := newTestNS(t, true)
 	o := DefaultOptions()
 	o.DNSBypass = true
-	p := mustPlan(t, o)
 	before := n.snapshot(t)
-	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), p, t.TempDir())
-	if err != nil {
-		t.Fatalf("Apply: %v", err)
-	}
-	var set *DNSBypassSet
-	n.in(t, func() { set, err = inst.DNSBypassSet() })
-	if err != nil {
-		t.Fatalf("DNSBypassSet: %v", err)
-	}
-	defer set.Close()
+	inst, set := applyBypassSet(t, n, o)
 
 	list := func(name string) string { return n.run(t, "nft", "list", "set", "inet", TableName, name) }
 	v4, v6 := netip.MustParseAddr("203.0.113.2"), netip.MustParseAddr("2001:db8:1::2")
@@ -106,16 +96,8 @@ func TestDNSBypassSetFollowsUpdate(t *testing.T) {
 	o := DefaultOptions()
 	o.DNSBypass, o.IPv6 = true, false
 	before := n.snapshot(t)
-	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), mustPlan(t, o), t.TempDir())
-	if err != nil {
-		t.Fatalf("Apply: %v", err)
-	}
-	var set *DNSBypassSet
-	n.in(t, func() { set, err = inst.DNSBypassSet() })
-	if err != nil {
-		t.Fatalf("DNSBypassSet: %v", err)
-	}
-	defer set.Close()
+	inst, set := applyBypassSet(t, n, o)
+	var err error
 	update := func(ipv6 bool) {
 		t.Helper()
 		o.IPv6 = ipv6
@@ -141,4 +123,21 @@ func TestDNSBypassSetFollowsUpdate(t *testing.T) {
 	}
 	remove(t, n, inst)
 	requireSameState(t, before, n.snapshot(t))
+}
+
+// applyBypassSet applies o with nftables in n and opens its dns-bypass
+// sets, closed when the test ends.
+func applyBypassSet(t *testing.T, n *testNS, o Options) (*Installed, *DNSBypassSet) {
+	t.Helper()
+	inst, err := apply(t, n, newBackend(t, n, "nftables", ""), mustPlan(t, o), t.TempDir())
+	if err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	var set *DNSBypassSet
+	n.in(t, func() { set, err = inst.DNSBypassSet() })
+	if err != nil {
+		t.Fatalf("DNSBypassSet: %v", err)
+	}
+	t.Cleanup(func() { set.Close() })
+	return inst, set
 }

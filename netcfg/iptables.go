@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os/exec"
 	"slices"
@@ -358,13 +359,8 @@ func iptInstallFamilies(p *Plan, here bool) []Family {
 	if slices.Contains(fs, IPv6) {
 		return fs
 	}
-	if here {
-		if _, err := exec.LookPath(iptCommand(IPv6)); err != nil {
-			return fs
-		}
-		if h, err := ProbeIPv6(); err == nil && !h.Kernel {
-			return fs
-		}
+	if here && !slices.Contains(iptFamiliesHere(), IPv6) {
+		return fs
 	}
 	return append(fs, IPv6)
 }
@@ -425,12 +421,13 @@ func (w *iptFirewall) install(p *Plan) (err error) {
 			}
 		}
 	}()
-	for _, f := range iptInstallFamilies(p, true) {
+	families := slices.Sorted(maps.Keys(chains)) // IPv4 before IPv6
+	for _, f := range families {
 		if err := w.build(f, chains[f]); err != nil {
 			return err
 		}
 	}
-	for _, f := range iptInstallFamilies(p, true) {
+	for _, f := range families {
 		if err := w.insertJumps(f, chains[f]); err != nil {
 			return err
 		}

@@ -359,9 +359,7 @@ func (l *UDPListener) openReplySocket(from netip.AddrPort) (replySocket, error) 
 	}
 	if _, ok := sock.(*rawReplySocket); ok {
 		l.rawSessions.Add(1)
-		if l.log.Enabled(context.Background(), slog.LevelDebug) {
-			l.log.Debug("udp reply source held by another socket of the gateway: the session replies from a raw socket", "from", from)
-		}
+		l.log.Debug("udp reply source held by another socket of the gateway: the session replies from a raw socket", "from", from)
 	}
 	return sock, nil
 }
